@@ -1,0 +1,478 @@
+//! The precopy engine: a sans-IO state machine that decides which pages go
+//! out next, when a pass ends, and when to switch over.
+//!
+//! It never reads a clock, a socket or guest memory. Inputs arrive through
+//! `handle_*` (dirty pages, progress of the channel threads, the end of a
+//! dirty-log sync, the VM paused) with the current time; work comes out of
+//! [`PrecopyEngine::poll`]. A test drives it step by step with injected time.
+//!
+//! # Phases
+//!
+//! ```text
+//!            +--------------------------------------------+
+//!            v                                            |
+//!  Sending(epoch) --EndEpoch--> Syncing --sync done--> decide
+//!                                                 |        |
+//!                                  limit met or   |        +-- not converged,
+//!                                  policy forces  v            within limits
+//!                                          PausePending --Pause--> AwaitPaused
+//!                                                                      |
+//!                                                          handle_paused(SourcePaused)
+//!                                                                      v
+//!                        Done <--Finish-- FinalSending(last epoch) <---+
+//!  decide --limits reached, policy fails--> Failed
+//! ```
+
+use crate::bitmap::Bitmap;
+use crate::ram::{BlockId, Ram};
+use std::time::{Duration, Instant};
+
+/// What to do when precopy has not converged within its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitAction {
+    /// Switch over anyway, accepting a longer downtime.
+    Switchover,
+    /// Give up: the migration fails and the source keeps running.
+    Fail,
+}
+
+/// Tunables of the precopy engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrecopyConfig {
+    /// Largest expected downtime at which the engine switches over.
+    pub downtime_limit: Duration,
+    /// Passes after which [`PrecopyConfig::on_limit`] applies (`None`: no limit).
+    pub max_iterations: Option<u64>,
+    /// Time after which [`PrecopyConfig::on_limit`] applies (`None`: no limit).
+    pub max_time: Option<Duration>,
+    /// What happens when a limit is reached first.
+    pub on_limit: LimitAction,
+    /// Cap on wire bytes per second before the switchover (`None`: no cap).
+    pub max_bandwidth: Option<u64>,
+    /// Most pages handed out in one run.
+    pub batch_pages: u32,
+}
+
+impl Default for PrecopyConfig {
+    fn default() -> Self {
+        Self {
+            downtime_limit: Duration::from_millis(300),
+            max_iterations: Some(30),
+            max_time: None,
+            on_limit: LimitAction::Switchover,
+            max_bandwidth: None,
+            batch_pages: 256,
+        }
+    }
+}
+
+/// A run of pages of one block to send; their dirty bits are already clear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRun {
+    /// The block.
+    pub block: BlockId,
+    /// First page index in the block.
+    pub first: u64,
+    /// Number of pages.
+    pub count: u64,
+    /// The epoch the pages belong to.
+    pub epoch: u64,
+}
+
+/// Why precopy gave up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvergenceError {
+    /// The iteration limit was reached and the policy says fail.
+    #[error("precopy did not converge in {iterations} passes (expected downtime {expected_ms} ms, limit {limit_ms} ms)")]
+    Iterations {
+        /// Passes completed.
+        iterations: u64,
+        /// Expected downtime at the last pass.
+        expected_ms: u64,
+        /// The configured limit.
+        limit_ms: u64,
+    },
+    /// The time limit was reached and the policy says fail.
+    #[error("precopy did not converge in {elapsed_ms} ms (expected downtime {expected_ms} ms, limit {limit_ms} ms)")]
+    Timeout {
+        /// Time since the start.
+        elapsed_ms: u64,
+        /// Expected downtime at the last pass.
+        expected_ms: u64,
+        /// The configured limit.
+        limit_ms: u64,
+    },
+}
+
+/// Why the engine switched over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchoverReason {
+    /// The expected downtime fits the limit.
+    Converged,
+    /// The iteration limit was reached and the policy forces the switchover.
+    IterationLimit,
+    /// The time limit was reached and the policy forces the switchover.
+    TimeLimit,
+}
+
+/// The next piece of work for the runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Read and send these pages.
+    Send(PageRun),
+    /// Every page of `epoch` was handed out: flush the channels and send the
+    /// epoch's sync marker.
+    EndEpoch {
+        /// The epoch that ends.
+        epoch: u64,
+    },
+    /// Collect the dirty log, report it with [`PrecopyEngine::handle_dirty`],
+    /// then call [`PrecopyEngine::handle_sync_done`].
+    SyncDirtyLog,
+    /// Pause the VM, collect the dirty log one last time, then call
+    /// [`PrecopyEngine::handle_paused`].
+    Pause {
+        /// Downtime the engine expects.
+        expected_downtime: Duration,
+        /// Why now.
+        reason: SwitchoverReason,
+    },
+    /// All RAM is sent: send the device state and end the stream.
+    Finish,
+    /// Precopy gave up; resume the VM and abort.
+    Fail(ConvergenceError),
+    /// Nothing to do until an input arrives, or until the given time.
+    Wait(Option<Instant>),
+}
+
+/// Proof that the source VM is paused: only [`crate::source::pause_vm`]
+/// mints one, and the engine's final pass requires it.
+#[derive(Debug)]
+pub struct SourcePaused {
+    pub(crate) at: Instant,
+}
+
+impl SourcePaused {
+    /// When the VM was paused.
+    pub fn at(&self) -> Instant {
+        self.at
+    }
+}
+
+/// The engine's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Handing out the dirty pages of a pass.
+    Sending,
+    /// The pass ended; waiting for the dirty-log sync.
+    Syncing,
+    /// Decided to switch over; the runtime must pause the VM.
+    PausePending,
+    /// Waiting for the runtime to report the VM paused.
+    AwaitPaused,
+    /// Handing out the last dirty pages, VM paused.
+    FinalSending,
+    /// The final epoch ended; the runtime finishes the stream.
+    Finishing,
+    /// Nothing left to do.
+    Done,
+    /// Gave up.
+    Failed,
+}
+
+impl Phase {
+    /// The table of allowed transitions.
+    pub fn can_become(self, next: Phase) -> bool {
+        use Phase::*;
+        matches!(
+            (self, next),
+            (Sending, Syncing)
+                | (Syncing, Sending | PausePending | Failed)
+                | (PausePending, AwaitPaused)
+                | (AwaitPaused, FinalSending)
+                | (FinalSending, Finishing)
+                | (Finishing, Done)
+        )
+    }
+}
+
+/// Estimates the engine keeps, for stats and decisions.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Estimates {
+    /// Passes completed.
+    pub iterations: u64,
+    /// Guest RAM bytes per second sent in the last pass.
+    pub bandwidth: f64,
+    /// Guest bytes dirtied per second since the previous sync.
+    pub dirty_rate: f64,
+    /// Bytes of dirty pages left at the last sync.
+    pub remaining_at_sync: u64,
+    /// Downtime expected from the last sync.
+    pub expected_downtime: Option<Duration>,
+}
+
+/// The precopy state machine.
+#[derive(Debug)]
+pub struct PrecopyEngine {
+    config: PrecopyConfig,
+    dirty: Vec<Bitmap>,
+    page_sizes: Vec<u64>,
+    phase: Phase,
+    epoch: u64,
+    cursor: (usize, u64),
+    started: Instant,
+    pass_started: Instant,
+    pass_ram_start: u64,
+    last_sync: Instant,
+    dirtied_since_sync: u64,
+    reported_ram: u64,
+    reported_wire: u64,
+    emitted_ram: u64,
+    estimates: Estimates,
+    pending: Option<Action>,
+}
+
+impl PrecopyEngine {
+    /// An engine for `ram`, every page dirty (the bulk pass), starting at `now`.
+    pub fn new(ram: &Ram, config: PrecopyConfig, now: Instant) -> Self {
+        Self::with_pages(
+            ram.blocks().iter().map(|b| (b.pages(), u64::from(b.page_size()))).collect(),
+            config,
+            now,
+        )
+    }
+
+    /// An engine over blocks of `(pages, page size)`, for tests and for VMMs
+    /// that keep their own RAM model.
+    pub fn with_pages(blocks: Vec<(u64, u64)>, config: PrecopyConfig, now: Instant) -> Self {
+        Self {
+            dirty: blocks.iter().map(|&(pages, _)| Bitmap::full(pages)).collect(),
+            page_sizes: blocks.iter().map(|&(_, size)| size).collect(),
+            config,
+            phase: Phase::Sending,
+            epoch: 0,
+            cursor: (0, 0),
+            started: now,
+            pass_started: now,
+            pass_ram_start: 0,
+            last_sync: now,
+            dirtied_since_sync: 0,
+            reported_ram: 0,
+            reported_wire: 0,
+            emitted_ram: 0,
+            estimates: Estimates::default(),
+            pending: None,
+        }
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The epoch being sent.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PrecopyConfig {
+        &self.config
+    }
+
+    /// The latest estimates.
+    pub fn estimates(&self) -> Estimates {
+        self.estimates
+    }
+
+    /// Bytes of pages still marked dirty (not yet handed out).
+    pub fn remaining_bytes(&self) -> u64 {
+        self.dirty.iter().zip(&self.page_sizes).map(|(map, size)| map.count_ones() * size).sum()
+    }
+
+    fn become_(&mut self, next: Phase) {
+        debug_assert!(self.phase.can_become(next), "{:?} -> {:?}", self.phase, next);
+        self.phase = next;
+    }
+
+    /// Marks pages written since the last sync. Runs outside the block are
+    /// clamped; a sync only sets bits, never clears them.
+    pub fn handle_dirty(&mut self, block: BlockId, first: u64, count: u64) {
+        if let Some(map) = self.dirty.get_mut(block.0 as usize) {
+            map.set_range(first, count);
+            self.dirtied_since_sync += count * self.page_sizes[block.0 as usize];
+        }
+    }
+
+    /// Cumulative guest bytes and wire bytes the channels have sent.
+    pub fn handle_progress(&mut self, ram_bytes: u64, wire_bytes: u64) {
+        self.reported_ram = self.reported_ram.max(ram_bytes);
+        self.reported_wire = self.reported_wire.max(wire_bytes);
+    }
+
+    /// The dirty log was collected after a pass: estimate and decide.
+    pub fn handle_sync_done(&mut self, now: Instant) {
+        if self.phase != Phase::Syncing {
+            return;
+        }
+        let pass_time = now.saturating_duration_since(self.pass_started).as_secs_f64();
+        let pass_ram = self.reported_ram.saturating_sub(self.pass_ram_start);
+        if pass_ram > 0 && pass_time > 0.0 {
+            self.estimates.bandwidth = pass_ram as f64 / pass_time;
+        }
+        let since_sync = now.saturating_duration_since(self.last_sync).as_secs_f64();
+        if since_sync > 0.0 {
+            self.estimates.dirty_rate = self.dirtied_since_sync as f64 / since_sync;
+        }
+        self.dirtied_since_sync = 0;
+        self.last_sync = now;
+        self.estimates.iterations += 1;
+        let remaining = self.remaining_bytes();
+        self.estimates.remaining_at_sync = remaining;
+        let expected = if remaining == 0 {
+            Some(Duration::ZERO)
+        } else if self.estimates.bandwidth > 0.0 {
+            Some(Duration::from_secs_f64(remaining as f64 / self.estimates.bandwidth))
+        } else {
+            None
+        };
+        self.estimates.expected_downtime = expected;
+        let expected_or_max = expected.unwrap_or(Duration::MAX);
+
+        if expected_or_max <= self.config.downtime_limit {
+            return self.switch_over(expected_or_max, SwitchoverReason::Converged);
+        }
+        let limit_ms = self.config.downtime_limit.as_millis() as u64;
+        let expected_ms = expected.map_or(u64::MAX, |d| d.as_millis() as u64);
+        let elapsed = now.saturating_duration_since(self.started);
+        let hit = if self.config.max_iterations.is_some_and(|max| self.estimates.iterations >= max) {
+            Some((
+                SwitchoverReason::IterationLimit,
+                ConvergenceError::Iterations {
+                    iterations: self.estimates.iterations,
+                    expected_ms,
+                    limit_ms,
+                },
+            ))
+        } else if self.config.max_time.is_some_and(|max| elapsed >= max) {
+            Some((
+                SwitchoverReason::TimeLimit,
+                ConvergenceError::Timeout {
+                    elapsed_ms: elapsed.as_millis() as u64,
+                    expected_ms,
+                    limit_ms,
+                },
+            ))
+        } else {
+            None
+        };
+        match (hit, self.config.on_limit) {
+            (Some((reason, _)), LimitAction::Switchover) => self.switch_over(expected_or_max, reason),
+            (Some((_, error)), LimitAction::Fail) => {
+                self.become_(Phase::Failed);
+                self.pending = Some(Action::Fail(error));
+            }
+            (None, _) => {
+                self.become_(Phase::Sending);
+                self.start_pass(now);
+            }
+        }
+    }
+
+    fn switch_over(&mut self, expected_downtime: Duration, reason: SwitchoverReason) {
+        self.become_(Phase::PausePending);
+        self.pending = Some(Action::Pause {
+            expected_downtime,
+            reason,
+        });
+    }
+
+    fn start_pass(&mut self, now: Instant) {
+        self.epoch += 1;
+        self.cursor = (0, 0);
+        self.pass_started = now;
+        self.pass_ram_start = self.reported_ram;
+    }
+
+    /// The VM is paused and the dirty log was collected one last time: send
+    /// what is left, without the bandwidth cap.
+    pub fn handle_paused(&mut self, paused: &SourcePaused, now: Instant) {
+        let _ = paused;
+        if self.phase == Phase::AwaitPaused {
+            self.become_(Phase::FinalSending);
+            self.start_pass(now);
+        }
+    }
+
+    /// The next piece of work.
+    pub fn poll(&mut self, now: Instant) -> Action {
+        if let Some(action) = self.pending.take() {
+            if matches!(action, Action::Pause { .. }) {
+                self.become_(Phase::AwaitPaused);
+            }
+            return action;
+        }
+        match self.phase {
+            Phase::Sending | Phase::FinalSending => {
+                if self.phase == Phase::Sending
+                    && let Some(until) = self.throttled_until(now)
+                {
+                    return Action::Wait(Some(until));
+                }
+                if let Some(run) = self.next_run() {
+                    self.emitted_ram += run.count * self.page_sizes[run.block.0 as usize];
+                    return Action::Send(run);
+                }
+                let epoch = self.epoch;
+                if self.phase == Phase::Sending {
+                    self.become_(Phase::Syncing);
+                } else {
+                    self.become_(Phase::Finishing);
+                }
+                Action::EndEpoch { epoch }
+            }
+            Phase::Finishing => {
+                self.become_(Phase::Done);
+                Action::Finish
+            }
+            Phase::Syncing => {
+                // The runtime asked for work right after EndEpoch: sync now.
+                Action::SyncDirtyLog
+            }
+            Phase::PausePending | Phase::AwaitPaused | Phase::Done | Phase::Failed => Action::Wait(None),
+        }
+    }
+
+    fn next_run(&mut self) -> Option<PageRun> {
+        let (mut block, mut page) = self.cursor;
+        while block < self.dirty.len() {
+            if let Some(first) = self.dirty[block].next_set(page) {
+                let count = self.dirty[block].take_run(first, self.config.batch_pages.max(1).into());
+                self.cursor = (block, first + count);
+                return Some(PageRun {
+                    block: BlockId(block as u32),
+                    first,
+                    count,
+                    epoch: self.epoch,
+                });
+            }
+            block += 1;
+            page = 0;
+        }
+        self.cursor = (block, 0);
+        None
+    }
+
+    fn throttled_until(&self, now: Instant) -> Option<Instant> {
+        let rate = self.config.max_bandwidth? as f64;
+        // Wire bytes sent plus what was handed out but not yet reported,
+        // counted at full page size.
+        let spent = self.reported_wire as f64 + self.emitted_ram.saturating_sub(self.reported_ram) as f64;
+        let burst = f64::from(self.config.batch_pages) * 4096.0;
+        let allowed = rate * now.saturating_duration_since(self.started).as_secs_f64() + burst;
+        (spent > allowed).then(|| self.started + Duration::from_secs_f64((spent - burst) / rate))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,316 @@
+//! Engine tests on injected time.
+
+use super::*;
+use proptest::prelude::*;
+
+const PAGE: u64 = 4096;
+
+fn engine(blocks: &[u64], config: PrecopyConfig, now: Instant) -> PrecopyEngine {
+    PrecopyEngine::with_pages(blocks.iter().map(|&p| (p, PAGE)).collect(), config, now)
+}
+
+fn paused(at: Instant) -> SourcePaused {
+    SourcePaused { at }
+}
+
+/// Drains Send actions, reporting them as sent; returns the pages sent and
+/// the first non-Send action.
+fn drain(e: &mut PrecopyEngine, now: Instant, sent_ram: &mut u64) -> (Vec<(u32, u64)>, Action) {
+    let mut pages = Vec::new();
+    loop {
+        match e.poll(now) {
+            Action::Send(run) => {
+                pages.extend((run.first..run.first + run.count).map(|p| (run.block.0, p)));
+                *sent_ram += run.count * PAGE;
+                e.handle_progress(*sent_ram, *sent_ram);
+            }
+            other => return (pages, other),
+        }
+    }
+}
+
+#[test]
+fn idle_guest_sends_every_page_once_then_switches_over() {
+    let t0 = Instant::now();
+    let mut e = engine(&[100, 37], PrecopyConfig::default(), t0);
+    let mut ram = 0;
+    let (pages, action) = drain(&mut e, t0, &mut ram);
+    assert_eq!(pages.len(), 137);
+    let unique: std::collections::BTreeSet<_> = pages.iter().collect();
+    assert_eq!(unique.len(), 137);
+    assert_eq!(action, Action::EndEpoch { epoch: 0 });
+    assert_eq!(e.poll(t0), Action::SyncDirtyLog);
+    e.handle_sync_done(t0 + Duration::from_secs(1));
+    assert_eq!(
+        e.poll(t0),
+        Action::Pause {
+            expected_downtime: Duration::ZERO,
+            reason: SwitchoverReason::Converged
+        }
+    );
+    assert_eq!(e.phase(), Phase::AwaitPaused);
+    e.handle_paused(&paused(t0), t0);
+    let (pages, action) = drain(&mut e, t0, &mut ram);
+    assert!(pages.is_empty());
+    assert_eq!(action, Action::EndEpoch { epoch: 1 });
+    assert_eq!(e.poll(t0), Action::Finish);
+    assert_eq!(e.poll(t0), Action::Wait(None));
+    assert_eq!(e.phase(), Phase::Done);
+}
+
+#[test]
+fn runs_respect_the_batch_size() {
+    let t0 = Instant::now();
+    let config = PrecopyConfig {
+        batch_pages: 16,
+        ..PrecopyConfig::default()
+    };
+    let mut e = engine(&[100], config, t0);
+    while let Action::Send(run) = e.poll(t0) {
+        assert!(run.count >= 1 && run.count <= 16, "{run:?}");
+    }
+}
+
+#[test]
+fn expected_downtime_is_remaining_over_measured_bandwidth() {
+    let t0 = Instant::now();
+    let config = PrecopyConfig {
+        downtime_limit: Duration::from_millis(10),
+        max_iterations: None,
+        ..PrecopyConfig::default()
+    };
+    let mut e = engine(&[1000], config, t0);
+    let mut ram = 0;
+    drain(&mut e, t0, &mut ram);
+    assert_eq!(e.poll(t0), Action::SyncDirtyLog);
+    // 1000 pages in 1 s; 100 pages dirty -> expected 100 ms.
+    e.handle_dirty(BlockId(0), 0, 100);
+    e.handle_sync_done(t0 + Duration::from_secs(1));
+    let est = e.estimates();
+    assert_eq!(est.bandwidth, 1000.0 * PAGE as f64);
+    assert_eq!(est.expected_downtime, Some(Duration::from_millis(100)));
+    assert_eq!(est.remaining_at_sync, 100 * PAGE);
+    assert_eq!(est.dirty_rate, 100.0 * PAGE as f64);
+    assert_eq!(e.phase(), Phase::Sending);
+    assert_eq!(e.epoch(), 1);
+    // The second pass sends exactly the dirty pages.
+    let (pages, action) = drain(&mut e, t0 + Duration::from_secs(1), &mut ram);
+    assert_eq!(pages, (0..100).map(|p| (0, p)).collect::<Vec<_>>());
+    assert_eq!(action, Action::EndEpoch { epoch: 1 });
+}
+
+fn non_converging(on_limit: LimitAction) -> Action {
+    let t0 = Instant::now();
+    let config = PrecopyConfig {
+        downtime_limit: Duration::from_millis(1),
+        max_iterations: Some(3),
+        on_limit,
+        ..PrecopyConfig::default()
+    };
+    let mut e = engine(&[64], config, t0);
+    let mut ram = 0;
+    let mut now = t0;
+    for _ in 0..3 {
+        let (_, end) = drain(&mut e, now, &mut ram);
+        assert!(matches!(end, Action::EndEpoch { .. }));
+        assert_eq!(e.poll(now), Action::SyncDirtyLog);
+        now += Duration::from_secs(1);
+        e.handle_dirty(BlockId(0), 0, 64);
+        e.handle_sync_done(now);
+    }
+    e.poll(now)
+}
+
+#[test]
+fn iteration_limit_fails_when_told_to() {
+    let action = non_converging(LimitAction::Fail);
+    assert!(
+        matches!(action, Action::Fail(ConvergenceError::Iterations { iterations: 3, .. })),
+        "{action:?}"
+    );
+}
+
+#[test]
+fn iteration_limit_forces_switchover_by_default() {
+    let action = non_converging(LimitAction::Switchover);
+    assert!(
+        matches!(
+            action,
+            Action::Pause {
+                reason: SwitchoverReason::IterationLimit,
+                ..
+            }
+        ),
+        "{action:?}"
+    );
+}
+
+#[test]
+fn time_limit_applies() {
+    let t0 = Instant::now();
+    let config = PrecopyConfig {
+        downtime_limit: Duration::from_millis(1),
+        max_iterations: None,
+        max_time: Some(Duration::from_secs(5)),
+        on_limit: LimitAction::Fail,
+        ..PrecopyConfig::default()
+    };
+    let mut e = engine(&[8], config, t0);
+    let mut ram = 0;
+    drain(&mut e, t0, &mut ram);
+    e.poll(t0);
+    e.handle_dirty(BlockId(0), 0, 8);
+    e.handle_sync_done(t0 + Duration::from_secs(6));
+    assert!(matches!(e.poll(t0), Action::Fail(ConvergenceError::Timeout { .. })));
+}
+
+#[test]
+fn bandwidth_cap_makes_the_engine_wait() {
+    let t0 = Instant::now();
+    let config = PrecopyConfig {
+        max_bandwidth: Some(100 * PAGE),
+        batch_pages: 10,
+        ..PrecopyConfig::default()
+    };
+    let mut e = engine(&[1000], config, t0);
+    let mut sent = 0;
+    // At t0 only the burst (one batch) is allowed.
+    let mut waited = None;
+    for _ in 0..5 {
+        match e.poll(t0) {
+            Action::Send(run) => sent += run.count,
+            Action::Wait(until) => {
+                waited = until;
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(sent <= 20, "sent {sent} pages in no time");
+    let until = waited.expect("throttled");
+    assert!(until > t0);
+    // A second later, about 100 more pages are allowed.
+    let later = t0 + Duration::from_secs(1);
+    let mut more = 0;
+    while let Action::Send(run) = e.poll(later) {
+        more += run.count;
+    }
+    assert!((90..=120).contains(&more), "{more}");
+}
+
+#[test]
+fn final_pass_is_not_capped() {
+    let t0 = Instant::now();
+    let config = PrecopyConfig {
+        max_bandwidth: Some(PAGE),
+        batch_pages: 1,
+        downtime_limit: Duration::from_secs(3600),
+        ..PrecopyConfig::default()
+    };
+    let mut e = engine(&[4], config, t0);
+    let mut now = t0;
+    let mut ram = 0;
+    loop {
+        match e.poll(now) {
+            Action::Send(run) => {
+                ram += run.count * PAGE;
+                e.handle_progress(ram, ram);
+            }
+            Action::Wait(Some(until)) => now = until,
+            Action::EndEpoch { .. } => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(e.poll(now), Action::SyncDirtyLog);
+    e.handle_dirty(BlockId(0), 0, 4);
+    e.handle_sync_done(now + Duration::from_secs(1));
+    assert!(matches!(e.poll(now), Action::Pause { .. }));
+    e.handle_paused(&paused(now), now);
+    let (pages, end) = drain(&mut e, now, &mut ram);
+    assert_eq!(pages.len(), 4, "the final pass ignores the cap");
+    assert_eq!(end, Action::EndEpoch { epoch: 1 });
+}
+
+#[test]
+fn transition_table() {
+    use Phase::*;
+    let all = [Sending, Syncing, PausePending, AwaitPaused, FinalSending, Finishing, Done, Failed];
+    let allowed: Vec<_> = all
+        .iter()
+        .flat_map(|a| all.iter().map(move |b| (*a, *b)))
+        .filter(|(a, b)| a.can_become(*b))
+        .collect();
+    assert_eq!(
+        allowed,
+        vec![
+            (Sending, Syncing),
+            (Syncing, Sending),
+            (Syncing, PausePending),
+            (Syncing, Failed),
+            (PausePending, AwaitPaused),
+            (AwaitPaused, FinalSending),
+            (FinalSending, Finishing),
+            (Finishing, Done),
+        ]
+    );
+    assert!(!Done.can_become(Sending));
+    assert!(!Failed.can_become(FinalSending));
+}
+
+proptest! {
+    /// Invariant 1: a page written after it was last handed out is handed
+    /// out again before the engine finishes.
+    #[test]
+    fn no_dirty_bit_is_lost(writes in proptest::collection::vec((0u64..3, 0u64..50, 0usize..4), 0..200)) {
+        let t0 = Instant::now();
+        let config = PrecopyConfig { batch_pages: 7, downtime_limit: Duration::ZERO, max_iterations: Some(4), ..PrecopyConfig::default() };
+        let mut e = engine(&[50, 50, 50], config, t0);
+        // Last time each page was handed out and last time it was written.
+        let mut last_sent = std::collections::HashMap::new();
+        let mut last_written = std::collections::HashMap::new();
+        let mut log: Vec<(u64, u64)> = Vec::new();
+        let mut tick = 0u64;
+        let mut writes = writes.into_iter();
+        let mut ram = 0;
+        loop {
+            tick += 1;
+            let now = t0 + Duration::from_millis(tick);
+            // Writes land between actions and go to the dirty log; the VM
+            // stops writing once paused.
+            if !matches!(e.phase(), Phase::FinalSending | Phase::Finishing | Phase::Done)
+                && let Some((block, page, _)) = writes.next() {
+                last_written.insert((block, page), tick);
+                log.push((block, page));
+            }
+            match e.poll(now) {
+                Action::Send(run) => {
+                    for p in run.first..run.first + run.count {
+                        last_sent.insert((u64::from(run.block.0), p), tick);
+                    }
+                    ram += run.count * PAGE;
+                    e.handle_progress(ram, ram);
+                }
+                Action::SyncDirtyLog => {
+                    for (b, p) in log.drain(..) {
+                        e.handle_dirty(BlockId(b as u32), p, 1);
+                    }
+                    e.handle_sync_done(now);
+                }
+                Action::Pause { .. } => {
+                    for (b, p) in log.drain(..) {
+                        e.handle_dirty(BlockId(b as u32), p, 1);
+                    }
+                    e.handle_paused(&paused(now), now);
+                }
+                Action::EndEpoch { .. } | Action::Wait(_) => {}
+                Action::Finish => break,
+                Action::Fail(err) => panic!("{err}"),
+            }
+        }
+        for (page, written) in last_written {
+            let sent = last_sent.get(&page).copied().unwrap_or(0);
+            prop_assert!(sent > written, "page {:?} written at {} last sent at {}", page, written, sent);
+        }
+        prop_assert_eq!(last_sent.len(), 150);
+    }
+}

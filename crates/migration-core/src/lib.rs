@@ -1,0 +1,28 @@
+//! The migration engine: guest RAM model, dirty logs, the sans-IO precopy
+//! state machine, the channel boundary, and the runtime that drives them
+//! with threads so a VMM embeds live migration without the CLI.
+//!
+//! A source calls [`source::run_source`] with a connected
+//! [`transport::Channel`], its [`ram::Ram`], its [`vm::Vm`] and a
+//! [`dirty::DirtyLog`]; a destination calls [`dest::accept`] on a new
+//! connection, prepares RAM for the announced blocks, and calls
+//! [`dest::run_destination`].
+#![forbid(unsafe_code)]
+
+pub mod bitmap;
+pub mod dest;
+pub mod dirty;
+pub mod engine;
+pub mod ram;
+pub mod source;
+pub mod stats;
+pub mod transport;
+pub mod verify;
+pub mod vm;
+
+pub use dirty::{CombinedDirtyLog, DirtyLog, DirtyLogError, KernelDirtyLog, SoftwareDirtyLog};
+pub use engine::{Action, LimitAction, PageRun, PrecopyConfig, PrecopyEngine, SourcePaused};
+pub use ram::{BlockId, Ram, RamBlock};
+pub use stats::{Event, Stats};
+pub use transport::{Channel, ChannelRx, ChannelTx, TransportError};
+pub use vm::{Vm, VmError};

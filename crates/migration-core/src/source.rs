@@ -1,0 +1,603 @@
+//! The source runtime: drives the precopy engine with a channel thread for
+//! the data path and a reader thread for the return path.
+//!
+//! ```text
+//!  caller thread (control)         channel thread            reader thread
+//!  engine.poll() -> PageRun ---->  read pages (volatile),    return path ->
+//!  dirty log sync                  classify, send batch      crossbeam queue
+//!  pause / READY / GO / verify     sync markers, control     (acks, errors)
+//! ```
+
+use crate::dirty::{DirtyLog, DirtyLogError};
+use crate::engine::{Action, PageRun, PrecopyConfig, PrecopyEngine, SourcePaused};
+use crate::ram::Ram;
+use crate::stats::{Event, Stats};
+use crate::transport::{Channel, ChannelRx, ChannelTx, TransportError};
+use crate::verify::ram_digests;
+use crate::vm::{Vm, VmError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
+use migration_sys::{PAGE_SIZE, is_zero_buf};
+use migration_wire::{
+    BlockList, Complete, EndOfRam, Features, Hello, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PageBatch,
+    PageEncoding, PageEntry, PeerError, SessionId, SyncMarker, Verdict,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Settings of an outgoing migration.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// Precopy tunables.
+    pub precopy: PrecopyConfig,
+    /// This migration's session id.
+    pub session: SessionId,
+    /// Longest wait for an answer from the destination (handshake, READY,
+    /// resumed, verdict).
+    pub reply_timeout: Duration,
+    /// How often a progress event is emitted.
+    pub progress_interval: Duration,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self {
+            precopy: PrecopyConfig::default(),
+            session: SessionId(0),
+            reply_timeout: Duration::from_secs(30),
+            progress_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Why an outgoing migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The channel failed.
+    #[error("connection to the destination failed")]
+    Transport(#[from] TransportError),
+    /// The destination reported an error.
+    #[error("destination failed: {}", .0.message)]
+    Peer(PeerError),
+    /// The destination broke the protocol.
+    #[error("destination broke the protocol: {0}")]
+    Protocol(String),
+    /// No answer in time.
+    #[error("destination did not send {what} within {timeout:?}")]
+    Timeout {
+        /// The answer awaited.
+        what: &'static str,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// Precopy gave up.
+    #[error(transparent)]
+    Convergence(#[from] crate::engine::ConvergenceError),
+    /// The dirty log failed.
+    #[error("dirty log failed")]
+    DirtyLog(#[from] DirtyLogError),
+    /// The VM failed to pause, save or resume.
+    #[error("vm control failed")]
+    Vm(#[from] VmError),
+    /// Guest memory could not be read.
+    #[error("guest memory access failed")]
+    Memory(#[from] migration_sys::SysError),
+    /// The link broke after GO was sent: whether the destination runs is
+    /// unknown, so the source stays paused.
+    #[error("handover unconfirmed: GO was sent but the destination did not confirm it runs ({0}); the source stays paused")]
+    HandoverUnconfirmed(String),
+}
+
+/// The result of a migration that handed the VM over.
+#[derive(Debug, Clone)]
+pub struct SourceReport {
+    /// Final figures.
+    pub stats: Stats,
+    /// Whether the destination's digests matched the source's frozen RAM
+    /// (`None` if the verdict never came).
+    pub verified: Option<bool>,
+    /// Blocks whose digests differ.
+    pub mismatched_blocks: Vec<u32>,
+}
+
+/// A failed migration.
+#[derive(Debug)]
+pub struct SourceFailure {
+    /// What went wrong.
+    pub error: SourceError,
+    /// Figures at the failure.
+    pub stats: Stats,
+    /// The VM runs on the source again (always true before GO).
+    pub source_resumed: bool,
+    /// GO was sent: the source must not run the VM again.
+    pub handed_over: bool,
+}
+
+/// Pauses the VM and mints the proof the final pass requires.
+pub fn pause_vm(vm: &mut dyn Vm) -> Result<SourcePaused, VmError> {
+    vm.pause()?;
+    Ok(SourcePaused { at: Instant::now() })
+}
+
+/// Counters the channel thread updates and the control loop reads.
+#[derive(Debug, Default)]
+struct Counters {
+    ram_bytes: AtomicU64,
+    wire_bytes: AtomicU64,
+    zero_pages: AtomicU64,
+    plain_pages: AtomicU64,
+}
+
+enum Job {
+    Pages(PageRun),
+    EndEpoch { epoch: u64, done: Sender<()> },
+    Control(Message<'static>),
+    DeviceState(Vec<u8>),
+    Flush(Sender<()>),
+}
+
+/// What the reader thread forwards from the return path.
+enum Returned {
+    Ack,
+    Ready,
+    Resumed,
+    Verdict(Verdict),
+    Error(PeerError),
+    Unexpected(&'static str),
+    Failed(TransportError),
+}
+
+/// Runs an outgoing migration over `channel` (connected, nothing sent yet).
+///
+/// `dirty_log` must already be tracking writes. On success the VM stays
+/// paused (it lives on the destination now); on any failure before GO it is
+/// running again when this returns.
+pub fn run_source(
+    channel: Box<dyn Channel>,
+    ram: &Ram,
+    vm: &mut dyn Vm,
+    dirty_log: &mut dyn DirtyLog,
+    options: &SourceOptions,
+    observer: &mut dyn FnMut(&Event),
+) -> Result<SourceReport, SourceFailure> {
+    let started = Instant::now();
+    let mut run = SourceRun {
+        ram,
+        options,
+        started,
+        counters: Arc::new(Counters::default()),
+        paused_at: None,
+        handed_over: false,
+        engine_stats: Stats {
+            ram_bytes: ram.total_bytes(),
+            ..Stats::default()
+        },
+        downtime: None,
+    };
+    let result = run.run(channel, vm, dirty_log, observer);
+    let stats = run.stats();
+    match result {
+        Ok((verified, mismatched_blocks)) => Ok(SourceReport {
+            stats,
+            verified,
+            mismatched_blocks,
+        }),
+        Err(error) => {
+            let mut source_resumed = false;
+            if !run.handed_over {
+                // Before GO the source is the truth: it runs again.
+                source_resumed = run.paused_at.is_none() || vm.resume().is_ok();
+                if source_resumed {
+                    observer(&Event::SourceResumed);
+                }
+            }
+            Err(SourceFailure {
+                error,
+                stats,
+                source_resumed,
+                handed_over: run.handed_over,
+            })
+        }
+    }
+}
+
+struct SourceRun<'a> {
+    ram: &'a Ram,
+    options: &'a SourceOptions,
+    started: Instant,
+    counters: Arc<Counters>,
+    paused_at: Option<Instant>,
+    handed_over: bool,
+    engine_stats: Stats,
+    downtime: Option<Duration>,
+}
+
+impl SourceRun<'_> {
+    fn stats(&self) -> Stats {
+        let c = &self.counters;
+        Stats {
+            ram_transferred: c.ram_bytes.load(Ordering::Relaxed),
+            transferred_bytes: c.wire_bytes.load(Ordering::Relaxed),
+            zero_pages: c.zero_pages.load(Ordering::Relaxed),
+            plain_pages: c.plain_pages.load(Ordering::Relaxed),
+            elapsed: self.started.elapsed(),
+            downtime: self.downtime,
+            ..self.engine_stats.clone()
+        }
+    }
+
+    fn refresh(&mut self, engine: &PrecopyEngine) {
+        let est = engine.estimates();
+        self.engine_stats.iterations = est.iterations;
+        self.engine_stats.remaining_bytes = Some(engine.remaining_bytes());
+        self.engine_stats.bandwidth = (est.bandwidth > 0.0).then_some(est.bandwidth);
+        self.engine_stats.dirty_rate = (est.iterations > 0).then_some(est.dirty_rate);
+        self.engine_stats.expected_downtime = est.expected_downtime;
+    }
+
+    fn run(
+        &mut self,
+        mut channel: Box<dyn Channel>,
+        vm: &mut dyn Vm,
+        dirty_log: &mut dyn DirtyLog,
+        observer: &mut dyn FnMut(&Event),
+    ) -> Result<(Option<bool>, Vec<u32>), SourceError> {
+        self.handshake(channel.as_mut())?;
+        observer(&Event::Started);
+        let (tx, rx) = channel.split()?;
+        let (jobs, channel_thread, channel_error) = spawn_channel_thread(tx, self.ram.clone(), Arc::clone(&self.counters));
+        let returned = spawn_reader_thread(rx);
+        let result = self.drive(&jobs, &channel_error, &returned, vm, dirty_log, observer);
+        drop(jobs);
+        let _ = channel_thread.join();
+        result
+    }
+
+    fn handshake(&self, channel: &mut dyn Channel) -> Result<(), SourceError> {
+        channel.set_timeout(Some(self.options.reply_timeout))?;
+        channel.send(&Message::Hello(Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            features: Features::KNOWN,
+            session: self.options.session,
+            channels: 1,
+        }))?;
+        match channel.recv()? {
+            Message::HelloReply(reply) => {
+                if reply.session != self.options.session {
+                    return Err(SourceError::Protocol(format!(
+                        "hello reply for session {:#x}, expected {:#x}",
+                        reply.session.0, self.options.session.0
+                    )));
+                }
+                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&reply.version) {
+                    return Err(SourceError::Protocol(format!(
+                        "destination chose protocol version {}, we speak {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}",
+                        reply.version
+                    )));
+                }
+                if !Features::KNOWN.contains(reply.features) {
+                    return Err(SourceError::Protocol(format!(
+                        "destination agreed to features {:#x} that were not proposed",
+                        reply.features.0
+                    )));
+                }
+            }
+            Message::Error(err) => return Err(SourceError::Peer(err)),
+            other => return Err(unexpected("hello-reply", &other)),
+        }
+        let blocks: BlockList = self.ram.block_list();
+        channel.send(&Message::BlockList(blocks))?;
+        match channel.recv()? {
+            Message::BlocksAccepted => Ok(()),
+            Message::Error(err) => Err(SourceError::Peer(err)),
+            other => Err(unexpected("blocks-accepted", &other)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn drive(
+        &mut self,
+        jobs: &Sender<Job>,
+        channel_error: &Mutex<Option<TransportError>>,
+        returned: &Receiver<Returned>,
+        vm: &mut dyn Vm,
+        dirty_log: &mut dyn DirtyLog,
+        observer: &mut dyn FnMut(&Event),
+    ) -> Result<(Option<bool>, Vec<u32>), SourceError> {
+        let mut engine = PrecopyEngine::new(self.ram, self.options.precopy.clone(), self.started);
+        let mut next_progress = Instant::now();
+        let fail_channel = || -> SourceError {
+            channel_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .map_or(SourceError::Transport(TransportError::Closed), SourceError::Transport)
+        };
+        let submit = |job: Job| jobs.send(job).map_err(|_| fail_channel());
+
+        loop {
+            while let Ok(message) = returned.try_recv() {
+                self.handle_returned(message)?;
+            }
+            let now = Instant::now();
+            engine.handle_progress(
+                self.counters.ram_bytes.load(Ordering::Relaxed),
+                self.counters.wire_bytes.load(Ordering::Relaxed),
+            );
+            if now >= next_progress {
+                self.refresh(&engine);
+                observer(&Event::Progress(self.stats()));
+                next_progress = now + self.options.progress_interval;
+            }
+            match engine.poll(now) {
+                Action::Send(run) => submit(Job::Pages(run))?,
+                Action::EndEpoch { epoch } => {
+                    let (done, wait) = bounded(1);
+                    submit(Job::EndEpoch { epoch, done })?;
+                    self.wait_local(&wait, returned, &fail_channel)?;
+                }
+                Action::SyncDirtyLog => {
+                    dirty_log.collect(&mut |block, first, count| engine.handle_dirty(block, first, count))?;
+                    engine.handle_progress(
+                        self.counters.ram_bytes.load(Ordering::Relaxed),
+                        self.counters.wire_bytes.load(Ordering::Relaxed),
+                    );
+                    engine.handle_sync_done(Instant::now());
+                    self.refresh(&engine);
+                    observer(&Event::PassEnded {
+                        epoch: engine.epoch(),
+                        stats: self.stats(),
+                    });
+                }
+                Action::Pause {
+                    expected_downtime,
+                    reason,
+                } => {
+                    observer(&Event::Switchover {
+                        reason,
+                        expected_downtime,
+                    });
+                    let paused = pause_vm(vm)?;
+                    self.paused_at = Some(paused.at());
+                    observer(&Event::Paused);
+                    dirty_log.collect(&mut |block, first, count| engine.handle_dirty(block, first, count))?;
+                    engine.handle_paused(&paused, Instant::now());
+                }
+                Action::Finish => break,
+                Action::Fail(error) => return Err(error.into()),
+                Action::Wait(until) => {
+                    let deadline = until.unwrap_or(next_progress).min(next_progress);
+                    match returned.recv_deadline(deadline) {
+                        Ok(message) => self.handle_returned(message)?,
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return Err(fail_channel()),
+                    }
+                }
+            }
+        }
+        self.refresh(&engine);
+        self.engine_stats.remaining_bytes = Some(0);
+
+        // Device state and the end of the stream, then the two-step handover.
+        let state = vm.save_device_state()?;
+        submit(Job::DeviceState(state))?;
+        submit(Job::Control(Message::EndOfRam(EndOfRam {
+            epochs: engine.epoch() + 1,
+        })))?;
+        let (done, wait) = bounded(1);
+        submit(Job::Flush(done))?;
+        self.wait_local(&wait, returned, &fail_channel)?;
+        self.wait_for(returned, "ready", |m| matches!(m, Returned::Ready))?;
+        observer(&Event::Ready);
+
+        self.handed_over = true;
+        observer(&Event::HandedOver);
+        let (done, wait) = bounded(1);
+        let go_sent = jobs
+            .send(Job::Control(Message::Go))
+            .and_then(|()| jobs.send(Job::Flush(done)))
+            .is_ok()
+            && wait.recv_timeout(self.options.reply_timeout).is_ok();
+        if !go_sent {
+            return Err(SourceError::HandoverUnconfirmed(fail_channel().to_string()));
+        }
+        if let Err(err) = self.wait_for(returned, "resumed", |m| matches!(m, Returned::Resumed)) {
+            return Err(SourceError::HandoverUnconfirmed(err.to_string()));
+        }
+        self.downtime = self.paused_at.map(|at| at.elapsed());
+        observer(&Event::Resumed);
+
+        // Verify: hash the frozen RAM (the VM never runs here again).
+        let digests = ram_digests(self.ram, 2)?;
+        let verdict = jobs
+            .send(Job::Control(Message::Complete(Complete { digests })))
+            .ok()
+            .and_then(|()| self.wait_for(returned, "verdict", |m| matches!(m, Returned::Verdict(_))).ok());
+        let result = match verdict {
+            Some(Returned::Verdict(v)) => {
+                observer(&Event::Verified(v.is_verified()));
+                (Some(v.is_verified()), v.mismatched)
+            }
+            _ => (None, Vec::new()),
+        };
+        Ok(result)
+    }
+
+    /// Waits for the channel thread to acknowledge a job, while watching the
+    /// return path for errors.
+    fn wait_local(
+        &mut self,
+        done: &Receiver<()>,
+        returned: &Receiver<Returned>,
+        fail_channel: &dyn Fn() -> SourceError,
+    ) -> Result<(), SourceError> {
+        loop {
+            crossbeam_channel::select! {
+                recv(done) -> r => return r.map_err(|_| fail_channel()),
+                recv(returned) -> m => match m {
+                    Ok(message) => self.handle_returned(message)?,
+                    Err(_) => return Err(fail_channel()),
+                },
+            }
+        }
+    }
+
+    fn wait_for(
+        &mut self,
+        returned: &Receiver<Returned>,
+        what: &'static str,
+        wanted: impl Fn(&Returned) -> bool,
+    ) -> Result<Returned, SourceError> {
+        let timeout = self.options.reply_timeout;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match returned.recv_deadline(deadline) {
+                Ok(message) if wanted(&message) => return Ok(message),
+                Ok(message) => self.handle_returned(message)?,
+                Err(RecvTimeoutError::Timeout) => return Err(SourceError::Timeout { what, timeout }),
+                Err(RecvTimeoutError::Disconnected) => return Err(TransportError::Closed.into()),
+            }
+        }
+    }
+
+    fn handle_returned(&mut self, message: Returned) -> Result<(), SourceError> {
+        match message {
+            Returned::Ack => Ok(()),
+            Returned::Error(err) => Err(SourceError::Peer(err)),
+            Returned::Failed(err) => Err(err.into()),
+            Returned::Unexpected(kind) => Err(SourceError::Protocol(format!("unexpected {kind} on the return path"))),
+            Returned::Ready | Returned::Resumed | Returned::Verdict(_) => {
+                Err(SourceError::Protocol("handover message out of order".into()))
+            }
+        }
+    }
+}
+
+fn unexpected(wanted: &str, got: &Message<'_>) -> SourceError {
+    SourceError::Protocol(format!("expected {wanted}, got {}", got.kind().name()))
+}
+
+type ChannelThread = (Sender<Job>, JoinHandle<()>, Arc<Mutex<Option<TransportError>>>);
+
+/// The data path: reads pages from guest RAM into its own buffer once,
+/// classifies them, and sends batches.
+fn spawn_channel_thread(mut tx: Box<dyn ChannelTx>, ram: Ram, counters: Arc<Counters>) -> ChannelThread {
+    let (jobs, queue) = bounded::<Job>(16);
+    let error = Arc::new(Mutex::new(None));
+    let slot = Arc::clone(&error);
+    let handle = std::thread::Builder::new()
+        .name("migration-channel-0".into())
+        .spawn(move || {
+            let mut entries = Vec::new();
+            let mut payload = Vec::new();
+            let mut pages_in_epoch = 0u64;
+            let base = tx.bytes_sent();
+            let result = (|| -> Result<(), TransportError> {
+                for job in queue {
+                    match job {
+                        Job::Pages(run) => {
+                            send_run(tx.as_mut(), &ram, run, &mut entries, &mut payload, &counters)?;
+                            pages_in_epoch += run.count;
+                        }
+                        Job::EndEpoch { epoch, done } => {
+                            tx.send(&Message::SyncMarker(SyncMarker {
+                                epoch,
+                                pages: pages_in_epoch,
+                            }))?;
+                            pages_in_epoch = 0;
+                            let _ = done.send(());
+                        }
+                        Job::Control(message) => tx.send(&message)?,
+                        Job::DeviceState(state) => tx.send(&Message::DeviceState(&state))?,
+                        Job::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                    counters.wire_bytes.store(tx.bytes_sent() - base, Ordering::Relaxed);
+                }
+                Ok(())
+            })();
+            counters.wire_bytes.store(tx.bytes_sent() - base, Ordering::Relaxed);
+            if let Err(err) = result {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
+            }
+            tx.shutdown();
+        })
+        .expect("spawning the channel thread");
+    (jobs, handle, error)
+}
+
+fn send_run(
+    tx: &mut dyn ChannelTx,
+    ram: &Ram,
+    run: PageRun,
+    entries: &mut Vec<u8>,
+    payload: &mut Vec<u8>,
+    counters: &Counters,
+) -> Result<(), TransportError> {
+    let block = ram.block(run.block).expect("the engine only names announced blocks");
+    let page_size = block.page_size() as usize;
+    debug_assert_eq!(page_size, PAGE_SIZE);
+    entries.clear();
+    payload.clear();
+    let mut zero = 0;
+    for page in run.first..run.first + run.count {
+        let at = payload.len();
+        payload.resize(at + page_size, 0);
+        block
+            .region()
+            .read(page as usize * page_size, &mut payload[at..])
+            .map_err(|e| TransportError::Io {
+                context: format!("reading page {page} of block {}", block.name()),
+                source: std::io::Error::other(e),
+            })?;
+        let encoding = if is_zero_buf(&payload[at..]) {
+            payload.truncate(at);
+            zero += 1;
+            PageEncoding::Zero
+        } else {
+            PageEncoding::Plain
+        };
+        PageEntry { page, encoding }.push_to(entries);
+    }
+    let batch = PageBatch::new(run.block.0, run.epoch, page_size as u32, entries, payload)
+        .expect("a batch built from the engine's runs is consistent");
+    tx.send(&Message::Pages(batch))?;
+    counters.ram_bytes.fetch_add(run.count * page_size as u64, Ordering::Relaxed);
+    counters.zero_pages.fetch_add(zero, Ordering::Relaxed);
+    counters.plain_pages.fetch_add(run.count - zero, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The return path: forwards what the destination says.
+fn spawn_reader_thread(mut rx: Box<dyn ChannelRx>) -> Receiver<Returned> {
+    let (forward, returned) = bounded(1024);
+    std::thread::Builder::new()
+        .name("migration-return-path".into())
+        .spawn(move || {
+            // The destination may be quiet for long stretches (a long pass).
+            if let Err(err) = rx.set_timeout(None) {
+                let _ = forward.send(Returned::Failed(err));
+                return;
+            }
+            loop {
+                let message = match rx.recv() {
+                    Ok(Message::Ack(_)) => Returned::Ack,
+                    Ok(Message::Ready) => Returned::Ready,
+                    Ok(Message::Resumed) => Returned::Resumed,
+                    Ok(Message::Verdict(v)) => Returned::Verdict(v),
+                    Ok(Message::Error(e)) => Returned::Error(e),
+                    Ok(other) => Returned::Unexpected(other.kind().name()),
+                    Err(err) => Returned::Failed(err),
+                };
+                let last = matches!(message, Returned::Failed(_) | Returned::Error(_) | Returned::Verdict(_));
+                if forward.send(message).is_err() || last {
+                    return;
+                }
+            }
+        })
+        .expect("spawning the return-path thread");
+    returned
+}

@@ -1,0 +1,372 @@
+//! [`GuestRegion`]: a mapping of guest RAM shared by many threads.
+//!
+//! Guest RAM is written by vCPUs and writer threads while channel threads read it, so this type
+//! never hands out `&[u8]` or `&mut [u8]` of it (that would be a data race, undefined
+//! behaviour). All access goes through the volatile copies of the private `volatile` module,
+//! the same contract as vm-memory's `VolatileSlice`: what is read is a snapshot copied once
+//! into a private buffer, and the zero check, checksum and compression work on that copy.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+
+use crate::{PAGE_SIZE, SysError, volatile};
+
+/// A mapping of guest RAM shared by many threads (vCPUs and writers, channel threads).
+///
+/// It is `Send + Sync` and never hands out `&[u8]`/`&mut [u8]` of guest memory: every access
+/// is a volatile copy. Dropping it unmaps the memory.
+#[derive(Debug)]
+pub struct GuestRegion {
+    /// Start of the mapping; page aligned, never dangling while `self` lives.
+    ptr: NonNull<u8>,
+    /// Length of the mapping in bytes; a non-zero multiple of [`PAGE_SIZE`].
+    len: usize,
+    /// Whether the mapping is `MAP_SHARED` over a file (shmem or hugetlbfs), not anonymous.
+    shared: bool,
+}
+
+// SAFETY: `GuestRegion` owns its mapping (it is unmapped only in `drop`, which needs ownership)
+// and never gives out references to the bytes: every access is a volatile copy that tolerates
+// concurrent access from other threads (the `VolatileSlice` contract). Moving the owner to
+// another thread changes none of this.
+unsafe impl Send for GuestRegion {}
+// SAFETY: every method takes `&self` and touches guest memory only through volatile copies
+// bounded by `len`; the pointer and length never change after construction.
+unsafe impl Sync for GuestRegion {}
+
+impl GuestRegion {
+    /// Maps `len` bytes of private anonymous memory (`MAP_PRIVATE | MAP_ANONYMOUS |
+    /// MAP_NORESERVE`) and asks for transparent huge pages (`MADV_HUGEPAGE`, best effort).
+    ///
+    /// `len` must be a non-zero multiple of [`PAGE_SIZE`].
+    pub fn anonymous(len: usize) -> Result<Self, SysError> {
+        check_len(len)?;
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks overlaps nothing
+        // that exists; the arguments are plain integers.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        let region = Self::from_mmap(ptr, len, false)?;
+        // SAFETY: the range is exactly the mapping we just created; MADV_HUGEPAGE only
+        // changes how the kernel backs it, never its contents. Failure (no THP) is harmless.
+        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+        Ok(region)
+    }
+
+    /// Maps the first `len` bytes of `file` read-write with `MAP_SHARED`: the way a VMM backs
+    /// guest RAM with a `/dev/shm`, memfd or hugetlbfs file.
+    ///
+    /// The file must already be at least `len` bytes long (the caller sets its length), and
+    /// must not be truncated below `len` while the region lives: an access past the end of
+    /// the file raises `SIGBUS`. `len` must be a non-zero multiple of [`PAGE_SIZE`] (and of
+    /// the huge page size on hugetlbfs, which the kernel checks).
+    pub fn shared_file(file: &File, len: usize) -> Result<Self, SysError> {
+        check_len(len)?;
+        let file_len = file
+            .metadata()
+            .map_err(|source| SysError::Os {
+                op: "fstat",
+                source,
+            })?
+            .len();
+        if file_len < len as u64 {
+            return Err(SysError::InvalidLength {
+                len,
+                reason: "the file is shorter than the mapping",
+            });
+        }
+        // SAFETY: a fresh shared mapping at an address the kernel picks overlaps nothing that
+        // exists; the fd is valid for the call (borrowed from `file`), and the mapping keeps
+        // its own reference to the file after the fd is closed.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        Self::from_mmap(ptr, len, true)
+    }
+
+    /// Wraps the result of `mmap`, turning `MAP_FAILED` into an error.
+    fn from_mmap(ptr: *mut libc::c_void, len: usize, shared: bool) -> Result<Self, SysError> {
+        if ptr == libc::MAP_FAILED {
+            return Err(SysError::last_os("mmap"));
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(SysError::Os {
+            op: "mmap",
+            source: std::io::Error::other("the kernel returned a null mapping"),
+        })?;
+        Ok(Self { ptr, len, shared })
+    }
+
+    /// Length of the region in bytes.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region has no bytes (never true: regions are at least one page).
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of [`PAGE_SIZE`] pages in the region.
+    #[inline]
+    pub fn pages(&self) -> usize {
+        self.len / PAGE_SIZE
+    }
+
+    /// Whether the region is a `MAP_SHARED` file mapping (from [`GuestRegion::shared_file`]).
+    #[inline]
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Base address as an integer, for diagnostics and kernel registration inside this crate.
+    #[inline]
+    pub fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
+    /// Checks that `[offset, offset + len)` lies inside the region and returns its start.
+    #[inline]
+    fn range(&self, offset: usize, len: usize) -> Result<*mut u8, SysError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => {
+                // SAFETY: `offset <= end <= self.len`, so the result stays inside the mapping
+                // or one past its end, as `add` requires.
+                Ok(unsafe { self.ptr.as_ptr().add(offset) })
+            }
+            _ => Err(SysError::OutOfBounds {
+                offset,
+                len,
+                size: self.len,
+            }),
+        }
+    }
+
+    /// Volatile copy of guest bytes `[offset, offset + dst.len())` into a private buffer.
+    #[inline]
+    pub fn read(&self, offset: usize, dst: &mut [u8]) -> Result<(), SysError> {
+        let src = self.range(offset, dst.len())?;
+        // SAFETY: `range` checked that the bytes lie inside our mapping, which stays mapped
+        // read-write while `&self` lives; `dst` is a private buffer, not guest memory.
+        unsafe { volatile::copy_from_guest(src, dst) };
+        Ok(())
+    }
+
+    /// Volatile copy of `src` into guest bytes at `offset`.
+    #[inline]
+    pub fn write(&self, offset: usize, src: &[u8]) -> Result<(), SysError> {
+        let dst = self.range(offset, src.len())?;
+        // SAFETY: `range` checked the bounds, the mapping is read-write and lives while
+        // `&self` does; `src` is a shared reference, so it cannot be guest memory (which is
+        // never borrowed) and does not overlap.
+        unsafe { volatile::copy_to_guest(src, dst) };
+        Ok(())
+    }
+
+    /// Volatile fill of `[offset, offset + len)` with `byte`.
+    #[inline]
+    pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), SysError> {
+        let dst = self.range(offset, len)?;
+        // SAFETY: `range` checked the bounds; the mapping is read-write and lives while
+        // `&self` does.
+        unsafe { volatile::fill_guest(dst, len, byte) };
+        Ok(())
+    }
+
+    /// Volatile check whether `[offset, offset + len)` is all zero bytes (reads only).
+    #[inline]
+    pub fn is_zero(&self, offset: usize, len: usize) -> Result<bool, SysError> {
+        let src = self.range(offset, len)?;
+        // SAFETY: `range` checked the bounds; the mapping is readable and lives while `&self`
+        // does.
+        Ok(unsafe { volatile::is_zero_guest(src, len) })
+    }
+
+    /// Populates page tables for writing ahead of use (`MADV_POPULATE_WRITE`), so that later
+    /// writes do not fault. Used to prefault destination memory in parallel, one range per
+    /// thread. The range is widened to whole pages. A kernel without the advice (`EINVAL`)
+    /// makes this a no-op.
+    pub fn populate_write(&self, offset: usize, len: usize) -> Result<(), SysError> {
+        self.range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let start = offset / PAGE_SIZE * PAGE_SIZE;
+        // `offset + len <= self.len`, a multiple of PAGE_SIZE, so rounding up cannot pass it.
+        let end = (offset + len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        // SAFETY: `start..end` is page aligned and inside our mapping (checked above).
+        // MADV_POPULATE_WRITE only faults pages in as a write would, without changing their
+        // contents (populating anonymous memory with zeros it would read as anyway).
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(start).cast(),
+                end - start,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EINVAL) {
+            return Ok(());
+        }
+        Err(SysError::Os {
+            op: "madvise(MADV_POPULATE_WRITE)",
+            source: err,
+        })
+    }
+}
+
+impl Drop for GuestRegion {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping `ptr..ptr + len` and nothing else can use it: every
+        // access goes through `&self`, and `drop` has `&mut self`. munmap of our own mapping
+        // cannot fail; if it did, leaking the mapping is the safe outcome.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Checks that a region length is a non-zero multiple of [`PAGE_SIZE`].
+fn check_len(len: usize) -> Result<(), SysError> {
+    if len == 0 || len % PAGE_SIZE != 0 {
+        return Err(SysError::InvalidLength {
+            len,
+            reason: "not a non-zero multiple of the page size",
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::ShmFile;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn rejects_bad_lengths() {
+        for len in [0, 1, PAGE_SIZE - 1, PAGE_SIZE + 1] {
+            assert!(matches!(
+                GuestRegion::anonymous(len),
+                Err(SysError::InvalidLength { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn read_write_fill_round_trip() {
+        let region = GuestRegion::anonymous(16 * PAGE_SIZE).unwrap();
+        assert_eq!(region.len(), 16 * PAGE_SIZE);
+        assert!(!region.is_empty());
+        assert_eq!(region.pages(), 16);
+        assert_eq!(region.addr() % PAGE_SIZE, 0);
+        assert!(region.is_zero(0, region.len()).unwrap());
+
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + 3) as u8).collect();
+        region.write(4093, &data).unwrap();
+        let mut back = vec![0u8; data.len()];
+        region.read(4093, &mut back).unwrap();
+        assert_eq!(back, data);
+        assert!(region.is_zero(0, 4093).unwrap());
+        assert!(!region.is_zero(0, 4094).unwrap());
+        assert!(region.is_zero(4093 + data.len(), PAGE_SIZE).unwrap());
+
+        region.fill(5 * PAGE_SIZE + 3, 2 * PAGE_SIZE, 0xAB).unwrap();
+        let mut page = vec![0u8; 2 * PAGE_SIZE];
+        region.read(5 * PAGE_SIZE + 3, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0xAB));
+        region.fill(0, region.len(), 0).unwrap();
+        assert!(region.is_zero(0, region.len()).unwrap());
+        // Empty ranges are fine, even at the very end.
+        region.read(region.len(), &mut []).unwrap();
+        assert!(region.is_zero(region.len(), 0).unwrap());
+    }
+
+    #[test]
+    fn out_of_bounds_is_an_error() {
+        let region = GuestRegion::anonymous(2 * PAGE_SIZE).unwrap();
+        let size = region.len();
+        let mut buf = [0u8; 8];
+        let oob = |r: Result<(), SysError>| matches!(r, Err(SysError::OutOfBounds { .. }));
+        assert!(oob(region.read(size - 7, &mut buf)));
+        assert!(oob(region.read(size + 1, &mut [])));
+        assert!(oob(region.write(size - 4, &buf)));
+        assert!(oob(region.fill(size, 1, 0)));
+        assert!(oob(region.populate_write(0, size + 1)));
+        assert!(matches!(
+            region.is_zero(1, size),
+            Err(SysError::OutOfBounds { .. })
+        ));
+        // offset + len overflows usize.
+        assert!(oob(region.fill(usize::MAX - 2, 8, 0)));
+        assert!(oob(region.read(usize::MAX, &mut buf)));
+        match region.write(size, &buf) {
+            Err(SysError::OutOfBounds {
+                offset,
+                len,
+                size: s,
+            }) => assert_eq!((offset, len, s), (size, 8, size)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn populate_write_keeps_contents() {
+        let region = GuestRegion::anonymous(64 * PAGE_SIZE).unwrap();
+        region.fill(PAGE_SIZE, 10, 7).unwrap();
+        region.populate_write(100, 10 * PAGE_SIZE).unwrap();
+        region.populate_write(0, region.len()).unwrap();
+        region.populate_write(region.len(), 0).unwrap();
+        let mut buf = [0u8; 11];
+        region.read(PAGE_SIZE, &mut buf).unwrap();
+        assert_eq!(buf, [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 0]);
+        assert!(region.is_zero(2 * PAGE_SIZE, 62 * PAGE_SIZE).unwrap());
+    }
+
+    #[test]
+    fn shared_file_writes_reach_the_file() {
+        let len = 8 * PAGE_SIZE;
+        let shm = ShmFile::new(len as u64);
+        let region = GuestRegion::shared_file(&shm.file, len).unwrap();
+        assert!(region.is_shared());
+        region.write(3 * PAGE_SIZE + 5, b"hello guest").unwrap();
+        region.fill(7 * PAGE_SIZE, PAGE_SIZE, 0x5A).unwrap();
+        let contents = std::fs::read(&shm.path).unwrap();
+        assert_eq!(contents.len(), len);
+        assert_eq!(&contents[3 * PAGE_SIZE + 5..][..11], b"hello guest");
+        assert!(contents[7 * PAGE_SIZE..].iter().all(|&b| b == 0x5A));
+        assert!(crate::is_zero_buf(&contents[..3 * PAGE_SIZE]));
+
+        // And writes to the file show through the mapping.
+        shm.file.write_all_at(&[0x11u8; PAGE_SIZE], 0).unwrap();
+        let mut page = vec![0u8; PAGE_SIZE];
+        region.read(0, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0x11));
+    }
+
+    #[test]
+    fn shared_file_must_cover_the_mapping() {
+        let shm = ShmFile::new(PAGE_SIZE as u64);
+        assert!(matches!(
+            GuestRegion::shared_file(&shm.file, 2 * PAGE_SIZE),
+            Err(SysError::InvalidLength { .. })
+        ));
+    }
+}

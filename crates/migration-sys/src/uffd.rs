@@ -1,0 +1,342 @@
+//! Raw userfaultfd: just what asynchronous write-protect tracking needs.
+//!
+//! The ABI (structs, ioctl numbers, feature bits) is from `linux/userfaultfd.h` and was checked
+//! on this machine's Linux 6.18 (`shared/reference/machine-and-crates.md`, section 5). The
+//! `userfaultfd` crate is not used: it lacks `WP_ASYNC`/`WP_UNPOPULATED`, hides the feature mask
+//! the kernel grants, and defaults to `UFFD_USER_MODE_ONLY`, which would miss writes the kernel
+//! makes on a process's behalf (KVM, `read(2)` into guest memory).
+//!
+//! The file descriptor is created without `UFFD_USER_MODE_ONLY`, through the `userfaultfd(2)`
+//! system call, or through `/dev/userfaultfd` when the system call is refused
+//! (`vm.unprivileged_userfaultfd=0` without `CAP_SYS_PTRACE`).
+//!
+//! Why registering is not an `unsafe fn` here: [`Userfaultfd::new`] only hands out descriptors
+//! that negotiated `UFFD_FEATURE_WP_ASYNC`, and [`Userfaultfd::register_write_protect`] only
+//! registers in write-protect mode. A write to a protected page is then resolved by the kernel
+//! itself (it unprotects the page and records it as written), so no thread ever waits for a
+//! fault handler, and no byte of memory changes. Missing-mode registration, which makes the
+//! kernel wait for someone to supply page contents, is not offered.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::SysError;
+
+/// The userfaultfd API version (`UFFD_API`).
+pub const UFFD_API: u64 = 0xAA;
+/// The ioctl type byte of userfaultfd (`UFFDIO`).
+const UFFDIO: u32 = 0xAA;
+
+/// Feature: write faults report `UFFD_PAGEFAULT_FLAG_WP`.
+pub const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+/// Feature: write-protect mode works on hugetlbfs and shmem (memfd, `/dev/shm`) mappings.
+pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+/// Feature: write-protecting also marks page table entries that are not populated yet.
+pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// Feature: the kernel resolves write-protect faults itself and records the page as written.
+pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+
+/// `UFFDIO_REGISTER` mode: track write-protect faults.
+pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `UFFDIO_WRITEPROTECT` mode: protect (clear it to unprotect).
+pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+
+/// `struct uffdio_api`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioApi {
+    /// Must be [`UFFD_API`].
+    pub api: u64,
+    /// Features requested; on return, the features granted.
+    pub features: u64,
+    /// On return, the ioctls the descriptor supports (a bitmask of ioctl numbers).
+    pub ioctls: u64,
+}
+
+/// `struct uffdio_range`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioRange {
+    /// Start address, page aligned.
+    pub start: u64,
+    /// Length in bytes, a multiple of the page size.
+    pub len: u64,
+}
+
+/// `struct uffdio_register`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioRegister {
+    /// The range to register.
+    pub range: UffdioRange,
+    /// `UFFDIO_REGISTER_MODE_*` bits.
+    pub mode: u64,
+    /// On return, the ioctls available on the range.
+    pub ioctls: u64,
+}
+
+/// `struct uffdio_writeprotect`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioWriteprotect {
+    /// The range to (un)protect.
+    pub range: UffdioRange,
+    /// `UFFDIO_WRITEPROTECT_MODE_*` bits.
+    pub mode: u64,
+}
+
+/// `_IOC_WRITE`: userspace writes the argument.
+pub(crate) const IOC_WRITE: u32 = 1;
+/// `_IOC_READ`: userspace reads the argument back.
+pub(crate) const IOC_READ: u32 = 2;
+
+/// The kernel's `_IOC(dir, type, nr, size)` (x86_64 layout: 2 direction bits, 14 size bits,
+/// 8 type bits, 8 number bits).
+pub(crate) const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u64 {
+    ((dir as u64) << 30) | ((size as u64) << 16) | ((ty as u64) << 8) | nr as u64
+}
+
+/// `_IOWR(UFFDIO, 0x3F, struct uffdio_api)`.
+pub const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x3F, size_of::<UffdioApi>());
+/// `_IOWR(UFFDIO, 0x00, struct uffdio_register)`.
+pub const UFFDIO_REGISTER: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x00,
+    size_of::<UffdioRegister>(),
+);
+/// `_IOR(UFFDIO, 0x01, struct uffdio_range)`.
+pub const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, UFFDIO, 0x01, size_of::<UffdioRange>());
+/// `_IOWR(UFFDIO, 0x06, struct uffdio_writeprotect)`.
+pub const UFFDIO_WRITEPROTECT: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x06,
+    size_of::<UffdioWriteprotect>(),
+);
+/// `_IO(UFFDIO, 0x00)` on `/dev/userfaultfd`: creates a userfaultfd.
+pub const USERFAULTFD_IOC_NEW: u64 = ioc(0, UFFDIO, 0x00, 0);
+
+const _: () = assert!(size_of::<UffdioApi>() == 24);
+const _: () = assert!(size_of::<UffdioRange>() == 16);
+const _: () = assert!(size_of::<UffdioRegister>() == 32);
+const _: () = assert!(size_of::<UffdioWriteprotect>() == 24);
+const _: () = assert!(UFFDIO_API == 0xC018_AA3F);
+const _: () = assert!(UFFDIO_REGISTER == 0xC020_AA00);
+const _: () = assert!(UFFDIO_UNREGISTER == 0x8010_AA01);
+const _: () = assert!(UFFDIO_WRITEPROTECT == 0xC018_AA06);
+const _: () = assert!(USERFAULTFD_IOC_NEW == 0xAA00);
+
+/// A userfaultfd in asynchronous write-protect mode (`UFFD_FEATURE_WP_ASYNC` negotiated).
+#[derive(Debug)]
+pub struct Userfaultfd {
+    /// The descriptor, non-blocking and close-on-exec.
+    fd: OwnedFd,
+    /// The features enabled by the `UFFDIO_API` handshake.
+    features: u64,
+}
+
+impl Userfaultfd {
+    /// Returns the features this kernel offers, probed on a throwaway descriptor (a
+    /// descriptor can do the `UFFDIO_API` handshake only once).
+    pub fn available_features() -> Result<u64, SysError> {
+        let fd = open()?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            ..UffdioApi::default()
+        };
+        // SAFETY: `fd` is a userfaultfd and `api` a `struct uffdio_api`, the argument of
+        // UFFDIO_API; the handshake only configures the descriptor.
+        unsafe { ioctl(&fd, UFFDIO_API, &mut api, "UFFDIO_API") }?;
+        Ok(api.features)
+    }
+
+    /// Creates a userfaultfd (without `UFFD_USER_MODE_ONLY`) and negotiates exactly
+    /// `features`, which must include [`UFFD_FEATURE_WP_ASYNC`].
+    pub fn new(features: u64) -> Result<Self, SysError> {
+        if features & UFFD_FEATURE_WP_ASYNC == 0 {
+            return Err(SysError::Os {
+                op: "UFFDIO_API",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "only asynchronous write-protect descriptors are offered",
+                ),
+            });
+        }
+        let fd = open()?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
+        // SAFETY: `fd` is a userfaultfd and `api` a `struct uffdio_api`, the argument of
+        // UFFDIO_API; the handshake only configures the descriptor.
+        unsafe { ioctl(&fd, UFFDIO_API, &mut api, "UFFDIO_API") }?;
+        // On return `api.features` lists everything the kernel offers; the descriptor enables
+        // only what was asked for (and WP_UNPOPULATED along with WP_ASYNC, which needs it).
+        Ok(Self {
+            fd,
+            features: features | UFFD_FEATURE_WP_UNPOPULATED,
+        })
+    }
+
+    /// The features this descriptor enabled: those asked for, plus
+    /// [`UFFD_FEATURE_WP_UNPOPULATED`], which the kernel always adds to `WP_ASYNC`.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Registers `[start, start + len)` in write-protect mode. The range must be page aligned
+    /// and cover whole mappings the kernel allows (anonymous, or shmem/hugetlbfs with
+    /// [`UFFD_FEATURE_WP_HUGETLBFS_SHMEM`]); the kernel checks all of that.
+    pub fn register_write_protect(&self, start: usize, len: usize) -> Result<(), SysError> {
+        let mut reg = UffdioRegister {
+            range: range(start, len),
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        // SAFETY: `reg` is a `struct uffdio_register`, the argument of UFFDIO_REGISTER.
+        // Registration in WP mode on a WP_ASYNC descriptor changes no memory and blocks no
+        // thread (see the module docs); the kernel validates the range.
+        unsafe { ioctl(&self.fd, UFFDIO_REGISTER, &mut reg, "UFFDIO_REGISTER") }
+    }
+
+    /// Write-protects (`protect`) or unprotects `[start, start + len)`. With
+    /// [`UFFD_FEATURE_WP_UNPOPULATED`] this also marks pages not populated yet.
+    pub fn write_protect(&self, start: usize, len: usize, protect: bool) -> Result<(), SysError> {
+        let mut wp = UffdioWriteprotect {
+            range: range(start, len),
+            mode: if protect {
+                UFFDIO_WRITEPROTECT_MODE_WP
+            } else {
+                0
+            },
+        };
+        // SAFETY: `wp` is a `struct uffdio_writeprotect`, the argument of
+        // UFFDIO_WRITEPROTECT. Protection on a WP_ASYNC descriptor only changes how the kernel
+        // records writes; it changes no memory and blocks no thread.
+        unsafe {
+            ioctl(
+                &self.fd,
+                UFFDIO_WRITEPROTECT,
+                &mut wp,
+                "UFFDIO_WRITEPROTECT",
+            )
+        }
+    }
+
+    /// Unregisters `[start, start + len)`.
+    pub fn unregister(&self, start: usize, len: usize) -> Result<(), SysError> {
+        let mut r = range(start, len);
+        // SAFETY: `r` is a `struct uffdio_range`, the argument of UFFDIO_UNREGISTER, which
+        // stops tracking and changes no memory.
+        unsafe { ioctl(&self.fd, UFFDIO_UNREGISTER, &mut r, "UFFDIO_UNREGISTER") }
+    }
+}
+
+impl AsRawFd for Userfaultfd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Builds a `struct uffdio_range`.
+fn range(start: usize, len: usize) -> UffdioRange {
+    UffdioRange {
+        start: start as u64,
+        len: len as u64,
+    }
+}
+
+/// Opens a new userfaultfd, `O_CLOEXEC | O_NONBLOCK`, without `UFFD_USER_MODE_ONLY`.
+fn open() -> Result<OwnedFd, SysError> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: userfaultfd(2) takes one integer flag argument and returns a new descriptor or
+    // -1; it touches no memory of ours.
+    let rc = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if rc >= 0 {
+        // SAFETY: the system call just returned this descriptor; nothing else owns it.
+        return Ok(unsafe { OwnedFd::from_raw_fd(rc as libc::c_int) });
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOSYS) => return Err(SysError::Unsupported("userfaultfd")),
+        Some(libc::EPERM) => {}
+        _ => {
+            return Err(SysError::Os {
+                op: "userfaultfd",
+                source: err,
+            });
+        }
+    }
+    // The system call is refused to this process; /dev/userfaultfd is governed by file
+    // permissions instead.
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+        .map_err(|source| SysError::Os {
+            op: "open /dev/userfaultfd",
+            source,
+        })?;
+    // SAFETY: USERFAULTFD_IOC_NEW takes its flags as the integer argument and returns a new
+    // descriptor or -1; it touches no memory of ours.
+    let rc = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            USERFAULTFD_IOC_NEW as libc::Ioctl,
+            flags as libc::c_ulong,
+        )
+    };
+    if rc < 0 {
+        return Err(SysError::last_os("USERFAULTFD_IOC_NEW"));
+    }
+    // SAFETY: the ioctl just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc) })
+}
+
+/// Issues `request` on `fd` with a pointer to `arg`, turning -1 into the error of `op`.
+///
+/// # Safety
+///
+/// `T` must be the argument struct of `request` (the kernel then reads and writes only inside
+/// `arg`), and what `request` does to `fd` and to the process must not break memory safety.
+unsafe fn ioctl<T>(
+    fd: &OwnedFd,
+    request: u64,
+    arg: &mut T,
+    op: &'static str,
+) -> Result<(), SysError> {
+    // SAFETY: `fd` is open for the call; `arg` is a live, exclusively borrowed `T`, which the
+    // caller guarantees is the argument of `request` (sizes checked by the const asserts
+    // above), so the kernel stays inside it. The caller argues the request's other effects.
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            request as libc::Ioctl,
+            std::ptr::from_mut(arg),
+        )
+    };
+    if rc < 0 {
+        return Err(SysError::last_os(op));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_offers_async_write_protect() {
+        let features = Userfaultfd::available_features().unwrap();
+        let needed = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
+        assert_eq!(features & needed, needed, "features {features:#x}");
+        let uffd = Userfaultfd::new(needed).unwrap();
+        assert_eq!(uffd.features() & needed, needed);
+    }
+
+    #[test]
+    fn only_async_descriptors_are_offered() {
+        assert!(Userfaultfd::new(UFFD_FEATURE_WP_UNPOPULATED).is_err());
+    }
+}

@@ -1,0 +1,77 @@
+//! Wire formats of the live-migration stream.
+//!
+//! Everything that crosses a connection between a source and a destination is
+//! a *frame*: a 16-byte header (body length, message kind, checksum of the
+//! body) followed by the body. This crate encodes and decodes frames and
+//! nothing else: no I/O, no threads, no `unsafe`. Encoding cannot fail;
+//! every decoder is total: any bytes give `Ok` or a [`WireError`], never a
+//! panic, and every count and length is capped before it is used.
+//!
+//! # The message sequence (protocol version 1)
+//!
+//! ```text
+//!  source                                          destination
+//!    |  Hello {magic, versions, features, session}      |
+//!    | -----------------------------------------------> |
+//!    |            HelloReply {version, features}  | Error |
+//!    | <----------------------------------------------- |
+//!    |  BlockList {name, length, page size}*            |
+//!    | -----------------------------------------------> |
+//!    |                  BlocksAccepted          | Error |
+//!    | <----------------------------------------------- |
+//!    |  Pages {block, epoch 0, zero|plain pages}*       |
+//!    |  SyncMarker {epoch 0}                            |   bulk pass
+//!    |  Pages {epoch 1}* ... SyncMarker {epoch 1}       |   iterations
+//!    | -----------------------------------------------> |
+//!    |                  Ack {epoch, pages, bytes}*      |
+//!    | <----------------------------------------------- |
+//!    |  -- source pauses the VM --                      |
+//!    |  Pages {epoch n}* SyncMarker {epoch n}           |   last dirty pages
+//!    |  DeviceState {blob}                              |
+//!    |  EndOfRam {epochs}                               |
+//!    | -----------------------------------------------> |
+//!    |                  Ready   (everything placed)     |
+//!    | <----------------------------------------------- |
+//!    |  Go      (source has handed over)                |
+//!    | -----------------------------------------------> |
+//!    |                  Resumed (destination runs)      |
+//!    | <----------------------------------------------- |
+//!    |  Complete {digest of every block}                |
+//!    | -----------------------------------------------> |
+//!    |                  Verdict {mismatched blocks}     |
+//!    | <----------------------------------------------- |
+//! ```
+//!
+//! Either side may send `Abort` (source) or `Error` (destination) at any
+//! point and close the connection. Before the source sends `Go` it remains
+//! the owner of the VM: on any failure it resumes and the destination
+//! discards. `PageRequest` is reserved for postcopy.
+
+#![forbid(unsafe_code)]
+
+mod codec;
+pub mod control;
+pub mod error;
+pub mod frame;
+pub mod handshake;
+pub mod page;
+pub mod return_path;
+
+pub use control::{Complete, EndOfRam, SyncMarker};
+pub use error::WireError;
+pub use frame::{FRAME_HEADER_LEN, FrameHeader, MAX_FRAME_BODY, Message, MessageKind};
+pub use handshake::{Block, BlockList, Features, Hello, HelloReply, SessionId};
+pub use page::{MAX_PAGES_PER_BATCH, PageBatch, PageEncoding, PageEntry};
+pub use return_path::{Ack, ErrorCode, PageRequest, PeerError, Verdict};
+
+/// Identifies a migration stream; the first bytes of every `Hello` body.
+pub const MAGIC: [u8; 8] = *b"VMMIGRAT";
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The oldest protocol version this crate speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,240 @@
+//! Property tests of every codec: round trip, totality on arbitrary bytes,
+//! and rejection of every truncation.
+
+use crate::frame::{MessageKind, decode_frame};
+use crate::*;
+use proptest::prelude::*;
+
+fn text() -> impl Strategy<Value = String> {
+    proptest::string::string_regex("[a-z0-9 .:é]{0,40}").expect("valid regex")
+}
+
+fn block() -> impl Strategy<Value = Block> {
+    (
+        proptest::string::string_regex("[a-z.]{1,20}").expect("valid regex"),
+        12u32..22,
+        1u64..1024,
+    )
+        .prop_map(|(name, shift, pages)| Block {
+            name,
+            length: pages << shift,
+            page_size: 1 << shift,
+        })
+}
+
+/// A batch with owned buffers, built through the public constructor.
+#[derive(Debug, Clone)]
+struct OwnedBatch {
+    block: u32,
+    epoch: u64,
+    entries: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+fn batch() -> impl Strategy<Value = OwnedBatch> {
+    (any::<u32>(), any::<u64>(), proptest::collection::vec((0u64..1 << 40, any::<bool>(), any::<u8>()), 0..8)).prop_map(
+        |(block, epoch, pages)| {
+            let mut entries = Vec::new();
+            let mut payload = Vec::new();
+            for (page, zero, fill) in pages {
+                let encoding = if zero { PageEncoding::Zero } else { PageEncoding::Plain };
+                PageEntry { page, encoding }.push_to(&mut entries);
+                if !zero {
+                    payload.extend(std::iter::repeat_n(fill, 4096));
+                }
+            }
+            OwnedBatch {
+                block,
+                epoch,
+                entries,
+                payload,
+            }
+        },
+    )
+}
+
+fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
+    let owned = prop_oneof![
+        (any::<u16>(), any::<u16>(), any::<u64>(), any::<u64>(), 1u16..64).prop_map(|(a, b, f, s, channels)| {
+            Message::Hello(Hello {
+                min_version: a.min(b).max(1),
+                max_version: a.max(b).max(1),
+                features: Features(f),
+                session: SessionId(s),
+                channels,
+            })
+        }),
+        (1u16.., any::<u64>(), any::<u64>(), 1u16..).prop_map(|(version, f, s, channels)| {
+            Message::HelloReply(HelloReply {
+                version,
+                features: Features(f),
+                session: SessionId(s),
+                channels,
+            })
+        }),
+        proptest::collection::vec(block(), 1..5).prop_map(|blocks| Message::BlockList(BlockList { blocks })),
+        Just(Message::BlocksAccepted),
+        (any::<u64>(), any::<u64>()).prop_map(|(epoch, pages)| Message::SyncMarker(SyncMarker { epoch, pages })),
+        any::<u64>().prop_map(|epochs| Message::EndOfRam(EndOfRam { epochs })),
+        Just(Message::Go),
+        proptest::collection::vec(any::<u64>(), 0..8).prop_map(|digests| Message::Complete(Complete { digests })),
+        text().prop_map(Message::Abort),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(epoch, pages, bytes)| Message::Ack(Ack { epoch, pages, bytes })),
+        Just(Message::Ready),
+        Just(Message::Resumed),
+        proptest::collection::vec(any::<u32>(), 0..8).prop_map(|mismatched| Message::Verdict(Verdict { mismatched })),
+        (1u16..=6, text()).prop_map(|(code, message)| {
+            let code = [
+                ErrorCode::Protocol,
+                ErrorCode::Version,
+                ErrorCode::Limit,
+                ErrorCode::Internal,
+                ErrorCode::Verification,
+                ErrorCode::Cancelled,
+            ][usize::from(code - 1)];
+            Message::Error(PeerError { code, message })
+        }),
+        (any::<u32>(), any::<u64>(), 1u32..).prop_map(|(block, page, count)| Message::PageRequest(PageRequest { block, page, count })),
+    ]
+    .prop_map(|m| {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        out
+    });
+    let blob = proptest::collection::vec(any::<u8>(), 0..64).prop_map(|blob| {
+        let mut out = Vec::new();
+        Message::DeviceState(&blob).encode(&mut out);
+        out
+    });
+    let pages = batch().prop_map(|b| {
+        let batch = PageBatch::new(b.block, b.epoch, 4096, &b.entries, &b.payload).expect("consistent batch");
+        let mut out = Vec::new();
+        Message::Pages(batch).encode(&mut out);
+        out
+    });
+    prop_oneof![8 => owned, 1 => blob, 2 => pages]
+}
+
+proptest! {
+    #[test]
+    fn round_trip(frame in encoded_message()) {
+        let (message, used) = decode_frame(&frame).expect("valid frame decodes");
+        prop_assert_eq!(used, frame.len());
+        let mut again = Vec::new();
+        message.encode(&mut again);
+        prop_assert_eq!(again, frame);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error(frame in encoded_message()) {
+        for cut in 0..frame.len() {
+            prop_assert!(decode_frame(&frame[..cut]).is_err(), "cut at {} of {}", cut, frame.len());
+        }
+    }
+
+    #[test]
+    fn every_body_truncation_is_an_error(frame in encoded_message()) {
+        // Cut the body and fix up the header, so the truncation reaches the
+        // message decoder itself rather than the frame layer. Device-state
+        // blobs are opaque and may be any length.
+        let (message, _) = decode_frame(&frame).expect("valid");
+        let kind = message.kind();
+        prop_assume!(kind != MessageKind::DeviceState);
+        let body = &frame[FRAME_HEADER_LEN..];
+        for cut in 0..body.len() {
+            prop_assert!(Message::decode_body(kind, &body[..cut]).is_err(), "{:?} body cut at {}", kind, cut);
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = decode_frame(&bytes);
+        for raw in 0..=40u16 {
+            if let Ok(kind) = MessageKind::from_raw(raw) {
+                let _ = Message::decode_body(kind, &bytes);
+            }
+        }
+    }
+
+    #[test]
+    fn flipped_bit_is_detected(frame in encoded_message(), bit in any::<usize>()) {
+        let mut bad = frame.clone();
+        let bit = bit % (bad.len() * 8);
+        bad[bit / 8] ^= 1 << (bit % 8);
+        // Whatever decodes from a corrupted frame must not be the original.
+        if let Ok((message, _)) = decode_frame(&bad) {
+            let mut again = Vec::new();
+            message.encode(&mut again);
+            prop_assert_ne!(again, frame);
+        }
+    }
+}
+
+#[test]
+fn wrong_magic_is_named() {
+    let mut frame = Vec::new();
+    Message::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        features: Features::default(),
+        session: SessionId(7),
+        channels: 1,
+    })
+    .encode(&mut frame);
+    let body = &mut frame[FRAME_HEADER_LEN..];
+    body[0] = b'X';
+    let err = Message::decode_body(MessageKind::Hello, body).unwrap_err();
+    assert!(matches!(err, WireError::BadMagic { .. }), "{err}");
+}
+
+#[test]
+fn oversize_frame_is_refused_before_allocation() {
+    let header = FrameHeader {
+        kind: MessageKind::Pages,
+        len: MAX_FRAME_BODY,
+        checksum: 0,
+    };
+    let bytes = header.encode();
+    assert!(FrameHeader::decode(&bytes, MAX_FRAME_BODY).is_ok());
+    let err = FrameHeader::decode(&bytes, 1 << 20).unwrap_err();
+    assert!(matches!(err, WireError::TooLarge { .. }), "{err}");
+}
+
+#[test]
+fn batch_rejects_payload_mismatch() {
+    let mut entries = Vec::new();
+    PageEntry {
+        page: 3,
+        encoding: PageEncoding::Plain,
+    }
+    .push_to(&mut entries);
+    assert!(PageBatch::new(0, 0, 4096, &entries, &[0; 100]).is_err());
+    assert!(PageBatch::new(0, 0, 4096, &entries, &[0; 4096]).is_ok());
+    assert!(PageBatch::new(0, 0, 4095, &entries, &[0; 4095]).is_err());
+}
+
+#[test]
+fn block_list_rejects_bad_blocks() {
+    let encode = |blocks: Vec<Block>| {
+        let mut out = Vec::new();
+        Message::BlockList(BlockList { blocks }).encode_body(&mut out);
+        out
+    };
+    let good = Block {
+        name: "pc.ram".into(),
+        length: 1 << 20,
+        page_size: 4096,
+    };
+    assert!(BlockList::decode(&encode(vec![good.clone()])).is_ok());
+    let odd = Block {
+        length: (1 << 20) + 1,
+        ..good.clone()
+    };
+    assert!(BlockList::decode(&encode(vec![odd])).is_err());
+    assert!(BlockList::decode(&encode(vec![])).is_err());
+    let unnamed = Block {
+        name: String::new(),
+        ..good
+    };
+    assert!(BlockList::decode(&encode(vec![unnamed])).is_err());
+}

@@ -1,0 +1,425 @@
+//! TCP transport: each migration channel is one TCP connection carrying
+//! frames (see `migration-wire`) in both directions.
+//!
+//! Sockets are set up through socket2: no-delay, large buffers, keepalive,
+//! and a user timeout so a vanished peer is noticed. Connecting retries
+//! with backoff within a bounded time, so a sender started a moment before
+//! its receiver still finds it.
+#![forbid(unsafe_code)]
+
+use migration_core::{Channel, ChannelRx, ChannelTx, TransportError};
+use migration_wire::{FRAME_HEADER_LEN, FrameHeader, MAX_FRAME_BODY, Message, MessageKind};
+use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+/// Socket settings.
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    /// How long `connect` keeps retrying a refused or unreachable address.
+    pub connect_timeout: Duration,
+    /// Longest a send may block, and the TCP user timeout: unacknowledged
+    /// data older than this breaks the connection.
+    pub io_timeout: Duration,
+    /// Socket send and receive buffer size.
+    pub buffer_size: usize,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(30),
+            buffer_size: 4 << 20,
+        }
+    }
+}
+
+fn io_error(context: impl Into<String>, source: io::Error) -> TransportError {
+    TransportError::Io {
+        context: context.into(),
+        source,
+    }
+}
+
+fn configure(stream: &TcpStream, options: &TcpOptions) -> io::Result<()> {
+    let socket = SockRef::from(stream);
+    socket.set_tcp_nodelay(true)?;
+    // Buffer sizes are a hint; the kernel clamps them to its limits.
+    let _ = socket.set_send_buffer_size(options.buffer_size);
+    let _ = socket.set_recv_buffer_size(options.buffer_size);
+    socket.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(Duration::from_secs(10))
+            .with_interval(Duration::from_secs(5))
+            .with_retries(3),
+    )?;
+    socket.set_tcp_user_timeout(Some(options.io_timeout))?;
+    stream.set_write_timeout(Some(options.io_timeout))?;
+    Ok(())
+}
+
+/// Resolves `addr` (`host:port`).
+pub fn resolve(addr: &str) -> Result<Vec<SocketAddr>, TransportError> {
+    let addrs: Vec<_> = addr
+        .to_socket_addrs()
+        .map_err(|e| io_error(format!("resolving {addr}"), e))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(io_error(
+            format!("resolving {addr}"),
+            io::Error::new(io::ErrorKind::NotFound, "no address"),
+        ));
+    }
+    Ok(addrs)
+}
+
+/// Connects to `addr`, retrying with backoff until `connect_timeout`.
+pub fn connect(addr: &str, options: &TcpOptions) -> Result<TcpChannel, TransportError> {
+    let addrs = resolve(addr)?;
+    let deadline = Instant::now() + options.connect_timeout;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let mut last = None;
+        for target in &addrs {
+            let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+            match TcpStream::connect_timeout(target, remaining) {
+                Ok(stream) => {
+                    configure(&stream, options).map_err(|e| io_error("configuring the socket", e))?;
+                    return TcpChannel::new(stream);
+                }
+                Err(err) => last = Some(err),
+            }
+        }
+        let err = last.expect("at least one address");
+        if Instant::now() + backoff >= deadline {
+            return Err(io_error(
+                format!("connecting to {addr} (gave up after {:?})", options.connect_timeout),
+                err,
+            ));
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// A listening socket that hands out channels.
+#[derive(Debug)]
+pub struct TcpListener {
+    listener: std::net::TcpListener,
+    options: TcpOptions,
+}
+
+impl TcpListener {
+    /// Listens on `addr` (`host:port`; port 0 picks a free one).
+    pub fn bind(addr: &str, options: TcpOptions) -> Result<Self, TransportError> {
+        let target = resolve(addr)?[0];
+        let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)
+            .map_err(|e| io_error("creating a socket", e))?;
+        socket.set_reuse_address(true).map_err(|e| io_error("setting SO_REUSEADDR", e))?;
+        socket.bind(&target.into()).map_err(|e| io_error(format!("binding {addr}"), e))?;
+        socket.listen(16).map_err(|e| io_error(format!("listening on {addr}"), e))?;
+        Ok(Self {
+            listener: socket.into(),
+            options,
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.listener.local_addr().map_err(|e| io_error("reading the bound address", e))
+    }
+
+    /// Waits for the next connection.
+    pub fn accept(&self) -> Result<TcpChannel, TransportError> {
+        let (stream, _) = self.listener.accept().map_err(|e| io_error("accepting a connection", e))?;
+        configure(&stream, &self.options).map_err(|e| io_error("configuring the socket", e))?;
+        TcpChannel::new(stream)
+    }
+}
+
+/// The sending half of a TCP channel.
+#[derive(Debug)]
+pub struct TcpTx {
+    stream: TcpStream,
+    head: Vec<u8>,
+    sent: u64,
+}
+
+impl ChannelTx for TcpTx {
+    fn send(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
+        self.head.clear();
+        let payload: &[u8] = match message {
+            // Header and entry table go in one buffer; the page bytes are
+            // written from the channel thread's buffer without a copy.
+            Message::Pages(batch) => {
+                let mut body_head = Vec::new();
+                batch.encode_head(&mut body_head);
+                let header = FrameHeader {
+                    kind: MessageKind::Pages,
+                    len: batch.body_len() as u32,
+                    checksum: migration_wire::frame::checksum(&[&body_head, batch.payload()]),
+                };
+                self.head.extend_from_slice(&header.encode());
+                self.head.extend_from_slice(&body_head);
+                batch.payload()
+            }
+            other => {
+                other.encode(&mut self.head);
+                &[]
+            }
+        };
+        write_all_vectored(&mut self.stream, &mut [IoSlice::new(&self.head), IoSlice::new(payload)])
+            .map_err(|e| io_error(format!("sending {}", message.kind().name()), e))?;
+        self.sent += (self.head.len() + payload.len()) as u64;
+        Ok(())
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.sent
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.stream.flush();
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+fn write_all_vectored(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match stream.write_vectored(bufs) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed")),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The receiving half of a TCP channel.
+#[derive(Debug)]
+pub struct TcpRx {
+    stream: TcpStream,
+    body: Vec<u8>,
+    received: u64,
+    timeout: Option<Duration>,
+}
+
+impl TcpRx {
+    fn read_exact(&mut self, what: &str, at_frame_start: bool, len: usize) -> Result<(), TransportError> {
+        let mut filled = 0;
+        while filled < len {
+            match self.stream.read(&mut self.body[filled..len]) {
+                Ok(0) if filled == 0 && at_frame_start => return Err(TransportError::Closed),
+                Ok(0) => {
+                    return Err(io_error(
+                        format!("reading {what}"),
+                        io::Error::new(io::ErrorKind::UnexpectedEof, format!("stream ended after {filled} of {len} bytes")),
+                    ));
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(TransportError::TimedOut(self.timeout.unwrap_or_default()));
+                }
+                Err(e) => return Err(io_error(format!("reading {what}"), e)),
+            }
+        }
+        self.received += len as u64;
+        Ok(())
+    }
+}
+
+impl ChannelRx for TcpRx {
+    fn recv(&mut self) -> Result<Message<'_>, TransportError> {
+        if self.body.len() < FRAME_HEADER_LEN {
+            self.body.resize(FRAME_HEADER_LEN, 0);
+        }
+        self.read_exact("a frame header", true, FRAME_HEADER_LEN)?;
+        let mut raw = [0u8; FRAME_HEADER_LEN];
+        raw.copy_from_slice(&self.body[..FRAME_HEADER_LEN]);
+        let header = FrameHeader::decode(&raw, MAX_FRAME_BODY)?;
+        let len = header.len as usize;
+        if self.body.len() < len {
+            self.body.resize(len, 0);
+        }
+        self.read_exact(header.kind.name(), false, len)?;
+        let body = &self.body[..len];
+        header.verify(body)?;
+        Ok(Message::decode_body(header.kind, body)?)
+    }
+
+    fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        self.stream
+            .set_read_timeout(timeout)
+            .map_err(|e| io_error("setting the receive timeout", e))?;
+        self.timeout = timeout;
+        Ok(())
+    }
+
+    fn bytes_received(&self) -> u64 {
+        self.received
+    }
+}
+
+/// A TCP connection carrying migration frames both ways.
+#[derive(Debug)]
+pub struct TcpChannel {
+    tx: TcpTx,
+    rx: TcpRx,
+    peer: String,
+}
+
+impl TcpChannel {
+    fn new(stream: TcpStream) -> Result<Self, TransportError> {
+        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "unknown peer".into());
+        let reader = stream.try_clone().map_err(|e| io_error("cloning the socket", e))?;
+        Ok(Self {
+            tx: TcpTx {
+                stream,
+                head: Vec::new(),
+                sent: 0,
+            },
+            rx: TcpRx {
+                stream: reader,
+                body: Vec::new(),
+                received: 0,
+                timeout: None,
+            },
+            peer,
+        })
+    }
+}
+
+impl ChannelTx for TcpChannel {
+    fn send(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
+        self.tx.send(message)
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.tx.bytes_sent()
+    }
+
+    fn shutdown(&mut self) {
+        self.tx.shutdown();
+    }
+}
+
+impl ChannelRx for TcpChannel {
+    fn recv(&mut self) -> Result<Message<'_>, TransportError> {
+        self.rx.recv()
+    }
+
+    fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        self.rx.set_timeout(timeout)
+    }
+
+    fn bytes_received(&self) -> u64 {
+        self.rx.bytes_received()
+    }
+}
+
+impl Channel for TcpChannel {
+    fn split(self: Box<Self>) -> Result<(Box<dyn ChannelTx>, Box<dyn ChannelRx>), TransportError> {
+        let TcpChannel { tx, rx, .. } = *self;
+        Ok((Box::new(tx), Box::new(rx)))
+    }
+
+    fn peer(&self) -> String {
+        self.peer.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migration_wire::{PageBatch, PageEncoding, PageEntry, SyncMarker};
+
+    fn pair() -> (TcpChannel, TcpChannel) {
+        let listener = TcpListener::bind("127.0.0.1:0", TcpOptions::default()).expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let client = std::thread::spawn(move || connect(&addr, &TcpOptions::default()).expect("connect"));
+        let server = listener.accept().expect("accept");
+        (client.join().expect("join"), server)
+    }
+
+    #[test]
+    fn frames_cross_a_real_socket_both_ways() {
+        let (mut a, mut b) = pair();
+        let mut entries = Vec::new();
+        PageEntry {
+            page: 9,
+            encoding: PageEncoding::Plain,
+        }
+        .push_to(&mut entries);
+        PageEntry {
+            page: 10,
+            encoding: PageEncoding::Zero,
+        }
+        .push_to(&mut entries);
+        let payload = vec![7u8; 4096];
+        let batch = PageBatch::new(1, 3, 4096, &entries, &payload).expect("batch");
+        a.send(&Message::Pages(batch.clone())).expect("send");
+        a.send(&Message::SyncMarker(SyncMarker { epoch: 3, pages: 2 })).expect("send");
+        assert_eq!(b.recv().expect("recv"), Message::Pages(batch));
+        assert_eq!(b.recv().expect("recv"), Message::SyncMarker(SyncMarker { epoch: 3, pages: 2 }));
+        assert_eq!(a.bytes_sent(), b.bytes_received());
+        b.send(&Message::Ready).expect("send");
+        assert_eq!(a.recv().expect("recv"), Message::Ready);
+        a.shutdown();
+        assert!(matches!(b.recv(), Err(TransportError::Closed)));
+    }
+
+    #[test]
+    fn corrupt_frame_is_rejected_by_checksum() {
+        let listener = TcpListener::bind("127.0.0.1:0", TcpOptions::default()).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let writer = std::thread::spawn(move || {
+            let mut stream = TcpStream::connect(addr).expect("connect");
+            let mut frame = Vec::new();
+            Message::SyncMarker(SyncMarker { epoch: 1, pages: 1 }).encode(&mut frame);
+            let last = frame.len() - 1;
+            frame[last] ^= 0x40;
+            stream.write_all(&frame).expect("write");
+        });
+        let mut server = listener.accept().expect("accept");
+        let err = server.recv().expect_err("corrupt frame");
+        assert!(matches!(err, TransportError::Malformed(migration_wire::WireError::Checksum { .. })), "{err}");
+        writer.join().expect("join");
+    }
+
+    #[test]
+    fn silence_times_out_and_truncation_is_an_error() {
+        let listener = TcpListener::bind("127.0.0.1:0", TcpOptions::default()).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || {
+            let mut stream = TcpStream::connect(addr).expect("connect");
+            wait.recv().expect("released");
+            stream.write_all(&[1, 0, 0, 0, 6, 0]).expect("write");
+        });
+        let mut server = listener.accept().expect("accept");
+        server.set_timeout(Some(Duration::from_millis(50))).expect("timeout");
+        assert!(matches!(server.recv(), Err(TransportError::TimedOut(_))));
+        release.send(()).expect("release");
+        server.set_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        writer.join().expect("join");
+        let err = server.recv().expect_err("truncated header");
+        assert!(matches!(err, TransportError::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn connect_gives_up_within_its_timeout() {
+        // Bind then drop to get a port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let options = TcpOptions {
+            connect_timeout: Duration::from_millis(300),
+            ..TcpOptions::default()
+        };
+        let err = connect(&format!("127.0.0.1:{port}"), &options).expect_err("nobody listens");
+        assert!(err.to_string().contains("gave up"), "{err}");
+    }
+}
