@@ -1,1 +1,449 @@
-//! End-to-end tests live in tests/.
+//! Harness for the end-to-end tests: spawns the shipped `migrate-cli` binary,
+//! watches its stderr line by line, and collects its stdout and exit code.
+//!
+//! Every wait is bounded (see [`WAIT`]) and fails with the output collected
+//! so far. Children are killed when their [`Proc`] is dropped. Tests that
+//! spawn processes hold [`lock`] so they run one at a time.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Bound on every single wait for a child (a stderr line, an exit).
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Bound on the wait for a whole migration to finish.
+pub const MIGRATION_WAIT: Duration = Duration::from_secs(120);
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// Serialises cross-process tests. Poison-tolerant: a failed test does not
+/// fail every test after it.
+pub fn lock() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The binary under test: `$MIGRATE_CLI`, else `migrate-cli` next to the
+/// test binary's parent directory (test binaries live in `target/<profile>/deps`).
+pub fn cli_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("MIGRATE_CLI") {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "MIGRATE_CLI={} does not exist; build it first: cargo build -p migrate-cli",
+            path.display()
+        );
+        return path;
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("test binary has a directory");
+    let path = dir
+        .join("..")
+        .join(format!("migrate-cli{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "{} not found; build it first: cargo build -p migrate-cli",
+        path.display()
+    );
+    path
+}
+
+/// How a child ended.
+#[derive(Debug)]
+pub struct Output {
+    /// Exit code, `None` if killed by a signal.
+    pub code: Option<i32>,
+    /// Everything the child wrote on stdout.
+    pub stdout: String,
+    /// Every line the child wrote on stderr.
+    pub stderr: Vec<String>,
+}
+
+impl Output {
+    /// The single JSON object on stdout; panics with both streams if there is
+    /// not exactly one.
+    pub fn json(&self) -> Value {
+        let text = self.stdout.trim();
+        let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+        let first = match stream.next() {
+            Some(Ok(value)) => value,
+            other => panic!("expected one JSON object on stdout, got {other:?}\n{}", self.describe()),
+        };
+        assert!(
+            stream.next().is_none(),
+            "expected exactly one JSON object on stdout\n{}",
+            self.describe()
+        );
+        assert!(first.is_object(), "stdout JSON is not an object\n{}", self.describe());
+        first
+    }
+
+    /// Both streams, for failure messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "exit code: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code,
+            self.stdout,
+            self.stderr.join("\n")
+        )
+    }
+
+    /// Whether any stderr line starts with `prefix`.
+    pub fn stderr_has(&self, prefix: &str) -> bool {
+        self.stderr.iter().any(|line| line.starts_with(prefix))
+    }
+}
+
+/// A running `migrate-cli`; killed and reaped on drop.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Child,
+    /// `Some(line)` per stderr line, `None` at EOF.
+    lines: Receiver<Option<String>>,
+    stderr: Vec<String>,
+    stderr_done: bool,
+    stdout: Option<JoinHandle<String>>,
+}
+
+impl Proc {
+    /// Spawns `migrate-cli ARGS`, stdin closed, stdout and stderr piped.
+    pub fn spawn(name: &str, args: &[&str]) -> Self {
+        let path = cli_path();
+        let mut child = Command::new(&path)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {} {args:?}: {e}", path.display()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let stdout: ChildStdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf);
+                        let line = line.trim_end_matches(['\n', '\r']).to_owned();
+                        if tx.send(Some(line)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = tx.send(None);
+        });
+        let stdout = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = BufReader::new(stdout).read_to_end(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        });
+        Self {
+            name: format!("{name} ({} {})", path.display(), args.join(" ")),
+            child,
+            lines,
+            stderr: Vec::new(),
+            stderr_done: false,
+            stdout: Some(stdout),
+        }
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stderr lines seen so far.
+    pub fn stderr_so_far(&self) -> &[String] {
+        &self.stderr
+    }
+
+    /// Waits (at most `timeout`) for the next stderr line matching `pred` and
+    /// returns it. Panics with the stderr seen so far on timeout or if the
+    /// child closes stderr (exits) first.
+    pub fn wait_stderr_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            assert!(
+                !self.stderr_done,
+                "{}: stderr closed before {what}\n--- stderr ---\n{}",
+                self.name,
+                self.stderr.join("\n")
+            );
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(Some(line)) => {
+                    self.stderr.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Ok(None) | Err(RecvTimeoutError::Disconnected) => self.stderr_done = true,
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "{}: no {what} within {timeout:?}\n--- stderr ---\n{}",
+                    self.name,
+                    self.stderr.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the first stderr line starting with `prefix`.
+    pub fn wait_stderr_prefix(&mut self, prefix: &str) -> String {
+        self.wait_stderr_line(&format!("stderr line starting with {prefix:?}"), WAIT, |l| {
+            l.starts_with(prefix)
+        })
+    }
+
+    /// Waits (at most `timeout`) for the child to exit on its own and returns
+    /// its output. Panics with the output so far on timeout.
+    pub fn wait(mut self, timeout: Duration) -> Output {
+        let deadline = Instant::now() + timeout;
+        // Exit closes stderr: wait for its EOF, bounded, then reap.
+        while !self.stderr_done {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(Some(line)) => self.stderr.push(line),
+                Ok(None) | Err(RecvTimeoutError::Disconnected) => self.stderr_done = true,
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "{}: did not exit within {timeout:?}\n--- stderr ---\n{}",
+                    self.name,
+                    self.stderr.join("\n")
+                ),
+            }
+        }
+        let status = self.child.wait().expect("wait for child");
+        self.finish(status)
+    }
+
+    /// Kills the child (SIGKILL), reaps it, and returns its output.
+    pub fn kill(mut self) -> Output {
+        let _ = self.child.kill();
+        let status = self.child.wait().expect("wait for killed child");
+        // The pipe closes with the process: drain what it wrote.
+        while !self.stderr_done {
+            match self.lines.recv_timeout(WAIT) {
+                Ok(Some(line)) => self.stderr.push(line),
+                Ok(None) | Err(RecvTimeoutError::Disconnected) => self.stderr_done = true,
+                Err(RecvTimeoutError::Timeout) => panic!("{}: stderr not closed after kill", self.name),
+            }
+        }
+        self.finish(status)
+    }
+
+    fn finish(&mut self, status: ExitStatus) -> Output {
+        let stdout = self
+            .stdout
+            .take()
+            .map(|handle| handle.join().expect("stdout reader"))
+            .unwrap_or_default();
+        Output {
+            code: status.code(),
+            stdout,
+            stderr: std::mem::take(&mut self.stderr),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `migrate-cli recv --listen 127.0.0.1:0 ARGS` and waits for its
+/// `listening on ADDR` line; returns the process and the bound address.
+pub fn spawn_recv(args: &[&str]) -> (Proc, SocketAddr) {
+    let mut all = vec!["recv", "--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let mut proc = Proc::spawn("recv", &all);
+    let line = proc.wait_stderr_prefix("listening on ");
+    let addr = line["listening on ".len()..].trim();
+    let addr: SocketAddr = addr.parse().unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"));
+    assert_eq!(
+        addr.ip().to_string(),
+        "127.0.0.1",
+        "bound to the asked address: {line:?}"
+    );
+    assert_ne!(addr.port(), 0, "real port printed, not 0: {line:?}");
+    (proc, addr)
+}
+
+/// Spawns `migrate-cli send --to ADDR ARGS`.
+pub fn spawn_send(to: SocketAddr, args: &[&str]) -> Proc {
+    let to = to.to_string();
+    let mut all = vec!["send", "--to", to.as_str()];
+    all.extend_from_slice(args);
+    Proc::spawn("send", &all)
+}
+
+/// Runs `migrate-cli ARGS` to completion (bounded).
+pub fn run(args: &[&str]) -> Output {
+    Proc::spawn("run", args).wait(WAIT)
+}
+
+/// `json[key]`, panicking with the whole object if the key is missing.
+pub fn field<'a>(json: &'a Value, key: &str) -> &'a Value {
+    json.get(key)
+        .unwrap_or_else(|| panic!("JSON has no key {key:?}: {json:#}"))
+}
+
+/// Keys both sides print, success or failure, and their types.
+pub fn assert_common_keys(json: &Value) {
+    let status = field(json, "status")
+        .as_str()
+        .unwrap_or_else(|| panic!("status not a string: {json:#}"));
+    assert!(
+        ["completed", "failed", "cancelled"].contains(&status),
+        "unknown status {status:?}: {json:#}"
+    );
+    let error = field(json, "error");
+    assert!(error.is_null() || error.is_string(), "error: {json:#}");
+    let verified = field(json, "verified");
+    assert!(verified.is_null() || verified.is_boolean(), "verified: {json:#}");
+    for key in [
+        "total_ms",
+        "setup_ms",
+        "downtime_ms",
+        "expected_downtime_ms",
+        "transferred_bytes",
+        "ram_bytes",
+        "iterations",
+        "throughput_bytes_per_sec",
+        "ram_bytes_per_sec",
+    ] {
+        let value = field(json, key);
+        assert!(
+            value.is_null() || value.is_number(),
+            "{key} not a number or null: {json:#}"
+        );
+    }
+}
+
+/// Send-side keys on top of the common ones.
+pub fn assert_send_keys(json: &Value) {
+    assert_common_keys(json);
+    assert!(field(json, "source_resumed").is_boolean(), "source_resumed: {json:#}");
+    for key in ["writes_after_resume", "zero_pages", "plain_pages"] {
+        let value = field(json, key);
+        assert!(value.is_null() || value.is_number(), "{key}: {json:#}");
+    }
+}
+
+/// Recv-side keys on top of the common ones.
+pub fn assert_recv_keys(json: &Value) {
+    assert_common_keys(json);
+    let check = field(json, "guest_check");
+    assert!(
+        check.is_null() || ["passed", "failed", "skipped"].contains(&check.as_str().unwrap_or("")),
+        "guest_check: {json:#}"
+    );
+}
+
+/// A completed, verified migration as one side reports it.
+pub fn assert_completed(out: &Output, side: &str) -> Value {
+    assert_eq!(out.code, Some(0), "{side} exit code\n{}", out.describe());
+    let json = out.json();
+    match side {
+        "send" => assert_send_keys(&json),
+        _ => assert_recv_keys(&json),
+    }
+    assert_eq!(
+        field(&json, "status"),
+        "completed",
+        "{side}: {json:#}\n{}",
+        out.describe()
+    );
+    assert!(field(&json, "error").is_null(), "{side}: error on success: {json:#}");
+    assert_eq!(field(&json, "verified"), true, "{side}: not verified: {json:#}");
+    json
+}
+
+/// A failed send that left the source running.
+pub fn assert_send_failed_resumed(out: &Output) -> Value {
+    assert_eq!(out.code, Some(1), "send exit code\n{}", out.describe());
+    let json = out.json();
+    assert_send_keys(&json);
+    assert_eq!(field(&json, "status"), "failed", "{json:#}");
+    let error = field(&json, "error")
+        .as_str()
+        .unwrap_or_else(|| panic!("no error string: {json:#}"));
+    assert!(!error.trim().is_empty(), "empty error: {json:#}");
+    assert_eq!(field(&json, "source_resumed"), true, "source not resumed: {json:#}");
+    assert_ne!(
+        field(&json, "verified"),
+        true,
+        "a failed migration is not verified: {json:#}"
+    );
+    json
+}
+
+/// The error string of a JSON report, lower-cased.
+pub fn error_text(json: &Value) -> String {
+    field(json, "error").as_str().unwrap_or_default().to_lowercase()
+}
+
+/// A number field as u64, panicking with the object otherwise.
+pub fn num(json: &Value, key: &str) -> u64 {
+    field(json, key)
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} not a non-negative integer: {json:#}"))
+}
+
+/// Deterministic "random-ish" bytes (xorshift), never a valid frame: bytes
+/// 4..6 (the frame kind) are set to a kind no version defines.
+pub fn garbage(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out: Vec<u8> = (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    if out.len() >= 6 {
+        out[4] = 0x77;
+        out[5] = 0x77;
+    }
+    out
+}
+
+/// A file removed on drop.
+#[derive(Debug)]
+pub struct TempFile(pub PathBuf);
+
+impl TempFile {
+    /// A unique path in `/dev/shm` (or the temp dir) for this process and `tag`.
+    pub fn new(tag: &str) -> Self {
+        let dir = PathBuf::from("/dev/shm");
+        let dir = if dir.is_dir() { dir } else { std::env::temp_dir() };
+        let path = dir.join(format!("migration-tests-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        Self(path)
+    }
+
+    /// The path as a `&str` for command lines.
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

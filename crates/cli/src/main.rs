@@ -1,1 +1,68 @@
-fn main() {}
+//! `migrate-cli`: live-migrate a VM's memory between processes and hosts.
+
+mod demo;
+mod memory;
+mod recv;
+mod report;
+mod send;
+mod units;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Exit codes scripts rely on.
+pub mod exit {
+    /// The migration completed (and was verified).
+    pub const OK: u8 = 0;
+    /// The migration failed safely: the source runs, the destination discarded.
+    pub const FAILED: u8 = 1;
+    /// The command line was wrong.
+    pub const USAGE: u8 = 2;
+    /// The destination's RAM does not match the source's.
+    pub const MISMATCH: u8 = 3;
+    /// GO was sent but the destination never confirmed it runs: both sides
+    /// stay paused, and an operator must decide.
+    pub const HANDOVER_UNCONFIRMED: u8 = 4;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "migrate-cli",
+    version,
+    about = "Live-migrate a VM's memory between processes and hosts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send a running guest to a destination (the source side).
+    Send(send::SendArgs),
+    /// Receive one migration (the destination side).
+    Recv(recv::RecvArgs),
+    /// Run a receiver and a sender on loopback with a synthetic guest.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(if err.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
+    let code = match cli.command {
+        Command::Send(args) => send::run(args),
+        Command::Recv(args) => recv::run(args),
+        Command::Demo(args) => demo::run(args),
+    };
+    ExitCode::from(code)
+}
+
+/// Prints an error chain on one line, the way every command reports it.
+pub fn chain(err: &anyhow::Error) -> String {
+    format!("{err:#}")
+}

@@ -9,8 +9,8 @@ use crate::transport::{Channel, TransportError};
 use crate::verify::{block_digest, page_hash};
 use crate::vm::{Vm, VmError};
 use migration_wire::{
-    Ack, BlockList, ErrorCode, Features, Hello, HelloReply, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION,
-    PageBatch, PageEncoding, PeerError, SessionId, Verdict,
+    Ack, BlockList, ErrorCode, Features, Hello, HelloReply, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, PageBatch,
+    PageEncoding, PeerError, SessionId, Verdict,
 };
 use std::time::{Duration, Instant};
 
@@ -45,7 +45,9 @@ pub enum DestError {
     #[error("source broke the protocol: {0}")]
     Protocol(String),
     /// No protocol version in common.
-    #[error("source speaks protocol versions {min}..={max}, this destination {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}")]
+    #[error(
+        "source speaks protocol versions {min}..={max}, this destination {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}"
+    )]
     Version {
         /// Oldest version the source speaks.
         min: u16,
@@ -143,7 +145,10 @@ pub fn accept(mut channel: Box<dyn Channel>, options: &DestOptions) -> Result<In
 }
 
 fn tell_peer(channel: &mut dyn Channel, err: &DestError) {
-    if matches!(err, DestError::Transport(TransportError::Closed | TransportError::Io { .. })) {
+    if matches!(
+        err,
+        DestError::Transport(TransportError::Closed | TransportError::Io { .. })
+    ) {
         return;
     }
     let _ = channel.send(&Message::Error(PeerError {
@@ -167,7 +172,12 @@ fn handshake(channel: &mut dyn Channel, options: &DestOptions) -> Result<(Hello,
     channel.set_timeout(Some(options.io_timeout))?;
     let hello = match channel.recv()? {
         Message::Hello(hello) => hello,
-        other => return Err(DestError::Protocol(format!("expected hello, got {}", other.kind().name()))),
+        other => {
+            return Err(DestError::Protocol(format!(
+                "expected hello, got {}",
+                other.kind().name()
+            )));
+        }
     };
     let version = hello.max_version.min(PROTOCOL_VERSION);
     if version < hello.min_version || version < MIN_PROTOCOL_VERSION {
@@ -190,7 +200,12 @@ fn handshake(channel: &mut dyn Channel, options: &DestOptions) -> Result<(Hello,
     }))?;
     let blocks = match channel.recv()? {
         Message::BlockList(blocks) => blocks,
-        other => return Err(DestError::Protocol(format!("expected block-list, got {}", other.kind().name()))),
+        other => {
+            return Err(DestError::Protocol(format!(
+                "expected block-list, got {}",
+                other.kind().name()
+            )));
+        }
     };
     let total = blocks.total_bytes();
     if total > options.max_ram {
@@ -211,7 +226,10 @@ fn handshake(channel: &mut dyn Channel, options: &DestOptions) -> Result<(Hello,
             )));
         }
         if blocks.blocks[..i].iter().any(|b| b.name == block.name) {
-            return Err(DestError::Protocol(format!("block name {} announced twice", block.name)));
+            return Err(DestError::Protocol(format!(
+                "block name {} announced twice",
+                block.name
+            )));
         }
     }
     Ok((hello, blocks))
@@ -261,7 +279,7 @@ pub fn run_destination(
     vm: &mut dyn Vm,
     options: &DestOptions,
     observer: &mut dyn FnMut(&Event),
-) -> Result<DestReport, DestFailure> {
+) -> Result<DestReport, Box<DestFailure>> {
     let Incoming {
         mut channel,
         blocks,
@@ -292,7 +310,7 @@ pub fn run_destination(
         }),
         Err(error) => {
             tell_peer(channel.as_mut(), &error);
-            Err(DestFailure { error, stats, resumed })
+            Err(Box::new(DestFailure { error, stats, resumed }))
         }
     }
 }
@@ -315,7 +333,9 @@ impl DestRun<'_, '_> {
         observer: &mut dyn FnMut(&Event),
     ) -> Result<(Option<bool>, Vec<u32>), DestError> {
         if self.placer.ram.block_list() != *blocks {
-            return Err(DestError::Limit("prepared guest RAM does not match the block list".into()));
+            return Err(DestError::Limit(
+                "prepared guest RAM does not match the block list".into(),
+            ));
         }
         channel.send(&Message::BlocksAccepted)?;
         observer(&Event::Started);
@@ -374,7 +394,10 @@ impl DestRun<'_, '_> {
                 }
                 Message::Abort(reason) => return Err(DestError::Aborted(reason)),
                 other => {
-                    return Err(DestError::Protocol(format!("unexpected {} during the transfer", other.kind().name())));
+                    return Err(DestError::Protocol(format!(
+                        "unexpected {} during the transfer",
+                        other.kind().name()
+                    )));
                 }
             };
             if let Some(ack) = ack {
@@ -409,7 +432,12 @@ impl DestRun<'_, '_> {
         // was placed.
         let digests = match channel.recv()? {
             Message::Complete(complete) => complete.digests,
-            other => return Err(DestError::Protocol(format!("expected complete, got {}", other.kind().name()))),
+            other => {
+                return Err(DestError::Protocol(format!(
+                    "expected complete, got {}",
+                    other.kind().name()
+                )));
+            }
         };
         if digests.len() != self.placer.hashes.len() {
             return Err(DestError::Protocol(format!(
@@ -522,7 +550,9 @@ impl<'r> Placer<'r> {
             let offset = entry.page as usize * page_size;
             let hash = match entry.encoding {
                 PageEncoding::Plain => {
-                    let bytes = data.next().ok_or_else(|| DestError::Protocol("page payload too short".into()))?;
+                    let bytes = data
+                        .next()
+                        .ok_or_else(|| DestError::Protocol("page payload too short".into()))?;
                     block.region().write(offset, bytes)?;
                     self.zeroed[index].test_and_clear(entry.page);
                     self.plain_pages += 1;

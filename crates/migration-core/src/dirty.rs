@@ -114,7 +114,9 @@ pub struct CombinedDirtyLog {
 
 impl std::fmt::Debug for CombinedDirtyLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CombinedDirtyLog").field("logs", &self.logs.len()).finish()
+        f.debug_struct("CombinedDirtyLog")
+            .field("logs", &self.logs.len())
+            .finish()
     }
 }
 
@@ -146,7 +148,12 @@ mod tests {
             pages
                 .iter()
                 .enumerate()
-                .map(|(i, p)| RamBlock::new(format!("b{i}"), Arc::new(GuestRegion::anonymous(p * 4096).expect("mmap"))))
+                .map(|(i, p)| {
+                    RamBlock::new(
+                        format!("b{i}"),
+                        Arc::new(GuestRegion::anonymous(p * 4096).expect("mmap")),
+                    )
+                })
                 .collect(),
         )
     }
@@ -177,7 +184,10 @@ mod tests {
         let ram = ram(&[32, 32]);
         let mut log = KernelDirtyLog::start(&ram).expect("tracking starts");
         ram.blocks()[0].region().write(5 * 4096, &[1; 10]).expect("write");
-        ram.blocks()[1].region().write(31 * 4096 + 100, &[2; 10]).expect("write");
+        ram.blocks()[1]
+            .region()
+            .write(31 * 4096 + 100, &[2; 10])
+            .expect("write");
         assert_eq!(collect_all(&mut log), vec![(0, 5), (1, 31)]);
         assert!(collect_all(&mut log).is_empty());
     }

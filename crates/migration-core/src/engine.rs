@@ -83,7 +83,9 @@ pub struct PageRun {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvergenceError {
     /// The iteration limit was reached and the policy says fail.
-    #[error("precopy did not converge in {iterations} passes (expected downtime {expected_ms} ms, limit {limit_ms} ms)")]
+    #[error(
+        "precopy did not converge in {iterations} passes (expected downtime {expected_ms} ms, limit {limit_ms} ms)"
+    )]
     Iterations {
         /// Passes completed.
         iterations: u64,
@@ -236,7 +238,10 @@ impl PrecopyEngine {
     /// An engine for `ram`, every page dirty (the bulk pass), starting at `now`.
     pub fn new(ram: &Ram, config: PrecopyConfig, now: Instant) -> Self {
         Self::with_pages(
-            ram.blocks().iter().map(|b| (b.pages(), u64::from(b.page_size()))).collect(),
+            ram.blocks()
+                .iter()
+                .map(|b| (b.pages(), u64::from(b.page_size())))
+                .collect(),
             config,
             now,
         )
@@ -287,7 +292,11 @@ impl PrecopyEngine {
 
     /// Bytes of pages still marked dirty (not yet handed out).
     pub fn remaining_bytes(&self) -> u64 {
-        self.dirty.iter().zip(&self.page_sizes).map(|(map, size)| map.count_ones() * size).sum()
+        self.dirty
+            .iter()
+            .zip(&self.page_sizes)
+            .map(|(map, size)| map.count_ones() * size)
+            .sum()
     }
 
     fn become_(&mut self, next: Phase) {
@@ -345,7 +354,11 @@ impl PrecopyEngine {
         let limit_ms = self.config.downtime_limit.as_millis() as u64;
         let expected_ms = expected.map_or(u64::MAX, |d| d.as_millis() as u64);
         let elapsed = now.saturating_duration_since(self.started);
-        let hit = if self.config.max_iterations.is_some_and(|max| self.estimates.iterations >= max) {
+        let hit = if self
+            .config
+            .max_iterations
+            .is_some_and(|max| self.estimates.iterations >= max)
+        {
             Some((
                 SwitchoverReason::IterationLimit,
                 ConvergenceError::Iterations {

@@ -18,7 +18,7 @@ use crate::vm::{Vm, VmError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use migration_sys::{PAGE_SIZE, is_zero_buf};
 use migration_wire::{
-    BlockList, Complete, EndOfRam, Features, Hello, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PageBatch,
+    BlockList, Complete, EndOfRam, Features, Hello, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, PageBatch,
     PageEncoding, PageEntry, PeerError, SessionId, SyncMarker, Verdict,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,7 +85,9 @@ pub enum SourceError {
     Memory(#[from] migration_sys::SysError),
     /// The link broke after GO was sent: whether the destination runs is
     /// unknown, so the source stays paused.
-    #[error("handover unconfirmed: GO was sent but the destination did not confirm it runs ({0}); the source stays paused")]
+    #[error(
+        "handover unconfirmed: GO was sent but the destination did not confirm it runs ({0}); the source stays paused"
+    )]
     HandoverUnconfirmed(String),
 }
 
@@ -99,6 +101,8 @@ pub struct SourceReport {
     pub verified: Option<bool>,
     /// Blocks whose digests differ.
     pub mismatched_blocks: Vec<u32>,
+    /// Time from the first handshake byte to the destination running.
+    pub until_handover: Duration,
 }
 
 /// A failed migration.
@@ -160,7 +164,7 @@ pub fn run_source(
     dirty_log: &mut dyn DirtyLog,
     options: &SourceOptions,
     observer: &mut dyn FnMut(&Event),
-) -> Result<SourceReport, SourceFailure> {
+) -> Result<SourceReport, Box<SourceFailure>> {
     let started = Instant::now();
     let mut run = SourceRun {
         ram,
@@ -174,11 +178,13 @@ pub fn run_source(
             ..Stats::default()
         },
         downtime: None,
+        handover: None,
     };
     let result = run.run(channel, vm, dirty_log, observer);
     let stats = run.stats();
     match result {
         Ok((verified, mismatched_blocks)) => Ok(SourceReport {
+            until_handover: run.handover.unwrap_or(stats.elapsed),
             stats,
             verified,
             mismatched_blocks,
@@ -192,12 +198,12 @@ pub fn run_source(
                     observer(&Event::SourceResumed);
                 }
             }
-            Err(SourceFailure {
+            Err(Box::new(SourceFailure {
                 error,
                 stats,
                 source_resumed,
                 handed_over: run.handed_over,
-            })
+            }))
         }
     }
 }
@@ -211,6 +217,7 @@ struct SourceRun<'a> {
     handed_over: bool,
     engine_stats: Stats,
     downtime: Option<Duration>,
+    handover: Option<Duration>,
 }
 
 impl SourceRun<'_> {
@@ -246,7 +253,8 @@ impl SourceRun<'_> {
         self.handshake(channel.as_mut())?;
         observer(&Event::Started);
         let (tx, rx) = channel.split()?;
-        let (jobs, channel_thread, channel_error) = spawn_channel_thread(tx, self.ram.clone(), Arc::clone(&self.counters));
+        let (jobs, channel_thread, channel_error) =
+            spawn_channel_thread(tx, self.ram.clone(), Arc::clone(&self.counters));
         let returned = spawn_reader_thread(rx);
         let result = self.drive(&jobs, &channel_error, &returned, vm, dirty_log, observer);
         drop(jobs);
@@ -407,6 +415,7 @@ impl SourceRun<'_> {
             return Err(SourceError::HandoverUnconfirmed(err.to_string()));
         }
         self.downtime = self.paused_at.map(|at| at.elapsed());
+        self.handover = Some(self.started.elapsed());
         observer(&Event::Resumed);
 
         // Verify: hash the frozen RAM (the VM never runs here again).
@@ -414,7 +423,10 @@ impl SourceRun<'_> {
         let verdict = jobs
             .send(Job::Control(Message::Complete(Complete { digests })))
             .ok()
-            .and_then(|()| self.wait_for(returned, "verdict", |m| matches!(m, Returned::Verdict(_))).ok());
+            .and_then(|()| {
+                self.wait_for(returned, "verdict", |m| matches!(m, Returned::Verdict(_)))
+                    .ok()
+            });
         let result = match verdict {
             Some(Returned::Verdict(v)) => {
                 observer(&Event::Verified(v.is_verified()));
@@ -565,7 +577,9 @@ fn send_run(
     let batch = PageBatch::new(run.block.0, run.epoch, page_size as u32, entries, payload)
         .expect("a batch built from the engine's runs is consistent");
     tx.send(&Message::Pages(batch))?;
-    counters.ram_bytes.fetch_add(run.count * page_size as u64, Ordering::Relaxed);
+    counters
+        .ram_bytes
+        .fetch_add(run.count * page_size as u64, Ordering::Relaxed);
     counters.zero_pages.fetch_add(zero, Ordering::Relaxed);
     counters.plain_pages.fetch_add(run.count - zero, Ordering::Relaxed);
     Ok(())

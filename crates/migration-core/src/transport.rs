@@ -59,10 +59,13 @@ pub trait ChannelRx: Send {
     fn bytes_received(&self) -> u64;
 }
 
+/// A channel split into its sending and receiving halves.
+pub type ChannelHalves = (Box<dyn ChannelTx>, Box<dyn ChannelRx>);
+
 /// A bidirectional message channel to the peer.
 pub trait Channel: ChannelTx + ChannelRx {
     /// Splits the channel into halves that two threads use at once.
-    fn split(self: Box<Self>) -> Result<(Box<dyn ChannelTx>, Box<dyn ChannelRx>), TransportError>;
+    fn split(self: Box<Self>) -> Result<ChannelHalves, TransportError>;
 
     /// The peer's address, for messages.
     fn peer(&self) -> String;

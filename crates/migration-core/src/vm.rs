@@ -22,10 +22,7 @@ impl VmError {
     }
 
     /// An error with a message and the cause behind it.
-    pub fn with_source(
-        message: impl fmt::Display,
-        source: impl std::error::Error + Send + Sync + 'static,
-    ) -> Self {
+    pub fn with_source(message: impl fmt::Display, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Self {
             message: message.to_string(),
             source: Some(Box::new(source)),

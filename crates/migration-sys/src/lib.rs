@@ -101,10 +101,7 @@ pub(crate) mod test_util {
         pub(crate) fn new(len: u64) -> Self {
             static NEXT: AtomicU32 = AtomicU32::new(0);
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let path = std::path::PathBuf::from(format!(
-                "/dev/shm/migration-sys-test-{}-{n}",
-                std::process::id()
-            ));
+            let path = std::path::PathBuf::from(format!("/dev/shm/migration-sys-test-{}-{n}", std::process::id()));
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -147,10 +144,7 @@ mod tests {
             len: 8,
             size: 4096,
         };
-        assert_eq!(
-            e.to_string(),
-            "range 4096+8 is outside the region of 4096 bytes"
-        );
+        assert_eq!(e.to_string(), "range 4096+8 is outside the region of 4096 bytes");
         assert_eq!(
             SysError::Unsupported("UFFD_FEATURE_WP_ASYNC").to_string(),
             "the kernel lacks UFFD_FEATURE_WP_ASYNC"

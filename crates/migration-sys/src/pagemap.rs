@@ -67,12 +67,7 @@ struct PmScanArg {
 }
 
 /// `_IOWR('f', 16, struct pm_scan_arg)`.
-pub const PAGEMAP_SCAN: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    b'f' as u32,
-    16,
-    size_of::<PmScanArg>(),
-);
+pub const PAGEMAP_SCAN: u64 = ioc(IOC_READ | IOC_WRITE, b'f' as u32, 16, size_of::<PmScanArg>());
 
 const _: () = assert!(size_of::<PmScanArg>() == 96);
 const _: () = assert!(size_of::<PageRegion>() == 24);
@@ -225,10 +220,7 @@ mod tests {
         let mut out = [PageRegion::default(); 4];
         assert!(matches!(
             pagemap.scan(&request, &mut out),
-            Err(SysError::Os {
-                op: "PAGEMAP_SCAN",
-                ..
-            })
+            Err(SysError::Os { op: "PAGEMAP_SCAN", .. })
         ));
     }
 }

@@ -69,23 +69,40 @@ impl GuestRegion {
     /// the file raises `SIGBUS`. `len` must be a non-zero multiple of [`PAGE_SIZE`] (and of
     /// the huge page size on hugetlbfs, which the kernel checks).
     pub fn shared_file(file: &File, len: usize) -> Result<Self, SysError> {
+        Self::shared_file_at(file, 0, len)
+    }
+
+    /// Maps `len` bytes of `file` from byte `offset` (a multiple of [`PAGE_SIZE`]) read-write
+    /// with `MAP_SHARED`, so several RAM blocks can live in one backing file. The same rules
+    /// as [`GuestRegion::shared_file`] apply to the range `offset..offset + len`.
+    pub fn shared_file_at(file: &File, offset: u64, len: usize) -> Result<Self, SysError> {
         check_len(len)?;
+        if offset % PAGE_SIZE as u64 != 0 {
+            return Err(SysError::InvalidLength {
+                len: offset as usize,
+                reason: "the file offset is not a multiple of the page size",
+            });
+        }
+        let Ok(map_offset) = libc::off_t::try_from(offset) else {
+            return Err(SysError::InvalidLength {
+                len: offset as usize,
+                reason: "the file offset is too large",
+            });
+        };
         let file_len = file
             .metadata()
-            .map_err(|source| SysError::Os {
-                op: "fstat",
-                source,
-            })?
+            .map_err(|source| SysError::Os { op: "fstat", source })?
             .len();
-        if file_len < len as u64 {
+        if file_len < offset.saturating_add(len as u64) {
             return Err(SysError::InvalidLength {
                 len,
                 reason: "the file is shorter than the mapping",
             });
         }
         // SAFETY: a fresh shared mapping at an address the kernel picks overlaps nothing that
-        // exists; the fd is valid for the call (borrowed from `file`), and the mapping keeps
-        // its own reference to the file after the fd is closed.
+        // exists; the fd is valid for the call (borrowed from `file`), the offset is page
+        // aligned and the file covers the range (checked above), and the mapping keeps its own
+        // reference to the file after the fd is closed.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -93,7 +110,7 @@ impl GuestRegion {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
-                0,
+                map_offset,
             )
         };
         Self::from_mmap(ptr, len, true)
@@ -310,19 +327,12 @@ mod tests {
         assert!(oob(region.write(size - 4, &buf)));
         assert!(oob(region.fill(size, 1, 0)));
         assert!(oob(region.populate_write(0, size + 1)));
-        assert!(matches!(
-            region.is_zero(1, size),
-            Err(SysError::OutOfBounds { .. })
-        ));
+        assert!(matches!(region.is_zero(1, size), Err(SysError::OutOfBounds { .. })));
         // offset + len overflows usize.
         assert!(oob(region.fill(usize::MAX - 2, 8, 0)));
         assert!(oob(region.read(usize::MAX, &mut buf)));
         match region.write(size, &buf) {
-            Err(SysError::OutOfBounds {
-                offset,
-                len,
-                size: s,
-            }) => assert_eq!((offset, len, s), (size, 8, size)),
+            Err(SysError::OutOfBounds { offset, len, size: s }) => assert_eq!((offset, len, s), (size, 8, size)),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -368,5 +378,16 @@ mod tests {
             GuestRegion::shared_file(&shm.file, 2 * PAGE_SIZE),
             Err(SysError::InvalidLength { .. })
         ));
+    }
+
+    #[test]
+    fn shared_file_at_maps_the_given_range() {
+        let shm = ShmFile::new(4 * PAGE_SIZE as u64);
+        let high = GuestRegion::shared_file_at(&shm.file, 2 * PAGE_SIZE as u64, 2 * PAGE_SIZE).unwrap();
+        high.write(0, b"block two").unwrap();
+        let contents = std::fs::read(&shm.path).unwrap();
+        assert_eq!(&contents[2 * PAGE_SIZE..][..9], b"block two");
+        assert!(GuestRegion::shared_file_at(&shm.file, 3 * PAGE_SIZE as u64, 2 * PAGE_SIZE).is_err());
+        assert!(GuestRegion::shared_file_at(&shm.file, 100, PAGE_SIZE).is_err());
     }
 }

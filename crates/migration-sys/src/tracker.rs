@@ -28,13 +28,8 @@
 
 use std::sync::Arc;
 
-use crate::pagemap::{
-    PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, PageRegion, Pagemap, ScanRequest,
-};
-use crate::uffd::{
-    UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED,
-    Userfaultfd,
-};
+use crate::pagemap::{PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, PageRegion, Pagemap, ScanRequest};
+use crate::uffd::{UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED, Userfaultfd};
 use crate::{GuestRegion, PAGE_SIZE, SysError};
 
 /// Default number of `page_region` entries in the output vector of one scan.
@@ -172,11 +167,7 @@ mod tests {
                 set.extend(first..first + count);
             })
             .unwrap();
-        assert_eq!(
-            n,
-            set.len() as u64,
-            "a page was reported twice in one collect"
-        );
+        assert_eq!(n, set.len() as u64, "a page was reported twice in one collect");
         set
     }
 
@@ -223,10 +214,7 @@ mod tests {
         };
         let mut out = vec![PageRegion::default(); region.pages()];
         let scan = pagemap.scan(&request, &mut out).unwrap();
-        out[..scan.regions]
-            .iter()
-            .map(|r| (r.end - r.start) / 4096)
-            .sum()
+        out[..scan.regions].iter().map(|r| (r.end - r.start) / 4096).sum()
     }
 
     fn exact_set_on(region: Arc<GuestRegion>) {
@@ -248,12 +236,7 @@ mod tests {
 
         // Writes after a collect show up in the next one, including re-writes of pages
         // already reported once.
-        let again: BTreeSet<u64> = written
-            .iter()
-            .copied()
-            .step_by(3)
-            .chain([0, pages - 1])
-            .collect();
+        let again: BTreeSet<u64> = written.iter().copied().step_by(3).chain([0, pages - 1]).collect();
         touch(&region, &again, 2);
         region.fill(5 * PAGE_SIZE, 3 * PAGE_SIZE, 9).unwrap();
         let mut expected = again;
@@ -283,10 +266,7 @@ mod tests {
             .is_ok_and(|mode| !mode.contains("[never]"));
         if thp {
             let huge = huge_pages(&region);
-            assert!(
-                huge > 0,
-                "expected THP to back a populated MADV_HUGEPAGE region"
-            );
+            assert!(huge > 0, "expected THP to back a populated MADV_HUGEPAGE region");
         }
         let mut tracker = WriteTracker::new(Arc::clone(&region)).unwrap();
         assert!(collect_set(&mut tracker).is_empty());
@@ -347,10 +327,7 @@ mod tests {
         let mut out = [PageRegion::default(); 64];
         let second = tracker.pagemap.scan(&request, &mut out).unwrap();
         assert_eq!(second.walk_end, request.end);
-        let starts: Vec<u64> = out[..second.regions]
-            .iter()
-            .map(|r| (r.start - base) / 4096)
-            .collect();
+        let starts: Vec<u64> = out[..second.regions].iter().map(|r| (r.start - base) / 4096).collect();
         assert_eq!(starts, written[4..]);
     }
 
@@ -361,9 +338,7 @@ mod tests {
         region.fill(10 * PAGE_SIZE, 600 * PAGE_SIZE, 1).unwrap();
         region.fill(1000 * PAGE_SIZE + 1, 1, 1).unwrap();
         let mut runs = Vec::new();
-        let n = tracker
-            .collect(&mut |first, count| runs.push((first, count)))
-            .unwrap();
+        let n = tracker.collect(&mut |first, count| runs.push((first, count))).unwrap();
         assert_eq!(n, 601);
         assert_eq!(runs, [(10, 600), (1000, 1)]);
     }
@@ -384,9 +359,7 @@ mod tests {
                     let region = &region;
                     s.spawn(move || {
                         for p in mine {
-                            region
-                                .fill(p as usize * PAGE_SIZE, PAGE_SIZE, w as u8 + 1)
-                                .unwrap();
+                            region.fill(p as usize * PAGE_SIZE, PAGE_SIZE, w as u8 + 1).unwrap();
                         }
                     })
                 })

@@ -98,21 +98,11 @@ pub(crate) const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u64 {
 /// `_IOWR(UFFDIO, 0x3F, struct uffdio_api)`.
 pub const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x3F, size_of::<UffdioApi>());
 /// `_IOWR(UFFDIO, 0x00, struct uffdio_register)`.
-pub const UFFDIO_REGISTER: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    UFFDIO,
-    0x00,
-    size_of::<UffdioRegister>(),
-);
+pub const UFFDIO_REGISTER: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x00, size_of::<UffdioRegister>());
 /// `_IOR(UFFDIO, 0x01, struct uffdio_range)`.
 pub const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, UFFDIO, 0x01, size_of::<UffdioRange>());
 /// `_IOWR(UFFDIO, 0x06, struct uffdio_writeprotect)`.
-pub const UFFDIO_WRITEPROTECT: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    UFFDIO,
-    0x06,
-    size_of::<UffdioWriteprotect>(),
-);
+pub const UFFDIO_WRITEPROTECT: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x06, size_of::<UffdioWriteprotect>());
 /// `_IO(UFFDIO, 0x00)` on `/dev/userfaultfd`: creates a userfaultfd.
 pub const USERFAULTFD_IOC_NEW: u64 = ioc(0, UFFDIO, 0x00, 0);
 
@@ -205,23 +195,12 @@ impl Userfaultfd {
     pub fn write_protect(&self, start: usize, len: usize, protect: bool) -> Result<(), SysError> {
         let mut wp = UffdioWriteprotect {
             range: range(start, len),
-            mode: if protect {
-                UFFDIO_WRITEPROTECT_MODE_WP
-            } else {
-                0
-            },
+            mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
         };
         // SAFETY: `wp` is a `struct uffdio_writeprotect`, the argument of
         // UFFDIO_WRITEPROTECT. Protection on a WP_ASYNC descriptor only changes how the kernel
         // records writes; it changes no memory and blocks no thread.
-        unsafe {
-            ioctl(
-                &self.fd,
-                UFFDIO_WRITEPROTECT,
-                &mut wp,
-                "UFFDIO_WRITEPROTECT",
-            )
-        }
+        unsafe { ioctl(&self.fd, UFFDIO_WRITEPROTECT, &mut wp, "UFFDIO_WRITEPROTECT") }
     }
 
     /// Unregisters `[start, start + len)`.
@@ -300,22 +279,11 @@ fn open() -> Result<OwnedFd, SysError> {
 ///
 /// `T` must be the argument struct of `request` (the kernel then reads and writes only inside
 /// `arg`), and what `request` does to `fd` and to the process must not break memory safety.
-unsafe fn ioctl<T>(
-    fd: &OwnedFd,
-    request: u64,
-    arg: &mut T,
-    op: &'static str,
-) -> Result<(), SysError> {
+unsafe fn ioctl<T>(fd: &OwnedFd, request: u64, arg: &mut T, op: &'static str) -> Result<(), SysError> {
     // SAFETY: `fd` is open for the call; `arg` is a live, exclusively borrowed `T`, which the
     // caller guarantees is the argument of `request` (sizes checked by the const asserts
     // above), so the kernel stays inside it. The caller argues the request's other effects.
-    let rc = unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            request as libc::Ioctl,
-            std::ptr::from_mut(arg),
-        )
-    };
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request as libc::Ioctl, std::ptr::from_mut(arg)) };
     if rc < 0 {
         return Err(SysError::last_os(op));
     }

@@ -204,9 +204,7 @@ mod tests {
 
     /// Patterned bytes, distinct at every position mod 251.
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len)
-            .map(|i| (i % 251) as u8 ^ seed.wrapping_mul(31))
-            .collect()
+        (0..len).map(|i| (i % 251) as u8 ^ seed.wrapping_mul(31)).collect()
     }
 
     #[test]

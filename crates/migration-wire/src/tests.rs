@@ -32,8 +32,12 @@ struct OwnedBatch {
 }
 
 fn batch() -> impl Strategy<Value = OwnedBatch> {
-    (any::<u32>(), any::<u64>(), proptest::collection::vec((0u64..1 << 40, any::<bool>(), any::<u8>()), 0..8)).prop_map(
-        |(block, epoch, pages)| {
+    (
+        any::<u32>(),
+        any::<u64>(),
+        proptest::collection::vec((0u64..1 << 40, any::<bool>(), any::<u8>()), 0..8),
+    )
+        .prop_map(|(block, epoch, pages)| {
             let mut entries = Vec::new();
             let mut payload = Vec::new();
             for (page, zero, fill) in pages {
@@ -49,8 +53,7 @@ fn batch() -> impl Strategy<Value = OwnedBatch> {
                 entries,
                 payload,
             }
-        },
-    )
+        })
 }
 
 fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
@@ -79,7 +82,11 @@ fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
         Just(Message::Go),
         proptest::collection::vec(any::<u64>(), 0..8).prop_map(|digests| Message::Complete(Complete { digests })),
         text().prop_map(Message::Abort),
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(epoch, pages, bytes)| Message::Ack(Ack { epoch, pages, bytes })),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(epoch, pages, bytes)| Message::Ack(Ack {
+            epoch,
+            pages,
+            bytes
+        })),
         Just(Message::Ready),
         Just(Message::Resumed),
         proptest::collection::vec(any::<u32>(), 0..8).prop_map(|mismatched| Message::Verdict(Verdict { mismatched })),
@@ -94,7 +101,11 @@ fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
             ][usize::from(code - 1)];
             Message::Error(PeerError { code, message })
         }),
-        (any::<u32>(), any::<u64>(), 1u32..).prop_map(|(block, page, count)| Message::PageRequest(PageRequest { block, page, count })),
+        (any::<u32>(), any::<u64>(), 1u32..).prop_map(|(block, page, count)| Message::PageRequest(PageRequest {
+            block,
+            page,
+            count
+        })),
     ]
     .prop_map(|m| {
         let mut out = Vec::new();

@@ -100,13 +100,7 @@ pub fn content(seed: u64, page: u64, generation: u32, kind: Content) -> [u8; PAG
 }
 
 /// Writes [`content`] into `out`, without a copy through the stack.
-pub fn fill_content(
-    seed: u64,
-    page: u64,
-    generation: u32,
-    kind: Content,
-    out: &mut [u8; PAGE_SIZE],
-) {
+pub fn fill_content(seed: u64, page: u64, generation: u32, kind: Content, out: &mut [u8; PAGE_SIZE]) {
     let key = mix64(seed ^ mix64(page ^ mix64(u64::from(generation))));
     match kind {
         Content::Random => fill_random(key, out),
@@ -200,11 +194,7 @@ mod tests {
     #[test]
     fn zero_heavy_is_about_half_zero() {
         let zero = (0..1000u64)
-            .filter(|&p| {
-                content(42, p, 1, Content::ZeroHeavy)
-                    .iter()
-                    .all(|&b| b == 0)
-            })
+            .filter(|&p| content(42, p, 1, Content::ZeroHeavy).iter().all(|&b| b == 0))
             .count();
         assert!((400..=600).contains(&zero), "{zero} of 1000 pages are zero");
     }
@@ -216,10 +206,7 @@ mod tests {
         for p in 0..300u64 {
             let page = content(3, p, p as u32 % 7, Content::Text);
             let text = &page[HEADER_LEN..];
-            assert!(
-                text.iter()
-                    .all(|b| b.is_ascii_lowercase() || b" \n,".contains(b))
-            );
+            assert!(text.iter().all(|b| b.is_ascii_lowercase() || b" \n,".contains(b)));
             raw += page.len();
             packed += lz4_flex::block::compress(&page).len();
         }

@@ -70,11 +70,7 @@ impl SyntheticGuest {
     /// The source side over `blocks`. With `populate`, every page is written with its
     /// generation-0 content (over two threads); otherwise pages keep what they hold and are
     /// unknown until a writer rewrites them.
-    pub fn new(
-        blocks: Vec<Arc<GuestRegion>>,
-        spec: GuestSpec,
-        populate: bool,
-    ) -> Result<Self, GuestError> {
+    pub fn new(blocks: Vec<Arc<GuestRegion>>, spec: GuestSpec, populate: bool) -> Result<Self, GuestError> {
         if let Some(problem) = spec.problem() {
             return Err(GuestError::InvalidSpec(problem));
         }
@@ -88,15 +84,11 @@ impl SyntheticGuest {
             thread::scope(|s| {
                 let first = s.spawn(|| shared.populate(&spec, 0..half));
                 let second = shared.populate(&spec, half..pages);
-                let first = first
-                    .join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                let first = first.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
                 first.and(second)
             })?;
         }
-        shared.lock().writers = (0..spec.writers)
-            .map(|w| writer::initial_state(spec.seed, w))
-            .collect();
+        shared.lock().writers = (0..spec.writers).map(|w| writer::initial_state(spec.seed, w)).collect();
         Ok(Self {
             shared,
             spec,
@@ -133,11 +125,7 @@ impl SyntheticGuest {
         let mut control = self.shared.lock();
         control.mode = Mode::Running;
         self.shared.interrupt.store(false, Ordering::Release);
-        let writers = if self.spec.dirty_rate > 0 {
-            self.spec.writers
-        } else {
-            0
-        };
+        let writers = if self.spec.dirty_rate > 0 { self.spec.writers } else { 0 };
         for index in 0..writers {
             let config = WriterConfig::new(index, &self.spec, self.shared.pages());
             let state = control.writers[index];
@@ -193,11 +181,7 @@ impl SyntheticGuest {
     /// Waits until at least `at_least` page writes completed; false if `timeout` passed first.
     pub fn wait_writes(&self, at_least: u64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut guard = self
-            .shared
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.shared.progress.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if self.writes() >= at_least {
                 return true;
@@ -265,12 +249,7 @@ impl SyntheticGuest {
             spec: self.spec.clone(),
             writers: self.shared.lock().writers.clone(),
             writes: self.writes(),
-            generations: self
-                .shared
-                .table
-                .iter()
-                .map(|g| g.load(Ordering::Acquire))
-                .collect(),
+            generations: self.shared.table.iter().map(|g| g.load(Ordering::Acquire)).collect(),
         };
         Ok(state.encode())
     }
@@ -288,11 +267,7 @@ impl Vm for SyntheticGuest {
         self.shared.interrupt.store(true, Ordering::Release);
         self.shared.changed.notify_all();
         while control.parked + control.dead < control.threads {
-            control = self
-                .shared
-                .changed
-                .wait(control)
-                .unwrap_or_else(|e| e.into_inner());
+            control = self.shared.changed.wait(control).unwrap_or_else(|e| e.into_inner());
         }
         Ok(())
     }

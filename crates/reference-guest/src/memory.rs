@@ -128,11 +128,7 @@ impl Shared {
     }
 
     /// Writes generation 0 of `pages` (a range of global pages) and records it.
-    pub(crate) fn populate(
-        &self,
-        spec: &GuestSpec,
-        pages: std::ops::Range<u64>,
-    ) -> Result<(), SysError> {
+    pub(crate) fn populate(&self, spec: &GuestSpec, pages: std::ops::Range<u64>) -> Result<(), SysError> {
         let mut buf = Box::new([0u8; PAGE_SIZE]);
         for page in pages {
             fill_content(spec.seed, page, 0, spec.content, &mut buf);

@@ -135,11 +135,7 @@ impl GuestSpec {
 /// `w + writers`, `w + 2 * writers`, ...).
 pub(crate) fn owned_pages(limit: u64, w: usize, writers: usize) -> u64 {
     let (w, n) = (w as u64, writers as u64);
-    if limit > w {
-        (limit - w - 1) / n + 1
-    } else {
-        0
-    }
+    if limit > w { (limit - w - 1) / n + 1 } else { 0 }
 }
 
 #[cfg(test)]

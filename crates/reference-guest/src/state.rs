@@ -241,23 +241,12 @@ mod tests {
                 seed: 99,
             },
             writers: vec![
-                WriterState {
-                    position: 3,
-                    rng: 1,
-                },
-                WriterState {
-                    position: 0,
-                    rng: 2,
-                },
-                WriterState {
-                    position: 2,
-                    rng: 3,
-                },
+                WriterState { position: 3, rng: 1 },
+                WriterState { position: 0, rng: 2 },
+                WriterState { position: 2, rng: 3 },
             ],
             writes: 12345,
-            generations: (0..10)
-                .map(|i| if i == 4 { u32::MAX } else { i * 3 })
-                .collect(),
+            generations: (0..10).map(|i| if i == 4 { u32::MAX } else { i * 3 }).collect(),
         }
     }
 

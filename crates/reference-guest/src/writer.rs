@@ -150,10 +150,8 @@ pub(crate) fn run(shared: Arc<Shared>, config: WriterConfig, mut state: WriterSt
             if control.mode == Mode::Stopping {
                 return;
             }
-            let runnable = control.mode == Mode::Running
-                && control.gate_open
-                && control.throttle < 100
-                && config.owned > 0;
+            let runnable =
+                control.mode == Mode::Running && control.gate_open && control.throttle < 100 && config.owned > 0;
             if runnable {
                 break;
             }
@@ -162,10 +160,7 @@ pub(crate) fn run(shared: Arc<Shared>, config: WriterConfig, mut state: WriterSt
                 control.parked += 1;
                 shared.changed.notify_all();
             }
-            control = shared
-                .changed
-                .wait(control)
-                .unwrap_or_else(|e| e.into_inner());
+            control = shared.changed.wait(control).unwrap_or_else(|e| e.into_inner());
             waited = true;
         }
         if waited || control.throttle != pacer.throttle {
@@ -187,13 +182,7 @@ pub(crate) fn run(shared: Arc<Shared>, config: WriterConfig, mut state: WriterSt
                 g if g >= UNKNOWN_GENERATION - 1 => 1,
                 g => g + 1,
             };
-            fill_content(
-                config.spec.seed,
-                page,
-                generation,
-                config.spec.content,
-                &mut buf,
-            );
+            fill_content(config.spec.seed, page, generation, config.spec.content, &mut buf);
             if let Err(e) = shared.write_page(page, &buf) {
                 let mut control = shared.lock();
                 control.failure = Some(format!("writer {} at page {page}: {e}", config.index));

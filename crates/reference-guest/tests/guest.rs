@@ -53,12 +53,7 @@ fn wait_writes(guest: &SyntheticGuest, at_least: u64) {
 #[test]
 fn paused_guest_checks_and_finds_a_corrupt_page() {
     let blocks = ram(&[4 * MIB, 4 * MIB]);
-    let mut guest = SyntheticGuest::new(
-        blocks.clone(),
-        spec(Pattern::Uniform, Content::Random, 2),
-        true,
-    )
-    .unwrap();
+    let mut guest = SyntheticGuest::new(blocks.clone(), spec(Pattern::Uniform, Content::Random, 2), true).unwrap();
     guest.start().unwrap();
     wait_writes(&guest, 500);
     guest.pause().unwrap();
@@ -92,12 +87,7 @@ fn paused_guest_checks_and_finds_a_corrupt_page() {
 #[test]
 fn state_migrates_and_the_destination_checks_itself() {
     let blocks = ram(&[4 * MIB, 2 * MIB]);
-    let mut source = SyntheticGuest::new(
-        blocks.clone(),
-        spec(Pattern::Uniform, Content::Text, 3),
-        true,
-    )
-    .unwrap();
+    let mut source = SyntheticGuest::new(blocks.clone(), spec(Pattern::Uniform, Content::Text, 3), true).unwrap();
     source.start().unwrap();
     wait_writes(&source, 1000);
     source.pause().unwrap();
@@ -130,12 +120,8 @@ fn state_migrates_and_the_destination_checks_itself() {
 #[test]
 fn destination_finds_a_page_the_migration_lost() {
     let blocks = ram(&[2 * MIB, 2 * MIB]);
-    let mut source = SyntheticGuest::new(
-        blocks.clone(),
-        spec(Pattern::Sequential, Content::ZeroHeavy, 2),
-        true,
-    )
-    .unwrap();
+    let mut source =
+        SyntheticGuest::new(blocks.clone(), spec(Pattern::Sequential, Content::ZeroHeavy, 2), true).unwrap();
     source.start().unwrap();
     wait_writes(&source, 300);
     source.pause().unwrap();
@@ -190,12 +176,7 @@ fn unpopulated_pages_are_unknown_until_rewritten() {
 #[test]
 fn bad_state_is_refused_without_panic() {
     let blocks = ram(&[MIB, MIB]);
-    let mut source = SyntheticGuest::new(
-        blocks.clone(),
-        spec(Pattern::Uniform, Content::Random, 2),
-        true,
-    )
-    .unwrap();
+    let mut source = SyntheticGuest::new(blocks.clone(), spec(Pattern::Uniform, Content::Random, 2), true).unwrap();
     source.start().unwrap();
     assert!(source.save_device_state().is_err(), "saved a running guest");
     wait_writes(&source, 100);
@@ -218,10 +199,7 @@ fn bad_state_is_refused_without_panic() {
 
     dest.load_device_state(&state).unwrap();
     dest.resume().unwrap();
-    assert!(
-        dest.load_device_state(&state).is_err(),
-        "loaded into a running guest"
-    );
+    assert!(dest.load_device_state(&state).is_err(), "loaded into a running guest");
     assert!(dest.wait_check(WAIT).unwrap().is_ok());
 }
 
@@ -288,12 +266,7 @@ fn idle_and_fully_throttled_guests_pause() {
     assert!(idle.save_device_state().is_ok());
     assert!(idle.start().is_err());
 
-    let mut guest = SyntheticGuest::new(
-        ram(&[MIB, MIB]),
-        spec(Pattern::Uniform, Content::Text, 2),
-        true,
-    )
-    .unwrap();
+    let mut guest = SyntheticGuest::new(ram(&[MIB, MIB]), spec(Pattern::Uniform, Content::Text, 2), true).unwrap();
     guest.throttle(100).unwrap();
     guest.start().unwrap();
     guest.pause().unwrap();

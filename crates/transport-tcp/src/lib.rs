@@ -7,6 +7,7 @@
 //! its receiver still finds it.
 #![forbid(unsafe_code)]
 
+use migration_core::transport::ChannelHalves;
 use migration_core::{Channel, ChannelRx, ChannelTx, TransportError};
 use migration_wire::{FRAME_HEADER_LEN, FrameHeader, MAX_FRAME_BODY, Message, MessageKind};
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
@@ -83,7 +84,9 @@ pub fn connect(addr: &str, options: &TcpOptions) -> Result<TcpChannel, Transport
     loop {
         let mut last = None;
         for target in &addrs {
-            let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+            let remaining = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100));
             match TcpStream::connect_timeout(target, remaining) {
                 Ok(stream) => {
                     configure(&stream, options).map_err(|e| io_error("configuring the socket", e))?;
@@ -117,9 +120,15 @@ impl TcpListener {
         let target = resolve(addr)?[0];
         let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)
             .map_err(|e| io_error("creating a socket", e))?;
-        socket.set_reuse_address(true).map_err(|e| io_error("setting SO_REUSEADDR", e))?;
-        socket.bind(&target.into()).map_err(|e| io_error(format!("binding {addr}"), e))?;
-        socket.listen(16).map_err(|e| io_error(format!("listening on {addr}"), e))?;
+        socket
+            .set_reuse_address(true)
+            .map_err(|e| io_error("setting SO_REUSEADDR", e))?;
+        socket
+            .bind(&target.into())
+            .map_err(|e| io_error(format!("binding {addr}"), e))?;
+        socket
+            .listen(16)
+            .map_err(|e| io_error(format!("listening on {addr}"), e))?;
         Ok(Self {
             listener: socket.into(),
             options,
@@ -128,12 +137,17 @@ impl TcpListener {
 
     /// The address actually bound.
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
-        self.listener.local_addr().map_err(|e| io_error("reading the bound address", e))
+        self.listener
+            .local_addr()
+            .map_err(|e| io_error("reading the bound address", e))
     }
 
     /// Waits for the next connection.
     pub fn accept(&self) -> Result<TcpChannel, TransportError> {
-        let (stream, _) = self.listener.accept().map_err(|e| io_error("accepting a connection", e))?;
+        let (stream, _) = self
+            .listener
+            .accept()
+            .map_err(|e| io_error("accepting a connection", e))?;
         configure(&stream, &self.options).map_err(|e| io_error("configuring the socket", e))?;
         TcpChannel::new(stream)
     }
@@ -217,7 +231,10 @@ impl TcpRx {
                 Ok(0) => {
                     return Err(io_error(
                         format!("reading {what}"),
-                        io::Error::new(io::ErrorKind::UnexpectedEof, format!("stream ended after {filled} of {len} bytes")),
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("stream ended after {filled} of {len} bytes"),
+                        ),
                     ));
                 }
                 Ok(n) => filled += n,
@@ -275,7 +292,10 @@ pub struct TcpChannel {
 
 impl TcpChannel {
     fn new(stream: TcpStream) -> Result<Self, TransportError> {
-        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "unknown peer".into());
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "unknown peer".into());
         let reader = stream.try_clone().map_err(|e| io_error("cloning the socket", e))?;
         Ok(Self {
             tx: TcpTx {
@@ -323,7 +343,7 @@ impl ChannelRx for TcpChannel {
 }
 
 impl Channel for TcpChannel {
-    fn split(self: Box<Self>) -> Result<(Box<dyn ChannelTx>, Box<dyn ChannelRx>), TransportError> {
+    fn split(self: Box<Self>) -> Result<ChannelHalves, TransportError> {
         let TcpChannel { tx, rx, .. } = *self;
         Ok((Box::new(tx), Box::new(rx)))
     }
@@ -363,9 +383,13 @@ mod tests {
         let payload = vec![7u8; 4096];
         let batch = PageBatch::new(1, 3, 4096, &entries, &payload).expect("batch");
         a.send(&Message::Pages(batch.clone())).expect("send");
-        a.send(&Message::SyncMarker(SyncMarker { epoch: 3, pages: 2 })).expect("send");
+        a.send(&Message::SyncMarker(SyncMarker { epoch: 3, pages: 2 }))
+            .expect("send");
         assert_eq!(b.recv().expect("recv"), Message::Pages(batch));
-        assert_eq!(b.recv().expect("recv"), Message::SyncMarker(SyncMarker { epoch: 3, pages: 2 }));
+        assert_eq!(
+            b.recv().expect("recv"),
+            Message::SyncMarker(SyncMarker { epoch: 3, pages: 2 })
+        );
         assert_eq!(a.bytes_sent(), b.bytes_received());
         b.send(&Message::Ready).expect("send");
         assert_eq!(a.recv().expect("recv"), Message::Ready);
@@ -387,7 +411,13 @@ mod tests {
         });
         let mut server = listener.accept().expect("accept");
         let err = server.recv().expect_err("corrupt frame");
-        assert!(matches!(err, TransportError::Malformed(migration_wire::WireError::Checksum { .. })), "{err}");
+        assert!(
+            matches!(
+                err,
+                TransportError::Malformed(migration_wire::WireError::Checksum { .. })
+            ),
+            "{err}"
+        );
         writer.join().expect("join");
     }
 
@@ -414,7 +444,11 @@ mod tests {
     #[test]
     fn connect_gives_up_within_its_timeout() {
         // Bind then drop to get a port nobody listens on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
         let options = TcpOptions {
             connect_timeout: Duration::from_millis(300),
             ..TcpOptions::default()

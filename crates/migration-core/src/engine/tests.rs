@@ -234,7 +234,16 @@ fn final_pass_is_not_capped() {
 #[test]
 fn transition_table() {
     use Phase::*;
-    let all = [Sending, Syncing, PausePending, AwaitPaused, FinalSending, Finishing, Done, Failed];
+    let all = [
+        Sending,
+        Syncing,
+        PausePending,
+        AwaitPaused,
+        FinalSending,
+        Finishing,
+        Done,
+        Failed,
+    ];
     let allowed: Vec<_> = all
         .iter()
         .flat_map(|a| all.iter().map(move |b| (*a, *b)))

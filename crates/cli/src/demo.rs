@@ -1,0 +1,131 @@
+//! `migrate-cli demo`: a receiver and a sender process on loopback.
+
+use crate::exit;
+use crate::units::{human_bytes, parse_size};
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Guest RAM size.
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    pub mem_size: u64,
+    /// Bytes of page writes per second the guest makes while it migrates.
+    #[arg(long, value_parser = parse_size, default_value = "32M")]
+    pub dirty_rate: u64,
+}
+
+pub fn run(args: DemoArgs) -> u8 {
+    match demo(&args) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("demo: error: {}", crate::chain(&err));
+            exit::FAILED
+        }
+    }
+}
+
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn demo(args: &DemoArgs) -> Result<u8> {
+    let exe = std::env::current_exe().context("finding the migrate-cli binary")?;
+    let mut recv = Reaped(
+        Command::new(&exe)
+            .args(["recv", "--listen", "127.0.0.1:0", "--quiet", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the receiver process")?,
+    );
+    let stderr = recv.0.stderr.take().expect("piped");
+    let (lines, incoming) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let addr = loop {
+        let line = incoming
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| anyhow!("the receiver did not start listening"))?;
+        if let Some(addr) = line.strip_prefix("listening on ") {
+            break addr.to_string();
+        }
+        eprintln!("{line}");
+    };
+    eprintln!(
+        "demo: receiver listening on {addr}; sending a {} guest that writes {}/s",
+        human_bytes(args.mem_size as f64),
+        human_bytes(args.dirty_rate as f64)
+    );
+    std::thread::spawn(move || {
+        for line in incoming {
+            eprintln!("{line}");
+        }
+    });
+    let send = Command::new(&exe)
+        .args(["send", "--to", &addr, "--json"])
+        .args(["--mem-size", &args.mem_size.to_string()])
+        .args(["--dirty-rate", &args.dirty_rate.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the sender process")?
+        .wait_with_output()
+        .context("waiting for the sender")?;
+    let recv_out = std::mem::replace(&mut recv.0, Command::new("true").spawn()?).wait_with_output()?;
+    let sent: Value = parse(&send.stdout).context("reading the sender's report")?;
+    let received: Value = parse(&recv_out.stdout).context("reading the receiver's report")?;
+    let num = |v: &Value, k: &str| v[k].as_f64();
+    if sent["status"] != "completed" {
+        bail!(
+            "migration failed: {}",
+            sent["error"].as_str().unwrap_or("unknown error")
+        );
+    }
+    println!(
+        "demo: moved a {} guest live over loopback in {:.0} ms ({}/s of guest RAM, {}/s on the wire), {} passes",
+        human_bytes(num(&sent, "ram_bytes").unwrap_or(0.0)),
+        num(&sent, "total_ms").unwrap_or(0.0),
+        human_bytes(num(&sent, "ram_bytes_per_sec").unwrap_or(0.0)),
+        human_bytes(num(&sent, "throughput_bytes_per_sec").unwrap_or(0.0)),
+        num(&sent, "iterations").unwrap_or(0.0),
+    );
+    println!(
+        "demo: downtime {:.1} ms (expected {:.1} ms, limit 300 ms); digests {}; guest self-check {}",
+        num(&sent, "downtime_ms").unwrap_or(f64::NAN),
+        num(&sent, "expected_downtime_ms").unwrap_or(f64::NAN),
+        if sent["verified"] == true && received["verified"] == true {
+            "verified on both sides"
+        } else {
+            "NOT verified"
+        },
+        received["guest_check"].as_str().unwrap_or("unknown"),
+    );
+    let send_code = send.status.code().unwrap_or(1) as u8;
+    let recv_code = recv_out.status.code().unwrap_or(1) as u8;
+    Ok(send_code.max(recv_code))
+}
+
+fn parse(stdout: &[u8]) -> Result<Value> {
+    let text = String::from_utf8_lossy(stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| anyhow!("no JSON report"))?;
+    Ok(serde_json::from_str(line)?)
+}

@@ -1,0 +1,105 @@
+//! Guest RAM for the CLI: anonymous memory or a shared file, split into
+//! blocks.
+
+use anyhow::{Context, Result, bail};
+use migration_core::dest::FreshMemory;
+use migration_core::{Ram, RamBlock};
+use migration_sys::{GuestRegion, PAGE_SIZE};
+use migration_wire::BlockList;
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Guest RAM and how it is backed.
+pub struct GuestMemory {
+    pub ram: Ram,
+    pub fresh: FreshMemory,
+}
+
+impl GuestMemory {
+    /// The regions, in block order, for the guest.
+    pub fn regions(&self) -> Vec<Arc<GuestRegion>> {
+        self.ram.blocks().iter().map(|b| Arc::clone(b.region())).collect()
+    }
+}
+
+/// The source's block layout: a low and a high block, as a PC has below
+/// and above its PCI hole (one block when RAM is a single page).
+pub fn source_layout(total: u64) -> Result<Vec<(String, u64)>> {
+    let page = PAGE_SIZE as u64;
+    if total == 0 || total % page != 0 {
+        bail!("guest memory size {total} is not a positive multiple of {page} bytes");
+    }
+    let pages = total / page;
+    if pages == 1 {
+        return Ok(vec![("pc.ram".into(), total)]);
+    }
+    let low = pages.div_ceil(2) * page;
+    Ok(vec![("pc.ram".into(), low), ("pc.ram.high".into(), total - low)])
+}
+
+/// Anonymous memory for the blocks of `layout`.
+pub fn anonymous(layout: &[(String, u64)]) -> Result<GuestMemory> {
+    let blocks = layout
+        .iter()
+        .map(|(name, len)| {
+            let region = GuestRegion::anonymous(usize::try_from(*len)?)
+                .with_context(|| format!("mapping {len} bytes of anonymous memory for {name}"))?;
+            Ok(RamBlock::new(name.clone(), Arc::new(region)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(GuestMemory {
+        ram: Ram::new(blocks),
+        fresh: FreshMemory::Zeroed,
+    })
+}
+
+/// Maps the blocks of `layout` back to back from the start of `file`.
+fn map_file(file: &File, path: &Path, layout: &[(String, u64)]) -> Result<GuestMemory> {
+    let mut offset = 0u64;
+    let mut blocks = Vec::new();
+    for (name, len) in layout {
+        let region = GuestRegion::shared_file_at(file, offset, usize::try_from(*len)?)
+            .with_context(|| format!("mapping {name} from {} at offset {offset}", path.display()))?;
+        blocks.push(RamBlock::new(name.clone(), Arc::new(region)));
+        offset += len;
+    }
+    Ok(GuestMemory {
+        ram: Ram::new(blocks),
+        fresh: FreshMemory::Unknown,
+    })
+}
+
+/// The source's RAM from an existing file; its size is the guest's size.
+pub fn source_file(path: &Path) -> Result<GuestMemory> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening --mem-file {}", path.display()))?;
+    let len = file.metadata()?.len();
+    let layout = source_layout(len).with_context(|| format!("--mem-file {}", path.display()))?;
+    map_file(&file, path, &layout)
+}
+
+/// The destination's RAM for an announced block list, in a file (created or
+/// resized to fit) or in anonymous memory.
+pub fn destination(blocks: &BlockList, mem_file: Option<&Path>) -> Result<GuestMemory> {
+    let layout: Vec<(String, u64)> = blocks.blocks.iter().map(|b| (b.name.clone(), b.length)).collect();
+    let Some(path) = mem_file else {
+        return anonymous(&layout);
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("opening --mem-file {}", path.display()))?;
+    let total = blocks.total_bytes();
+    if file.metadata()?.len() != total {
+        file.set_len(total)
+            .with_context(|| format!("sizing --mem-file {} to {total} bytes", path.display()))?;
+    }
+    map_file(&file, path, &layout)
+}

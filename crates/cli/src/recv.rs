@@ -1,0 +1,153 @@
+//! `migrate-cli recv`: the destination side.
+
+use crate::exit;
+use crate::memory;
+use crate::report::{Progress, Report, Status};
+use crate::units::{parse_duration, parse_size};
+use anyhow::{Context, Result};
+use migration_core::dest::{self, DestOptions, run_destination};
+use migration_wire::ErrorCode;
+use reference_guest::SyntheticGuest;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use transport_tcp::{TcpListener, TcpOptions};
+
+#[derive(Debug, clap::Args)]
+pub struct RecvArgs {
+    /// Address to listen on (HOST:PORT; port 0 picks a free one, printed on stderr).
+    #[arg(long)]
+    pub listen: String,
+    /// Back guest RAM with this file (created or resized), which holds the
+    /// migrated RAM afterwards.
+    #[arg(long)]
+    pub mem_file: Option<PathBuf>,
+    /// Largest guest RAM accepted (e.g. 8G).
+    #[arg(long, value_parser = parse_size, default_value = "64G")]
+    pub max_mem: u64,
+    /// How long the resumed guest runs before the command exits.
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    pub run_for: Duration,
+    /// Longest silence from the source before the migration fails.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub io_timeout: Duration,
+    /// Print no progress lines (errors and the result still print).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Print one JSON object with the outcome on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: RecvArgs) -> u8 {
+    let mut report = Report::new("recv");
+    report.guest_check = Some(None);
+    let code = recv(&args, &mut report).unwrap_or_else(|err| {
+        report.status = Status::Failed;
+        report.error = Some(crate::chain(&err));
+        exit::FAILED
+    });
+    report.print(args.json);
+    code
+}
+
+fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
+    let options = DestOptions {
+        max_ram: args.max_mem,
+        io_timeout: args.io_timeout,
+        ..DestOptions::default()
+    };
+    let tcp = TcpOptions {
+        io_timeout: args.io_timeout,
+        ..TcpOptions::default()
+    };
+    let listener = TcpListener::bind(&args.listen, tcp).with_context(|| format!("listening on {}", args.listen))?;
+    eprintln!("listening on {}", listener.local_addr()?);
+
+    // Serve one migration: a connection that fails the handshake is
+    // refused and reported, and the wait goes on.
+    let incoming = loop {
+        let channel = match listener.accept() {
+            Ok(channel) => channel,
+            Err(err) => {
+                eprintln!("accept failed: {}", crate::chain(&err.into()));
+                continue;
+            }
+        };
+        let peer = migration_core::Channel::peer(&channel);
+        match dest::accept(Box::new(channel), &options) {
+            Ok(incoming) => break incoming,
+            Err(err) => eprintln!("refused connection from {peer}: {}", crate::chain(&err.into())),
+        }
+    };
+
+    let setup_start = Instant::now();
+    let memory = match memory::destination(incoming.blocks(), args.mem_file.as_deref()) {
+        Ok(memory) => memory,
+        Err(err) => {
+            incoming.refuse(
+                ErrorCode::Internal,
+                &format!("destination cannot prepare guest RAM: {err:#}"),
+            );
+            return Err(err.context("preparing guest RAM"));
+        }
+    };
+    report.ram_bytes = Some(memory.ram.total_bytes());
+    let mut guest = SyntheticGuest::destination(memory.regions());
+    report.setup(setup_start.elapsed());
+
+    let mut progress = Progress::new("recv");
+    let quiet = args.quiet;
+    let result = run_destination(
+        incoming,
+        &memory.ram,
+        memory.fresh,
+        &mut guest,
+        &options,
+        &mut |event| {
+            if !quiet {
+                progress.event(event)
+            }
+        },
+    );
+    progress.finish();
+    let (resumed, verified) = match result {
+        Ok(done) => {
+            report.fill(&done.stats, done.until_handover);
+            report.status = Status::Completed;
+            report.verified = done.verified;
+            report.mismatched_blocks = done.mismatched_blocks.clone();
+            if done.verified == Some(false) {
+                report.error = Some(format!(
+                    "guest RAM differs from the source in blocks {:?}",
+                    done.mismatched_blocks
+                ));
+            }
+            (true, done.verified == Some(true))
+        }
+        Err(failure) => {
+            report.fill(&failure.stats, failure.stats.elapsed);
+            report.status = Status::Failed;
+            report.error = Some(format!("{:#}", anyhow::Error::new(failure.error)));
+            (failure.resumed, false)
+        }
+    };
+    if !resumed {
+        // Never ran: the source keeps the VM; discard.
+        return Ok(exit::FAILED);
+    }
+    // The guest runs here now: its first act is to check its own pages.
+    let check = guest.wait_check(Duration::from_secs(600));
+    report.guest_check = Some(Some(match check {
+        Some(check) if check.is_ok() => "passed",
+        Some(_) => "failed",
+        None => "skipped",
+    }));
+    if let Some(check) = check.filter(|c| !c.is_ok()) {
+        let text = format!("guest self-check failed: {check}");
+        report.error = Some(report.error.take().map_or(text.clone(), |e| format!("{e}; {text}")));
+    }
+    // Let the guest run for a moment, as a VMM would keep it running.
+    std::thread::sleep(args.run_for);
+    let guest_ok = check.is_some_and(|c| c.is_ok());
+    Ok(if verified && guest_ok { exit::OK } else { exit::MISMATCH })
+}

@@ -1,0 +1,247 @@
+//! What the CLI tells people and scripts: a progress bar or progress lines
+//! on stderr while it runs, and one JSON object (or a summary) at the end.
+
+use crate::units::human_bytes;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use migration_core::{Event, Stats};
+use serde::Serialize;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+/// The outcome of a migration.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Completed,
+    Failed,
+    #[allow(dead_code)] // reserved for a cancelled migration (signal handling)
+    Cancelled,
+}
+
+/// The JSON object both sides print with `--json`: the same schema,
+/// `null` where a side cannot know a value.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub role: &'static str,
+    pub status: Status,
+    pub error: Option<String>,
+    pub verified: Option<bool>,
+    pub total_ms: Option<f64>,
+    pub setup_ms: Option<f64>,
+    pub downtime_ms: Option<f64>,
+    pub expected_downtime_ms: Option<f64>,
+    pub transferred_bytes: Option<u64>,
+    pub ram_bytes: Option<u64>,
+    pub iterations: Option<u64>,
+    pub throughput_bytes_per_sec: Option<f64>,
+    pub ram_bytes_per_sec: Option<f64>,
+    pub zero_pages: Option<u64>,
+    pub plain_pages: Option<u64>,
+    /// Source: the VM runs on the source again after a failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_resumed: Option<bool>,
+    /// Source: page writes the guest made after it resumed on the source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writes_after_resume: Option<Option<u64>>,
+    /// Destination: the guest's own check of its pages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_check: Option<Option<&'static str>>,
+    /// Blocks whose digests differ.
+    pub mismatched_blocks: Vec<u32>,
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+impl Report {
+    /// A report of `role` with nothing known yet.
+    pub fn new(role: &'static str) -> Self {
+        Self {
+            role,
+            status: Status::Failed,
+            error: None,
+            verified: None,
+            total_ms: None,
+            setup_ms: None,
+            downtime_ms: None,
+            expected_downtime_ms: None,
+            transferred_bytes: None,
+            ram_bytes: None,
+            iterations: None,
+            throughput_bytes_per_sec: None,
+            ram_bytes_per_sec: None,
+            zero_pages: None,
+            plain_pages: None,
+            source_resumed: None,
+            writes_after_resume: None,
+            guest_check: None,
+            mismatched_blocks: Vec::new(),
+        }
+    }
+
+    /// Fills the figures from `stats`; `total` is first handshake byte to
+    /// the handover.
+    pub fn fill(&mut self, stats: &Stats, total: Duration) {
+        self.total_ms = Some(ms(total));
+        self.downtime_ms = stats.downtime.map(ms);
+        self.expected_downtime_ms = stats.expected_downtime.map(ms);
+        self.transferred_bytes = Some(stats.transferred_bytes);
+        self.ram_bytes = Some(stats.ram_bytes);
+        self.iterations = Some(stats.iterations);
+        let secs = total.as_secs_f64();
+        if secs > 0.0 {
+            self.throughput_bytes_per_sec = Some((stats.transferred_bytes as f64 / secs).round());
+            self.ram_bytes_per_sec = Some((stats.ram_transferred as f64 / secs).round());
+        }
+        self.zero_pages = Some(stats.zero_pages);
+        self.plain_pages = Some(stats.plain_pages);
+    }
+
+    /// Records the setup time.
+    pub fn setup(&mut self, setup: Duration) {
+        self.setup_ms = Some(ms(setup));
+    }
+
+    /// Prints the report: JSON on stdout, or a summary for people on stderr.
+    pub fn print(&self, json: bool) {
+        if json {
+            println!("{}", serde_json::to_string(self).expect("a report serialises"));
+            return;
+        }
+        let mut line = match self.status {
+            Status::Completed => format!("{}: migration completed", self.role),
+            Status::Failed => format!("{}: migration failed", self.role),
+            Status::Cancelled => format!("{}: migration cancelled", self.role),
+        };
+        if let (Some(ram), Some(rate), Some(total)) = (self.ram_bytes, self.ram_bytes_per_sec, self.total_ms) {
+            line += &format!(
+                ", {} of RAM in {:.0} ms ({}/s)",
+                human_bytes(ram as f64),
+                total,
+                human_bytes(rate)
+            );
+        }
+        if let Some(iterations) = self.iterations {
+            line += &format!(", {iterations} passes");
+        }
+        if let Some(downtime) = self.downtime_ms {
+            line += &format!(", downtime {downtime:.1} ms");
+            if let Some(expected) = self.expected_downtime_ms {
+                line += &format!(" (expected {expected:.1} ms)");
+            }
+        }
+        match self.verified {
+            Some(true) => line += ", verified",
+            Some(false) => line += ", VERIFICATION FAILED",
+            None => {}
+        }
+        if let Some(Some(check)) = self.guest_check {
+            line += &format!(", guest check {check}");
+        }
+        if let Some(true) = self.source_resumed {
+            line += ", source resumed";
+        }
+        eprintln!("{line}");
+        if let Some(error) = &self.error {
+            eprintln!("{}: error: {error}", self.role);
+        }
+    }
+}
+
+/// Renders events on stderr: a progress bar on a terminal, plain
+/// `progress ...` lines otherwise (so scripts and tests can follow along).
+pub struct Progress {
+    role: &'static str,
+    bar: Option<ProgressBar>,
+    last_line: Option<Instant>,
+}
+
+impl Progress {
+    pub fn new(role: &'static str) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {prefix} [{elapsed_precise}] {wide_msg}")
+                    .expect("a valid template"),
+            );
+            bar.set_prefix(role);
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        Self {
+            role,
+            bar,
+            last_line: None,
+        }
+    }
+
+    pub fn event(&mut self, event: &Event) {
+        match event {
+            Event::Progress(stats) => self.progress(stats, None),
+            Event::PassEnded { epoch, stats } => self.progress(stats, Some(*epoch)),
+            Event::Switchover {
+                reason,
+                expected_downtime,
+            } => self.say(&format!(
+                "switching over ({reason:?}), expected downtime {:.1} ms",
+                expected_downtime.as_secs_f64() * 1e3
+            )),
+            Event::Paused => self.say("source paused"),
+            Event::Ready => self.say("destination ready"),
+            Event::HandedOver => self.say("handed over (GO)"),
+            Event::Resumed => self.say("guest running on the destination"),
+            Event::Verified(ok) => self.say(if *ok { "digests verified" } else { "digests DIFFER" }),
+            Event::SourceResumed => self.say("source guest resumed"),
+            Event::Started => self.say("handshake done, transferring"),
+        }
+    }
+
+    fn progress(&mut self, stats: &Stats, pass_ended: Option<u64>) {
+        let rate = stats.ram_rate();
+        let mut fields = format!(
+            "ram_transferred={} transferred_bytes={} iterations={} ram_bytes_per_sec={:.0}",
+            stats.ram_transferred, stats.transferred_bytes, stats.iterations, rate
+        );
+        if let Some(remaining) = stats.remaining_bytes {
+            fields += &format!(" remaining={remaining}");
+        }
+        if let Some(expected) = stats.expected_downtime {
+            fields += &format!(" expected_downtime_ms={:.1}", expected.as_secs_f64() * 1e3);
+        }
+        if let Some(dirty) = stats.dirty_rate {
+            fields += &format!(" dirty_rate={dirty:.0}");
+        }
+        if let Some(bar) = &self.bar {
+            let mut msg = format!(
+                "pass {}  {} sent  {}/s",
+                stats.iterations + 1,
+                human_bytes(stats.ram_transferred as f64),
+                human_bytes(rate)
+            );
+            if let Some(remaining) = stats.remaining_bytes {
+                msg += &format!("  {} dirty", human_bytes(remaining as f64));
+            }
+            if let Some(expected) = stats.expected_downtime {
+                msg += &format!("  expected downtime {:.0} ms", expected.as_secs_f64() * 1e3);
+            }
+            bar.set_message(msg);
+        } else if pass_ended.is_some() || self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_millis(200)) {
+            eprintln!("progress {} {fields}", self.role);
+            self.last_line = Some(Instant::now());
+        }
+    }
+
+    pub fn say(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(format!("{}: {text}", self.role)),
+            None => eprintln!("{}: {text}", self.role),
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

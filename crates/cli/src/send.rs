@@ -1,0 +1,210 @@
+//! `migrate-cli send`: the source side.
+
+use crate::exit;
+use crate::memory::{self, GuestMemory};
+use crate::report::{Progress, Report, Status};
+use crate::units::{parse_duration, parse_size};
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use migration_core::source::{SourceOptions, run_source};
+use migration_core::{KernelDirtyLog, LimitAction, PrecopyConfig};
+use migration_wire::SessionId;
+use reference_guest::{Content, GuestSpec, Pattern, SyntheticGuest};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use transport_tcp::TcpOptions;
+
+/// What to do when precopy does not converge within its limits.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OnLimit {
+    /// Switch over anyway (longer downtime).
+    Switchover,
+    /// Fail; the source keeps running.
+    Fail,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    /// Destination address (HOST:PORT) where `migrate-cli recv` listens.
+    #[arg(long)]
+    pub to: String,
+    /// Back guest RAM with this existing file (MAP_SHARED), keeping its content.
+    #[arg(long, conflicts_with = "mem_size")]
+    pub mem_file: Option<PathBuf>,
+    /// Guest RAM size of an anonymous-memory guest (e.g. 512M, 2G).
+    #[arg(long, value_parser = parse_size)]
+    pub mem_size: Option<u64>,
+    /// Bytes of 4 KiB page writes per second the guest makes (0: idle).
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    pub dirty_rate: u64,
+    /// Which pages the guest writes: uniform, hotset or sequential.
+    #[arg(long, default_value = "uniform")]
+    pub pattern: Pattern,
+    /// Size of the hot set for --pattern hotset (default: a quarter of RAM).
+    #[arg(long, value_parser = parse_size)]
+    pub hot_set: Option<u64>,
+    /// What the guest's pages hold: random, text or zero-heavy.
+    #[arg(long, default_value = "random")]
+    pub content: Content,
+    /// Switch over once the expected downtime is at most this many milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// Cap on wire bytes per second before the switchover (e.g. 100M).
+    #[arg(long, value_parser = parse_size)]
+    pub max_bandwidth: Option<u64>,
+    /// Passes after which --on-limit applies (0: no limit).
+    #[arg(long, default_value_t = 30)]
+    pub max_iterations: u64,
+    /// Time after which --on-limit applies (e.g. 60s; default: no limit).
+    #[arg(long, value_parser = parse_duration)]
+    pub max_time: Option<Duration>,
+    /// When a limit is reached first: switch over anyway, or fail.
+    #[arg(long, value_enum, default_value = "switchover")]
+    pub on_limit: OnLimit,
+    /// Writer threads of the synthetic guest.
+    #[arg(long, default_value_t = 2)]
+    pub writers: usize,
+    /// Seed of the synthetic guest's contents and choices.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Longest wait for the destination's answers, and the TCP user timeout.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub io_timeout: Duration,
+    /// How long to keep retrying the connection.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub connect_timeout: Duration,
+    /// Print one JSON object with the outcome on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: SendArgs) -> u8 {
+    let mut report = Report::new("send");
+    report.writes_after_resume = Some(None);
+    let code = send(&args, &mut report).unwrap_or_else(|err| {
+        report.status = Status::Failed;
+        report.error = Some(crate::chain(&err));
+        exit::FAILED
+    });
+    report.print(args.json);
+    code
+}
+
+fn session_id() -> SessionId {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    SessionId(nanos ^ (u64::from(std::process::id()) << 32))
+}
+
+fn send(args: &SendArgs, report: &mut Report) -> Result<u8> {
+    let setup_start = Instant::now();
+    let memory: GuestMemory = match &args.mem_file {
+        Some(path) => memory::source_file(path)?,
+        None => memory::anonymous(&memory::source_layout(args.mem_size.unwrap_or(256 << 20))?)?,
+    };
+    let ram_bytes = memory.ram.total_bytes();
+    report.ram_bytes = Some(ram_bytes);
+    let spec = GuestSpec {
+        dirty_rate: args.dirty_rate,
+        pattern: args.pattern,
+        hot_set: args.hot_set.unwrap_or(ram_bytes / 4),
+        content: args.content,
+        writers: args.writers,
+        seed: args.seed,
+    };
+    let mut guest =
+        SyntheticGuest::new(memory.regions(), spec, args.mem_file.is_none()).context("starting the synthetic guest")?;
+    // Track writes before the guest runs, so none goes unseen.
+    let mut dirty = KernelDirtyLog::start(&memory.ram).context("starting kernel dirty tracking")?;
+    guest.start().context("starting the synthetic guest")?;
+    report.source_resumed = Some(true);
+
+    let tcp = TcpOptions {
+        connect_timeout: args.connect_timeout,
+        io_timeout: args.io_timeout,
+        ..TcpOptions::default()
+    };
+    let channel = match transport_tcp::connect(&args.to, &tcp) {
+        Ok(channel) => channel,
+        Err(err) => {
+            report.writes_after_resume = Some(Some(writes_while_running(&guest, args.dirty_rate)));
+            return Err(err).context("connecting to the destination");
+        }
+    };
+    report.setup(setup_start.elapsed());
+
+    let options = SourceOptions {
+        precopy: PrecopyConfig {
+            downtime_limit: Duration::from_millis(args.downtime_ms),
+            max_iterations: (args.max_iterations > 0).then_some(args.max_iterations),
+            max_time: args.max_time,
+            on_limit: match args.on_limit {
+                OnLimit::Switchover => LimitAction::Switchover,
+                OnLimit::Fail => LimitAction::Fail,
+            },
+            max_bandwidth: args.max_bandwidth,
+            ..PrecopyConfig::default()
+        },
+        session: session_id(),
+        reply_timeout: args.io_timeout,
+        ..SourceOptions::default()
+    };
+    let mut progress = Progress::new("send");
+    let result = run_source(
+        Box::new(channel),
+        &memory.ram,
+        &mut guest,
+        &mut dirty,
+        &options,
+        &mut |event| progress.event(event),
+    );
+    progress.finish();
+    match result {
+        Ok(done) => {
+            report.fill(&done.stats, done.until_handover);
+            report.source_resumed = Some(false);
+            report.status = Status::Completed;
+            report.verified = done.verified;
+            report.mismatched_blocks = done.mismatched_blocks.clone();
+            Ok(match done.verified {
+                Some(true) => exit::OK,
+                Some(false) => {
+                    report.error = Some(format!(
+                        "destination RAM differs from the source in blocks {:?}",
+                        done.mismatched_blocks
+                    ));
+                    exit::MISMATCH
+                }
+                None => {
+                    report.error = Some("the destination never sent its verdict on the block digests".into());
+                    exit::MISMATCH
+                }
+            })
+        }
+        Err(failure) => {
+            report.fill(&failure.stats, failure.stats.elapsed);
+            report.status = Status::Failed;
+            report.error = Some(format!("{:#}", anyhow::Error::new(failure.error)));
+            report.source_resumed = Some(failure.source_resumed);
+            if failure.source_resumed {
+                report.writes_after_resume = Some(Some(writes_while_running(&guest, args.dirty_rate)));
+            }
+            Ok(if failure.handed_over {
+                exit::HANDOVER_UNCONFIRMED
+            } else {
+                exit::FAILED
+            })
+        }
+    }
+}
+
+/// Shows the resumed guest really runs: waits (bounded) for some writes of
+/// a guest that writes at all, and returns how many it made.
+fn writes_while_running(guest: &SyntheticGuest, dirty_rate: u64) -> u64 {
+    let before = guest.writes();
+    if dirty_rate > 0 {
+        guest.wait_writes(before + 16, Duration::from_secs(5));
+    }
+    guest.writes() - before
+}
