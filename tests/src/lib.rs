@@ -447,3 +447,27 @@ impl Drop for TempFile {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// Waits for a migration between `send` and `recv` and checks both report
+/// it completed and verified. If one side fails, the panic shows both sides
+/// (a destination still waiting after a failed send is killed first).
+pub fn assert_pair_completed(send: Proc, recv: Proc) -> (Value, Value) {
+    let send_out = send.wait(MIGRATION_WAIT);
+    if send_out.code != Some(0) {
+        let recv_out = recv.kill();
+        panic!(
+            "send failed\n=== send ===\n{}\n=== recv (killed after send exited) ===\n{}",
+            send_out.describe(),
+            recv_out.describe()
+        );
+    }
+    let recv_out = recv.wait(MIGRATION_WAIT);
+    if recv_out.code != Some(0) {
+        panic!(
+            "recv failed\n=== send ===\n{}\n=== recv ===\n{}",
+            send_out.describe(),
+            recv_out.describe()
+        );
+    }
+    (assert_completed(&send_out, "send"), assert_completed(&recv_out, "recv"))
+}

@@ -6,8 +6,8 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
 
 use migration_tests::{
-    MIGRATION_WAIT, WAIT, assert_completed, assert_send_failed_resumed, error_text, field, garbage, lock, num, run,
-    spawn_recv, spawn_send,
+    MIGRATION_WAIT, WAIT, assert_pair_completed, assert_send_failed_resumed, error_text, field, garbage, lock, num,
+    run, spawn_recv, spawn_send,
 };
 
 /// Asserts a destination that was part of a failed migration did not claim
@@ -64,6 +64,10 @@ fn non_converging_guest_fails_when_told_and_source_resumes() {
     assert!(
         error_text(&json).contains("converge"),
         "error should say the guest did not converge: {json:#}"
+    );
+    assert!(
+        num(&json, "iterations") >= 3,
+        "failed only at --max-iterations: {json:#}"
     );
     // The destination either failed on its own or is still waiting: it must
     // not have completed. Kill it now (a no-op if it already exited).
@@ -128,8 +132,7 @@ fn oversize_block_list_is_refused_and_recv_keeps_listening() {
 
     // Still listening: a migration that fits completes.
     let send = spawn_send(addr, &["--mem-size", "16M", "--json"]);
-    assert_completed(&send.wait(MIGRATION_WAIT), "send");
-    let recv_json = assert_completed(&recv.wait(MIGRATION_WAIT), "recv");
+    let (_send_json, recv_json) = assert_pair_completed(send, recv);
     assert_eq!(num(&recv_json, "ram_bytes"), 16 << 20, "{recv_json:#}");
 }
 
@@ -180,7 +183,9 @@ fn silent_receiver_times_out_and_source_resumes() {
     let json = assert_send_failed_resumed(&out);
     let error = error_text(&json);
     assert!(
-        ["timed out", "timeout", "time out", "silent"].iter().any(|w| error.contains(w)),
+        ["timed out", "timeout", "time out", "silent"]
+            .iter()
+            .any(|w| error.contains(w)),
         "error should be a timeout: {json:#}"
     );
     drop(stream);

@@ -1,7 +1,7 @@
 //! Successful migrations between two `migrate-cli` processes on loopback:
 //! idle, converging, forced switchover, and `--mem-file` on both sides.
 
-use migration_tests::{MIGRATION_WAIT, TempFile, assert_completed, field, lock, num, spawn_recv, spawn_send};
+use migration_tests::{TempFile, assert_pair_completed, field, lock, num, spawn_recv, spawn_send};
 
 /// Runs recv (with `recv_args`) and send (with `send_args`) to completion and
 /// checks both report a completed, verified migration. Returns both JSONs.
@@ -12,10 +12,7 @@ fn migrate(recv_args: &[&str], send_args: &[&str]) -> (serde_json::Value, serde_
     send_all.extend_from_slice(send_args);
     let (recv, addr) = spawn_recv(&recv_all);
     let send = spawn_send(addr, &send_all);
-    let send_out = send.wait(MIGRATION_WAIT);
-    let send_json = assert_completed(&send_out, "send");
-    let recv_out = recv.wait(MIGRATION_WAIT);
-    let recv_json = assert_completed(&recv_out, "recv");
+    let (send_json, recv_json) = assert_pair_completed(send, recv);
     assert_eq!(
         field(&recv_json, "guest_check"),
         "passed",
@@ -31,6 +28,22 @@ fn migrate(recv_args: &[&str], send_args: &[&str]) -> (serde_json::Value, serde_
         field(&recv_json, "ram_bytes"),
         "both sides agree on the RAM size"
     );
+    // Every page crossed the link at least once, as a zero flag or as its
+    // bytes, and plain pages carried their bytes.
+    let pages = num(&send_json, "ram_bytes") / PAGE as u64;
+    let plain = num(&send_json, "plain_pages");
+    assert!(
+        num(&send_json, "zero_pages") + plain >= pages,
+        "every one of {pages} pages sent at least once: {send_json:#}"
+    );
+    assert!(
+        num(&send_json, "transferred_bytes") >= plain * PAGE as u64,
+        "plain pages travel with their bytes: {send_json:#}"
+    );
+    assert!(
+        num(&recv_json, "transferred_bytes") >= plain * PAGE as u64,
+        "the destination received every plain page's bytes: {recv_json:#}"
+    );
     (send_json, recv_json)
 }
 
@@ -42,9 +55,6 @@ fn idle_guest_migrates_and_verifies() {
         assert_eq!(num(json, "ram_bytes"), 32 << 20, "{side}: ram_bytes {json:#}");
         assert!(num(json, "iterations") >= 1, "{side}: iterations {json:#}");
     }
-    // Every page crossed the link once, as a zero flag or as bytes.
-    let pages = num(&send, "zero_pages") + num(&send, "plain_pages");
-    assert!(pages >= (32 << 20) / 4096, "every page sent at least once: {send:#}");
 }
 
 #[test]
@@ -77,6 +87,15 @@ fn non_converging_guest_is_forced_over_and_verifies() {
         num(&send, "iterations") >= 3,
         "the policy waits for --max-iterations before forcing: {send:#}"
     );
+    // Forced, not converged: the estimate never fit the 1 ms limit.
+    let expected = field(&send, "expected_downtime_ms")
+        .as_f64()
+        .unwrap_or_else(|| panic!("expected_downtime_ms not a number: {send:#}"));
+    assert!(
+        expected > 1.0,
+        "a forced switchover expected more than the limit: {send:#}"
+    );
+    assert!(field(&send, "downtime_ms").is_number(), "downtime measured: {send:#}");
 }
 
 const PAGE: usize = 4096;

@@ -4,7 +4,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
-use migration_tests::{MIGRATION_WAIT, WAIT, assert_completed, garbage, lock, num, spawn_recv, spawn_send};
+use migration_tests::{WAIT, assert_pair_completed, garbage, lock, num, spawn_recv, spawn_send};
 use migration_wire::frame::decode_frame;
 use migration_wire::{ErrorCode, Features, Hello, Message, SessionId};
 
@@ -33,8 +33,7 @@ fn exchange(addr: SocketAddr, bytes: &[u8]) -> (SocketAddr, Vec<u8>) {
 /// A real migration through `addr` completes on both sides.
 fn real_migration_completes(recv: migration_tests::Proc, addr: SocketAddr) {
     let send = spawn_send(addr, &["--mem-size", "16M", "--json"]);
-    assert_completed(&send.wait(MIGRATION_WAIT), "send");
-    let recv_json = assert_completed(&recv.wait(MIGRATION_WAIT), "recv");
+    let (_send_json, recv_json) = assert_pair_completed(send, recv);
     assert_eq!(num(&recv_json, "ram_bytes"), 16 << 20, "{recv_json:#}");
 }
 

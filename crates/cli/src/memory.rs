@@ -54,6 +54,24 @@ pub fn anonymous(layout: &[(String, u64)]) -> Result<GuestMemory> {
     })
 }
 
+/// Memfd-backed memory for the blocks of `layout`: what the destination
+/// uses unless told to use a file, since incoming pages fill it through
+/// the page cache without the kernel zeroing each page first.
+pub fn shared_anonymous(layout: &[(String, u64)]) -> Result<GuestMemory> {
+    let blocks = layout
+        .iter()
+        .map(|(name, len)| {
+            let region = GuestRegion::memfd(name, usize::try_from(*len)?)
+                .with_context(|| format!("creating {len} bytes of shared memory for {name}"))?;
+            Ok(RamBlock::new(name.clone(), Arc::new(region)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(GuestMemory {
+        ram: Ram::new(blocks),
+        fresh: FreshMemory::Zeroed,
+    })
+}
+
 /// Maps the blocks of `layout` back to back from the start of `file`.
 fn map_file(file: &File, path: &Path, layout: &[(String, u64)]) -> Result<GuestMemory> {
     let mut offset = 0u64;
@@ -87,7 +105,7 @@ pub fn source_file(path: &Path) -> Result<GuestMemory> {
 pub fn destination(blocks: &BlockList, mem_file: Option<&Path>) -> Result<GuestMemory> {
     let layout: Vec<(String, u64)> = blocks.blocks.iter().map(|b| (b.name.clone(), b.length)).collect();
     let Some(path) = mem_file else {
-        return anonymous(&layout);
+        return shared_anonymous(&layout);
     };
     let file = OpenOptions::new()
         .read(true)

@@ -287,6 +287,7 @@ pub fn run_destination(
         ..
     } = incoming;
     let mut placer = Placer::new(ram, fresh);
+    let prefault = Prefault::start(ram);
     let mut state = DestRun {
         started,
         placer: &mut placer,
@@ -295,6 +296,7 @@ pub fn run_destination(
         handover: None,
     };
     let result = state.run(channel.as_mut(), &blocks, vm, options, observer);
+    drop(prefault);
     let resumed = state.resumed;
     let iterations = state.iterations;
     let handover = state.handover;
@@ -464,6 +466,63 @@ impl DestRun<'_, '_> {
     }
 }
 
+/// Populates guest RAM ahead of the incoming stream on a thread of its own:
+/// first touch of fresh memory is slow (the kernel zeroes every page), and
+/// the bulk pass places pages in address order, so doing it ahead moves
+/// that cost off the receiving thread.
+struct Prefault {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prefault {
+    const CHUNK: usize = 2 << 20;
+
+    fn start(ram: &Ram) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // File-backed memory is filled through the page cache without
+        // zeroing (see `GuestRegion::place`): only anonymous memory gains.
+        let regions: Vec<_> = ram
+            .blocks()
+            .iter()
+            .filter(|b| !b.region().is_shared())
+            .map(|b| std::sync::Arc::clone(b.region()))
+            .collect();
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("migration-prefault".into())
+            .spawn(move || {
+                for region in regions {
+                    let mut offset = 0;
+                    while offset < region.len() {
+                        if flag.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let len = Self::CHUNK.min(region.len() - offset);
+                        // Best effort: a failure only means the receiver
+                        // touches those pages itself.
+                        if region.populate_write(offset, len).is_err() {
+                            break;
+                        }
+                        offset += len;
+                    }
+                }
+            })
+            .ok();
+        Self { stop, thread }
+    }
+}
+
+impl Drop for Prefault {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Places pages into guest RAM and keeps the hash of every page placed.
 struct Placer<'r> {
     ram: &'r Ram,
@@ -518,6 +577,17 @@ impl<'r> Placer<'r> {
             .find_map(|(block, map)| map.next_clear(0).map(|page| (block, page)))
     }
 
+    fn write_run(
+        region: &migration_sys::GuestRegion,
+        page_size: usize,
+        payload: &[u8],
+        (first, at, count): (u64, usize, usize),
+    ) -> Result<(), DestError> {
+        let bytes = &payload[at..at + count * page_size];
+        region.place(first as usize * page_size, bytes)?;
+        Ok(())
+    }
+
     /// Checks a batch against the announced blocks, then places it.
     fn place(&mut self, batch: &PageBatch<'_>) -> Result<(), DestError> {
         let index = batch.block as usize;
@@ -537,7 +607,12 @@ impl<'r> Placer<'r> {
             )));
         }
         let pages = block.pages();
-        let mut data = batch.payload().chunks_exact(page_size);
+        let region = block.region();
+        let payload = batch.payload();
+        let mut data_at = 0usize;
+        // A run of plain pages adjacent in memory and in the payload is placed
+        // with one write: (first page, payload offset, pages).
+        let mut run: Option<(u64, usize, usize)> = None;
         for entry in batch.entries() {
             let entry = entry.map_err(|e| DestError::Protocol(e.to_string()))?;
             if entry.page >= pages {
@@ -547,21 +622,29 @@ impl<'r> Placer<'r> {
                     block.name()
                 )));
             }
-            let offset = entry.page as usize * page_size;
             let hash = match entry.encoding {
                 PageEncoding::Plain => {
-                    let bytes = data
-                        .next()
+                    let bytes = payload
+                        .get(data_at..data_at + page_size)
                         .ok_or_else(|| DestError::Protocol("page payload too short".into()))?;
-                    block.region().write(offset, bytes)?;
+                    run = match run {
+                        Some((first, at, count)) if first + count as u64 == entry.page => Some((first, at, count + 1)),
+                        Some(done) => {
+                            Self::write_run(region, page_size, payload, done)?;
+                            Some((entry.page, data_at, 1))
+                        }
+                        None => Some((entry.page, data_at, 1)),
+                    };
+                    data_at += page_size;
                     self.zeroed[index].test_and_clear(entry.page);
                     self.plain_pages += 1;
                     page_hash(bytes)
                 }
                 PageEncoding::Zero => {
                     if !self.zeroed[index].get(entry.page) {
-                        if !block.region().is_zero(offset, page_size)? {
-                            block.region().write(offset, &self.zero_page)?;
+                        let offset = entry.page as usize * page_size;
+                        if !region.is_zero(offset, page_size)? {
+                            region.place(offset, &self.zero_page)?;
                         }
                         self.zeroed[index].set(entry.page);
                     }
@@ -572,6 +655,9 @@ impl<'r> Placer<'r> {
             self.hashes[index][entry.page as usize] = hash;
             self.received[index].set(entry.page);
             self.placed += 1;
+        }
+        if let Some(done) = run {
+            Self::write_run(region, page_size, payload, done)?;
         }
         Ok(())
     }

@@ -179,6 +179,7 @@ pub fn run_source(
         },
         downtime: None,
         handover: None,
+        early: std::collections::VecDeque::new(),
     };
     let result = run.run(channel, vm, dirty_log, observer);
     let stats = run.stats();
@@ -218,6 +219,8 @@ struct SourceRun<'a> {
     engine_stats: Stats,
     downtime: Option<Duration>,
     handover: Option<Duration>,
+    /// Handover messages that arrived while waiting for something else.
+    early: std::collections::VecDeque<Returned>,
 }
 
 impl SourceRun<'_> {
@@ -387,6 +390,9 @@ impl SourceRun<'_> {
         }
         self.refresh(&engine);
         self.engine_stats.remaining_bytes = Some(0);
+        // Report passes over RAM, the final one included, as the destination
+        // counts them.
+        self.engine_stats.iterations = engine.epoch() + 1;
 
         // Device state and the end of the stream, then the two-step handover.
         let state = vm.save_device_state()?;
@@ -464,6 +470,12 @@ impl SourceRun<'_> {
     ) -> Result<Returned, SourceError> {
         let timeout = self.options.reply_timeout;
         let deadline = Instant::now() + timeout;
+        if let Some(message) = self.early.pop_front() {
+            if wanted(&message) {
+                return Ok(message);
+            }
+            return Err(SourceError::Protocol("handover message out of order".into()));
+        }
         loop {
             match returned.recv_deadline(deadline) {
                 Ok(message) if wanted(&message) => return Ok(message),
@@ -480,8 +492,11 @@ impl SourceRun<'_> {
             Returned::Error(err) => Err(SourceError::Peer(err)),
             Returned::Failed(err) => Err(err.into()),
             Returned::Unexpected(kind) => Err(SourceError::Protocol(format!("unexpected {kind} on the return path"))),
-            Returned::Ready | Returned::Resumed | Returned::Verdict(_) => {
-                Err(SourceError::Protocol("handover message out of order".into()))
+            // Handover messages answer the stream that was just flushed;
+            // `wait_for` takes them in order.
+            handover @ (Returned::Ready | Returned::Resumed | Returned::Verdict(_)) => {
+                self.early.push_back(handover);
+                Ok(())
             }
         }
     }
@@ -553,27 +568,33 @@ fn send_run(
     let page_size = block.page_size() as usize;
     debug_assert_eq!(page_size, PAGE_SIZE);
     entries.clear();
-    payload.clear();
+    // The buffer keeps its length between runs, so pages are read into
+    // initialised memory without zeroing it again each time.
+    let need = run.count as usize * page_size;
+    if payload.len() < need {
+        payload.resize(need, 0);
+    }
+    let mut filled = 0;
     let mut zero = 0;
     for page in run.first..run.first + run.count {
-        let at = payload.len();
-        payload.resize(at + page_size, 0);
+        let slot = &mut payload[filled..filled + page_size];
         block
             .region()
-            .read(page as usize * page_size, &mut payload[at..])
+            .read(page as usize * page_size, slot)
             .map_err(|e| TransportError::Io {
                 context: format!("reading page {page} of block {}", block.name()),
                 source: std::io::Error::other(e),
             })?;
-        let encoding = if is_zero_buf(&payload[at..]) {
-            payload.truncate(at);
+        let encoding = if is_zero_buf(slot) {
             zero += 1;
             PageEncoding::Zero
         } else {
+            filled += page_size;
             PageEncoding::Plain
         };
         PageEntry { page, encoding }.push_to(entries);
     }
+    let payload = &payload[..filled];
     let batch = PageBatch::new(run.block.0, run.epoch, page_size as u32, entries, payload)
         .expect("a batch built from the engine's runs is consistent");
     tx.send(&Message::Pages(batch))?;

@@ -25,7 +25,7 @@ pub enum TransportError {
     #[error("connection closed by the peer")]
     Closed,
     /// Nothing arrived within the timeout.
-    #[error("peer silent for {0:?}")]
+    #[error("timed out: peer silent for {0:?}")]
     TimedOut(Duration),
     /// The peer sent bytes that are not a valid frame.
     #[error("malformed frame from the peer")]

@@ -24,6 +24,9 @@ pub struct GuestRegion {
     len: usize,
     /// Whether the mapping is `MAP_SHARED` over a file (shmem or hugetlbfs), not anonymous.
     shared: bool,
+    /// The backing file and the offset the mapping starts at, for writes through the page
+    /// cache ([`GuestRegion::place`]).
+    backing: Option<(File, u64)>,
 }
 
 // SAFETY: `GuestRegion` owns its mapping (it is unmapped only in `drop`, which needs ownership)
@@ -54,7 +57,7 @@ impl GuestRegion {
                 0,
             )
         };
-        let region = Self::from_mmap(ptr, len, false)?;
+        let region = Self::from_mmap(ptr, len, None)?;
         // SAFETY: the range is exactly the mapping we just created; MADV_HUGEPAGE only
         // changes how the kernel backs it, never its contents. Failure (no THP) is harmless.
         unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
@@ -113,11 +116,36 @@ impl GuestRegion {
                 map_offset,
             )
         };
-        Self::from_mmap(ptr, len, true)
+        let file = file.try_clone().map_err(|source| SysError::Os { op: "dup", source })?;
+        Self::from_mmap(ptr, len, Some((file, offset)))
+    }
+
+    /// Anonymous shared memory: a fresh memfd of `len` bytes mapped with `MAP_SHARED`, the
+    /// way VMMs back guest RAM they may share or hand to other processes. Pages written
+    /// through [`GuestRegion::place`] land in the page cache without being zeroed first,
+    /// which makes filling fresh memory about twice as fast as copying into a fresh
+    /// anonymous mapping (where the kernel zeroes every page on first touch).
+    pub fn memfd(name: &str, len: usize) -> Result<Self, SysError> {
+        check_len(len)?;
+        // With NUL bytes replaced the conversion cannot fail.
+        let name = std::ffi::CString::new(name.replace('\0', "_")).unwrap_or_default();
+        // SAFETY: `name` is a NUL-terminated string that outlives the call; the flags are
+        // plain integers.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(SysError::last_os("memfd_create"));
+        }
+        // SAFETY: `fd` is a descriptor memfd_create just returned and nothing else owns it.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(len as u64).map_err(|source| SysError::Os {
+            op: "ftruncate",
+            source,
+        })?;
+        Self::shared_file(&file, len)
     }
 
     /// Wraps the result of `mmap`, turning `MAP_FAILED` into an error.
-    fn from_mmap(ptr: *mut libc::c_void, len: usize, shared: bool) -> Result<Self, SysError> {
+    fn from_mmap(ptr: *mut libc::c_void, len: usize, backing: Option<(File, u64)>) -> Result<Self, SysError> {
         if ptr == libc::MAP_FAILED {
             return Err(SysError::last_os("mmap"));
         }
@@ -125,7 +153,12 @@ impl GuestRegion {
             op: "mmap",
             source: std::io::Error::other("the kernel returned a null mapping"),
         })?;
-        Ok(Self { ptr, len, shared })
+        Ok(Self {
+            ptr,
+            len,
+            shared: backing.is_some(),
+            backing,
+        })
     }
 
     /// Length of the region in bytes.
@@ -194,6 +227,22 @@ impl GuestRegion {
         // never borrowed) and does not overlap.
         unsafe { volatile::copy_to_guest(src, dst) };
         Ok(())
+    }
+
+    /// Writes `src` into guest memory at `offset`, like [`GuestRegion::write`], but for a
+    /// file-backed region through the file (`pwrite` into the page cache the mapping shares),
+    /// which fills a page the first time without the kernel zeroing it first. Used to place
+    /// incoming pages on a destination; anonymous regions fall back to the volatile copy.
+    pub fn place(&self, offset: usize, src: &[u8]) -> Result<(), SysError> {
+        self.range(offset, src.len())?;
+        match &self.backing {
+            Some((file, base)) => {
+                use std::os::unix::fs::FileExt;
+                file.write_all_at(src, base + offset as u64)
+                    .map_err(|source| SysError::Os { op: "pwrite", source })
+            }
+            None => self.write(offset, src),
+        }
     }
 
     /// Volatile fill of `[offset, offset + len)` with `byte`.
@@ -389,5 +438,29 @@ mod tests {
         assert_eq!(&contents[2 * PAGE_SIZE..][..9], b"block two");
         assert!(GuestRegion::shared_file_at(&shm.file, 3 * PAGE_SIZE as u64, 2 * PAGE_SIZE).is_err());
         assert!(GuestRegion::shared_file_at(&shm.file, 100, PAGE_SIZE).is_err());
+    }
+
+    #[test]
+    fn place_goes_through_the_file_and_shows_in_the_mapping() {
+        let region = GuestRegion::memfd("test", 4 * PAGE_SIZE).unwrap();
+        assert!(region.is_shared());
+        assert!(region.is_zero(0, region.len()).unwrap());
+        region.place(PAGE_SIZE, &[9u8; PAGE_SIZE]).unwrap();
+        let mut page = vec![0u8; PAGE_SIZE];
+        region.read(PAGE_SIZE, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 9));
+        assert!(region.place(3 * PAGE_SIZE, &[1u8; 2 * PAGE_SIZE]).is_err());
+
+        let anon = GuestRegion::anonymous(PAGE_SIZE).unwrap();
+        anon.place(10, b"abc").unwrap();
+        let mut bytes = [0u8; 3];
+        anon.read(10, &mut bytes).unwrap();
+        assert_eq!(&bytes, b"abc");
+
+        let shm = ShmFile::new(4 * PAGE_SIZE as u64);
+        let high = GuestRegion::shared_file_at(&shm.file, 2 * PAGE_SIZE as u64, 2 * PAGE_SIZE).unwrap();
+        high.place(PAGE_SIZE, b"at offset").unwrap();
+        let contents = std::fs::read(&shm.path).unwrap();
+        assert_eq!(&contents[3 * PAGE_SIZE..][..9], b"at offset");
     }
 }

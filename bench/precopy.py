@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Precopy benchmark: guest RAM per second between two processes on loopback,
+as a ratio to raw single-stream TCP (1 MiB writes) measured in the same run.
+
+    python3 bench/precopy.py [--mem-size 2G] [--reps 5]
+
+Each repetition runs the baseline, then a random-content guest, then a
+zero-heavy guest (half its pages zero), interleaved so drift in the machine's
+speed hits all three alike. Figures are medians. Migration rates come from
+the JSON report (guest RAM / total_ms, first handshake byte to handover) and
+from outside (the script's own clock from the sender's "handshake done" line
+to the receiver's exit, which includes verification).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = os.path.join(ROOT, "target", "release", "migrate-cli")
+BASE = os.path.join(ROOT, "target", "release", "tcp-baseline")
+
+
+def size(text):
+    units = {"K": 10, "M": 20, "G": 30}
+    if text[-1].upper() in units:
+        return int(float(text[:-1]) * (1 << units[text[-1].upper()]))
+    return int(text)
+
+
+def listen(cmd):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("listening on "):
+            return proc, line.split()[-1]
+    raise RuntimeError(f"{cmd[0]} did not listen: {proc.wait()}")
+
+
+def baseline(nbytes):
+    recv, addr = listen([BASE, "recv", "--listen", "127.0.0.1:0"])
+    subprocess.run([BASE, "send", "--to", addr, "--bytes", str(nbytes)], check=True, capture_output=True)
+    out, _ = recv.communicate(timeout=300)
+    received, _, secs = out.split()[1:4]
+    assert int(received) == nbytes, out
+    return nbytes / float(secs)
+
+
+def migrate(mem, content):
+    recv, addr = listen([CLI, "recv", "--listen", "127.0.0.1:0", "--json", "--quiet", "--run-for", "0s"])
+    send = subprocess.Popen(
+        [CLI, "send", "--to", addr, "--mem-size", str(mem), "--content", content, "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = None
+    for line in send.stderr:
+        if "handshake done" in line and started is None:
+            started = time.monotonic()
+    sent = json.loads(send.stdout.read().strip().splitlines()[-1])
+    send.wait(timeout=300)
+    recv_out, _ = recv.communicate(timeout=300)
+    finished = time.monotonic()
+    received = json.loads(recv_out.strip().splitlines()[-1])
+    if sent["status"] != "completed" or not sent["verified"] or not received["verified"]:
+        raise RuntimeError(f"migration failed: {sent} {received}")
+    return {
+        "json": sent["ram_bytes"] / (sent["total_ms"] / 1000.0),
+        "outside": sent["ram_bytes"] / (finished - started),
+        "downtime_ms": sent["downtime_ms"],
+        "wire": sent["transferred_bytes"],
+        "setup_ms": sent["setup_ms"],
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mem-size", default="2G")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    mem = size(args.mem_size)
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "migrate-cli", "-p", "migration-bench"],
+                   cwd=ROOT, check=True)
+    results = {"tcp": [], "random": [], "zero-heavy": []}
+    for rep in range(args.reps):
+        results["tcp"].append(baseline(mem))
+        results["random"].append(migrate(mem, "random"))
+        results["zero-heavy"].append(migrate(mem, "zero-heavy"))
+        print(f"rep {rep + 1}: tcp {results['tcp'][-1] / 1e9:.2f} GB/s, "
+              f"random {results['random'][-1]['json'] / 1e9:.2f} GB/s, "
+              f"zero-heavy {results['zero-heavy'][-1]['json'] / 1e9:.2f} GB/s", file=sys.stderr)
+    tcp = statistics.median(results["tcp"])
+    print(f"| case ({args.mem_size} guest, median of {args.reps}) | GB/s (JSON) | ratio to TCP | GB/s (outside) | ratio (outside) | downtime ms | wire bytes / RAM |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| raw TCP, 1 MiB writes | {tcp / 1e9:.2f} | 1.00 | | | | |")
+    for case in ("random", "zero-heavy"):
+        runs = results[case]
+        rate = statistics.median(r["json"] for r in runs)
+        outside = statistics.median(r["outside"] for r in runs)
+        downtime = statistics.median(r["downtime_ms"] for r in runs)
+        wire = statistics.median(r["wire"] for r in runs) / mem
+        print(f"| {case} guest | {rate / 1e9:.2f} | {rate / tcp:.2f} | {outside / 1e9:.2f} | {outside / tcp:.2f} | {downtime:.1f} | {wire:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
