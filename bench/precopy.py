@@ -9,7 +9,9 @@ zero-heavy guest (half its pages zero), interleaved so drift in the machine's
 speed hits all three alike. Figures are medians. Migration rates come from
 the JSON report (guest RAM / total_ms, first handshake byte to handover) and
 from outside (the script's own clock from the sender's "handshake done" line
-to the receiver's exit, which includes verification).
+to the sender's exit, which includes hashing the frozen source RAM for the
+verification after the handover). A second baseline writes the received
+bytes into fresh memory, the cost any destination pays on this machine.
 """
 import argparse
 import json
@@ -39,8 +41,9 @@ def listen(cmd):
     raise RuntimeError(f"{cmd[0]} did not listen: {proc.wait()}")
 
 
-def baseline(nbytes):
-    recv, addr = listen([BASE, "recv", "--listen", "127.0.0.1:0"])
+def baseline(nbytes, fresh=False):
+    extra = ["--into-memfd", str(nbytes)] if fresh else []
+    recv, addr = listen([BASE, "recv", "--listen", "127.0.0.1:0"] + extra)
     subprocess.run([BASE, "send", "--to", addr, "--bytes", str(nbytes)], check=True, capture_output=True)
     out, _ = recv.communicate(timeout=300)
     received, _, secs = out.split()[1:4]
@@ -59,8 +62,8 @@ def migrate(mem, content):
             started = time.monotonic()
     sent = json.loads(send.stdout.read().strip().splitlines()[-1])
     send.wait(timeout=300)
-    recv_out, _ = recv.communicate(timeout=300)
     finished = time.monotonic()
+    recv_out, _ = recv.communicate(timeout=300)
     received = json.loads(recv_out.strip().splitlines()[-1])
     if sent["status"] != "completed" or not sent["verified"] or not received["verified"]:
         raise RuntimeError(f"migration failed: {sent} {received}")
@@ -81,9 +84,10 @@ def main():
     mem = size(args.mem_size)
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "migrate-cli", "-p", "migration-bench"],
                    cwd=ROOT, check=True)
-    results = {"tcp": [], "random": [], "zero-heavy": []}
+    results = {"tcp": [], "tcp-fresh": [], "random": [], "zero-heavy": []}
     for rep in range(args.reps):
         results["tcp"].append(baseline(mem))
+        results["tcp-fresh"].append(baseline(mem, fresh=True))
         results["random"].append(migrate(mem, "random"))
         results["zero-heavy"].append(migrate(mem, "zero-heavy"))
         print(f"rep {rep + 1}: tcp {results['tcp'][-1] / 1e9:.2f} GB/s, "
@@ -93,6 +97,8 @@ def main():
     print(f"| case ({args.mem_size} guest, median of {args.reps}) | GB/s (JSON) | ratio to TCP | GB/s (outside) | ratio (outside) | downtime ms | wire bytes / RAM |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print(f"| raw TCP, 1 MiB writes | {tcp / 1e9:.2f} | 1.00 | | | | |")
+    fresh = statistics.median(results["tcp-fresh"])
+    print(f"| raw TCP into fresh memory (memfd) | {fresh / 1e9:.2f} | {fresh / tcp:.2f} | | | | |")
     for case in ("random", "zero-heavy"):
         runs = results[case]
         rate = statistics.median(r["json"] for r in runs)

@@ -1,8 +1,10 @@
 //! Raw single-stream TCP between two processes: the baseline migration
 //! throughput is quoted against.
 //!
-//! `tcp-baseline recv --listen ADDR` prints `listening on ADDR`, reads until
-//! the stream ends and prints `received BYTES in SECONDS`;
+//! `tcp-baseline recv --listen ADDR [--into-memfd BYTES]` prints `listening on
+//! ADDR`, reads until the stream ends and prints `received BYTES in SECONDS`;
+//! with `--into-memfd` it also writes what it reads into a fresh memfd of that
+//! size (the cost a destination pays to fill fresh guest RAM);
 //! `tcp-baseline send --to ADDR --bytes N [--chunk BYTES]` writes N bytes in
 //! chunks (default 1 MiB) and prints `sent BYTES in SECONDS`.
 
@@ -17,6 +19,19 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// A fresh memfd of `size` bytes, through /proc so no unsafe is needed.
+fn memfd(size: u64) -> Result<std::fs::File> {
+    let path = format!("/dev/shm/tcp-baseline-{}", std::process::id());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    file.set_len(size)?;
+    Ok(file)
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -24,6 +39,13 @@ fn main() -> Result<()> {
             let listen = arg(&args, "--listen").context("--listen ADDR")?;
             let listener = TcpListener::bind(&listen)?;
             eprintln!("listening on {}", listener.local_addr()?);
+            let fresh = match arg(&args, "--into-memfd") {
+                Some(size) => {
+                    let file = memfd(size.parse()?)?;
+                    Some(file)
+                }
+                None => None,
+            };
             let (mut stream, _) = listener.accept()?;
             let mut buf = vec![0u8; 1 << 20];
             let mut total = 0u64;
@@ -33,6 +55,10 @@ fn main() -> Result<()> {
                 start.get_or_insert_with(Instant::now);
                 if n == 0 {
                     break;
+                }
+                if let Some(file) = &fresh {
+                    use std::os::unix::fs::FileExt;
+                    file.write_all_at(&buf[..n], total)?;
                 }
                 total += n as u64;
             }

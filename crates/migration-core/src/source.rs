@@ -143,7 +143,7 @@ enum Job {
 
 /// What the reader thread forwards from the return path.
 enum Returned {
-    Ack,
+    Ack(u64),
     Ready,
     Resumed,
     Verdict(Verdict),
@@ -180,6 +180,7 @@ pub fn run_source(
         downtime: None,
         handover: None,
         early: std::collections::VecDeque::new(),
+        acked: None,
     };
     let result = run.run(channel, vm, dirty_log, observer);
     let stats = run.stats();
@@ -221,6 +222,8 @@ struct SourceRun<'a> {
     handover: Option<Duration>,
     /// Handover messages that arrived while waiting for something else.
     early: std::collections::VecDeque<Returned>,
+    /// The last epoch the destination acknowledged as placed.
+    acked: Option<u64>,
 }
 
 impl SourceRun<'_> {
@@ -348,6 +351,10 @@ impl SourceRun<'_> {
                     let (done, wait) = bounded(1);
                     submit(Job::EndEpoch { epoch, done })?;
                     self.wait_local(&wait, returned, &fail_channel)?;
+                    // Wait until the destination placed the whole epoch: the
+                    // bandwidth measured is then end to end, and nothing sits in
+                    // socket buffers to drain while the VM is paused.
+                    self.wait_acked(epoch, returned)?;
                 }
                 Action::SyncDirtyLog => {
                     dirty_log.collect(&mut |block, first, count| engine.handle_dirty(block, first, count))?;
@@ -462,6 +469,24 @@ impl SourceRun<'_> {
         }
     }
 
+    fn wait_acked(&mut self, epoch: u64, returned: &Receiver<Returned>) -> Result<(), SourceError> {
+        let timeout = self.options.reply_timeout;
+        let deadline = Instant::now() + timeout;
+        while self.acked.is_none_or(|acked| acked < epoch) {
+            match returned.recv_deadline(deadline) {
+                Ok(message) => self.handle_returned(message)?,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(SourceError::Timeout {
+                        what: "the acknowledgement of an epoch",
+                        timeout,
+                    });
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(TransportError::Closed.into()),
+            }
+        }
+        Ok(())
+    }
+
     fn wait_for(
         &mut self,
         returned: &Receiver<Returned>,
@@ -488,7 +513,10 @@ impl SourceRun<'_> {
 
     fn handle_returned(&mut self, message: Returned) -> Result<(), SourceError> {
         match message {
-            Returned::Ack => Ok(()),
+            Returned::Ack(epoch) => {
+                self.acked = Some(self.acked.map_or(epoch, |a| a.max(epoch)));
+                Ok(())
+            }
             Returned::Error(err) => Err(SourceError::Peer(err)),
             Returned::Failed(err) => Err(err.into()),
             Returned::Unexpected(kind) => Err(SourceError::Protocol(format!("unexpected {kind} on the return path"))),
@@ -619,7 +647,7 @@ fn spawn_reader_thread(mut rx: Box<dyn ChannelRx>) -> Receiver<Returned> {
             }
             loop {
                 let message = match rx.recv() {
-                    Ok(Message::Ack(_)) => Returned::Ack,
+                    Ok(Message::Ack(ack)) => Returned::Ack(ack.epoch),
                     Ok(Message::Ready) => Returned::Ready,
                     Ok(Message::Resumed) => Returned::Resumed,
                     Ok(Message::Verdict(v)) => Returned::Verdict(v),
