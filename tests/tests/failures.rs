@@ -204,3 +204,54 @@ fn send_without_to_is_a_usage_error() {
     let out = run(&["send", "--to", "127.0.0.1:9", "--mem-size", "16Q"]);
     assert_eq!(out.code, Some(2), "a bad size is a usage error\n{}", out.describe());
 }
+
+#[test]
+fn interrupted_sender_cancels_resumes_and_destination_discards() {
+    let _lock = lock();
+    let (recv, addr) = spawn_recv(&["--json"]);
+    let mut send = spawn_send(
+        addr,
+        &[
+            "--mem-size",
+            "64M",
+            "--dirty-rate",
+            "32M",
+            "--max-bandwidth",
+            "8M",
+            "--json",
+        ],
+    );
+    // Interrupt once pages flow, as an operator pressing Ctrl-C would.
+    send.wait_stderr_prefix("progress ");
+    let rc = unsafe_free_kill(send.pid(), libc::SIGINT);
+    assert_eq!(rc, 0, "sending SIGINT");
+    let send_out = send.wait(MIGRATION_WAIT);
+    assert_eq!(
+        send_out.code,
+        Some(1),
+        "cancelled send exits 1\n{}",
+        send_out.describe()
+    );
+    let json = send_out.json();
+    assert_eq!(field(&json, "status"), "cancelled", "{json:#}");
+    assert_eq!(field(&json, "source_resumed"), true, "{json:#}");
+    assert!(num(&json, "writes_after_resume") > 0, "the guest runs again: {json:#}");
+    // The destination was told to discard and says why.
+    let recv_out = recv.wait(MIGRATION_WAIT);
+    assert_recv_not_completed(&recv_out);
+    let recv_json = recv_out.json();
+    assert!(
+        error_text(&recv_json).contains("abort"),
+        "destination names the source's abort: {recv_json:#}"
+    );
+}
+
+/// Sends `signal` to `pid` through the `kill` command, keeping this crate
+/// free of `unsafe`.
+fn unsafe_free_kill(pid: u32, signal: i32) -> i32 {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("running kill");
+    status.code().unwrap_or(-1)
+}

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 pub enum Status {
     Completed,
     Failed,
-    #[allow(dead_code)] // reserved for a cancelled migration (signal handling)
     Cancelled,
 }
 

@@ -6,8 +6,9 @@ use crate::report::{Progress, Report, Status};
 use crate::units::{parse_duration, parse_size};
 use anyhow::{Context, Result};
 use clap::ValueEnum;
+use migration_core::source::SourceError;
 use migration_core::source::{SourceOptions, run_source};
-use migration_core::{KernelDirtyLog, LimitAction, PrecopyConfig};
+use migration_core::{Cancel, KernelDirtyLog, LimitAction, PrecopyConfig};
 use migration_wire::SessionId;
 use reference_guest::{Content, GuestSpec, Pattern, SyntheticGuest};
 use std::path::PathBuf;
@@ -134,6 +135,11 @@ fn send(args: &SendArgs, report: &mut Report) -> Result<u8> {
     };
     report.setup(setup_start.elapsed());
 
+    // Ctrl-C or SIGTERM before the handover cancels: the guest resumes here.
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, std::sync::Arc::clone(&cancel)).context("installing a signal handler")?;
+    }
     let options = SourceOptions {
         precopy: PrecopyConfig {
             downtime_limit: Duration::from_millis(args.downtime_ms),
@@ -148,6 +154,7 @@ fn send(args: &SendArgs, report: &mut Report) -> Result<u8> {
         },
         session: session_id(),
         reply_timeout: args.io_timeout,
+        cancel: Cancel::from_flag(cancel),
         ..SourceOptions::default()
     };
     let mut progress = Progress::new("send");
@@ -184,7 +191,11 @@ fn send(args: &SendArgs, report: &mut Report) -> Result<u8> {
         }
         Err(failure) => {
             report.fill(&failure.stats, failure.stats.elapsed);
-            report.status = Status::Failed;
+            report.status = if matches!(failure.error, SourceError::Cancelled) {
+                Status::Cancelled
+            } else {
+                Status::Failed
+            };
             report.error = Some(format!("{:#}", anyhow::Error::new(failure.error)));
             report.source_resumed = Some(failure.source_resumed);
             if failure.source_resumed {

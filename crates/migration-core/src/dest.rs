@@ -481,14 +481,7 @@ impl Prefault {
     fn start(ram: &Ram) -> Self {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // File-backed memory is filled through the page cache without
-        // zeroing (see `GuestRegion::place`): only anonymous memory gains.
-        let regions: Vec<_> = ram
-            .blocks()
-            .iter()
-            .filter(|b| !b.region().is_shared())
-            .map(|b| std::sync::Arc::clone(b.region()))
-            .collect();
+        let regions: Vec<_> = ram.blocks().iter().map(|b| std::sync::Arc::clone(b.region())).collect();
         let flag = std::sync::Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("migration-prefault".into())

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bitmap;
+pub mod cancel;
 pub mod dest;
 pub mod dirty;
 pub mod engine;
@@ -20,6 +21,7 @@ pub mod transport;
 pub mod verify;
 pub mod vm;
 
+pub use cancel::Cancel;
 pub use dirty::{CombinedDirtyLog, DirtyLog, DirtyLogError, KernelDirtyLog, SoftwareDirtyLog};
 pub use engine::{Action, LimitAction, PageRun, PrecopyConfig, PrecopyEngine, SourcePaused};
 pub use ram::{BlockId, Ram, RamBlock};

@@ -8,6 +8,7 @@
 //!  pause / READY / GO / verify     sync markers, control     (acks, errors)
 //! ```
 
+use crate::cancel::Cancel;
 use crate::dirty::{DirtyLog, DirtyLogError};
 use crate::engine::{Action, PageRun, PrecopyConfig, PrecopyEngine, SourcePaused};
 use crate::ram::Ram;
@@ -38,6 +39,8 @@ pub struct SourceOptions {
     pub reply_timeout: Duration,
     /// How often a progress event is emitted.
     pub progress_interval: Duration,
+    /// Set to stop the migration; honoured until the handover.
+    pub cancel: Cancel,
 }
 
 impl Default for SourceOptions {
@@ -47,6 +50,7 @@ impl Default for SourceOptions {
             session: SessionId(0),
             reply_timeout: Duration::from_secs(30),
             progress_interval: Duration::from_millis(200),
+            cancel: Cancel::new(),
         }
     }
 }
@@ -83,6 +87,9 @@ pub enum SourceError {
     /// Guest memory could not be read.
     #[error("guest memory access failed")]
     Memory(#[from] migration_sys::SysError),
+    /// The migration was cancelled before the handover.
+    #[error("migration cancelled")]
+    Cancelled,
     /// The link broke after GO was sent: whether the destination runs is
     /// unknown, so the source stays paused.
     #[error(
@@ -263,6 +270,12 @@ impl SourceRun<'_> {
             spawn_channel_thread(tx, self.ram.clone(), Arc::clone(&self.counters));
         let returned = spawn_reader_thread(rx);
         let result = self.drive(&jobs, &channel_error, &returned, vm, dirty_log, observer);
+        if let Err(err) = &result
+            && !self.handed_over
+        {
+            // Tell the destination to discard, if the channel still takes it.
+            let _ = jobs.try_send(Job::Control(Message::Abort(ErrorChain(err).to_string())));
+        }
         drop(jobs);
         let _ = channel_thread.join();
         result
@@ -329,9 +342,24 @@ impl SourceRun<'_> {
                 .take()
                 .map_or(SourceError::Transport(TransportError::Closed), SourceError::Transport)
         };
-        let submit = |job: Job| jobs.send(job).map_err(|_| fail_channel());
+        let cancel = &self.options.cancel;
+        // Blocks while the channel thread is busy, but keeps an eye on
+        // cancellation.
+        let submit = |mut job: Job| loop {
+            match jobs.send_timeout(job, TICK) {
+                Ok(()) => return Ok(()),
+                Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => {
+                    if cancel.is_cancelled() {
+                        return Err(SourceError::Cancelled);
+                    }
+                    job = back;
+                }
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return Err(fail_channel()),
+            }
+        };
 
         loop {
+            self.check_cancel()?;
             while let Ok(message) = returned.try_recv() {
                 self.handle_returned(message)?;
             }
@@ -412,6 +440,7 @@ impl SourceRun<'_> {
         self.wait_local(&wait, returned, &fail_channel)?;
         self.wait_for(returned, "ready", |m| matches!(m, Returned::Ready))?;
         observer(&Event::Ready);
+        self.check_cancel()?;
 
         self.handed_over = true;
         observer(&Event::HandedOver);
@@ -465,6 +494,7 @@ impl SourceRun<'_> {
                     Ok(message) => self.handle_returned(message)?,
                     Err(_) => return Err(fail_channel()),
                 },
+                default(TICK) => self.check_cancel()?,
             }
         }
     }
@@ -473,8 +503,10 @@ impl SourceRun<'_> {
         let timeout = self.options.reply_timeout;
         let deadline = Instant::now() + timeout;
         while self.acked.is_none_or(|acked| acked < epoch) {
-            match returned.recv_deadline(deadline) {
+            self.check_cancel()?;
+            match returned.recv_deadline(deadline.min(Instant::now() + TICK)) {
                 Ok(message) => self.handle_returned(message)?,
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(SourceError::Timeout {
                         what: "the acknowledgement of an epoch",
@@ -502,12 +534,24 @@ impl SourceRun<'_> {
             return Err(SourceError::Protocol("handover message out of order".into()));
         }
         loop {
-            match returned.recv_deadline(deadline) {
+            if !self.handed_over {
+                self.check_cancel()?;
+            }
+            match returned.recv_deadline(deadline.min(Instant::now() + TICK)) {
                 Ok(message) if wanted(&message) => return Ok(message),
                 Ok(message) => self.handle_returned(message)?,
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
                 Err(RecvTimeoutError::Timeout) => return Err(SourceError::Timeout { what, timeout }),
                 Err(RecvTimeoutError::Disconnected) => return Err(TransportError::Closed.into()),
             }
+        }
+    }
+
+    fn check_cancel(&self) -> Result<(), SourceError> {
+        if self.options.cancel.is_cancelled() && !self.handed_over {
+            Err(SourceError::Cancelled)
+        } else {
+            Ok(())
         }
     }
 
@@ -527,6 +571,24 @@ impl SourceRun<'_> {
                 Ok(())
             }
         }
+    }
+}
+
+/// How often blocking waits look at the cancel flag.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Formats an error with its causes, for the abort message.
+struct ErrorChain<'a>(&'a SourceError);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = std::error::Error::source(self.0);
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
     }
 }
 
