@@ -29,26 +29,29 @@ pub fn run(args: DemoArgs) -> u8 {
     }
 }
 
-struct Reaped(Child);
+/// A child process killed and reaped on drop, unless taken back.
+struct Reaped(Option<Child>);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
 fn demo(args: &DemoArgs) -> Result<u8> {
     let exe = std::env::current_exe().context("finding the migrate-cli binary")?;
-    let mut recv = Reaped(
+    let mut recv = Reaped(Some(
         Command::new(&exe)
             .args(["recv", "--listen", "127.0.0.1:0", "--quiet", "--json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting the receiver process")?,
-    );
-    let stderr = recv.0.stderr.take().expect("piped");
+    ));
+    let stderr = recv.0.as_mut().and_then(|c| c.stderr.take()).expect("piped");
     let (lines, incoming) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -86,8 +89,15 @@ fn demo(args: &DemoArgs) -> Result<u8> {
         .context("starting the sender process")?
         .wait_with_output()
         .context("waiting for the sender")?;
-    let recv_out = std::mem::replace(&mut recv.0, Command::new("true").spawn()?).wait_with_output()?;
     let sent: Value = parse(&send.stdout).context("reading the sender's report")?;
+    if sent["status"] != "completed" {
+        // The receiver may still wait for a connection: `recv` is killed on drop.
+        bail!(
+            "migration failed: {}",
+            sent["error"].as_str().unwrap_or("unknown error")
+        );
+    }
+    let recv_out = recv.0.take().expect("the receiver runs").wait_with_output()?;
     let received: Value = parse(&recv_out.stdout).context("reading the receiver's report")?;
     let num = |v: &Value, k: &str| v[k].as_f64();
     if sent["status"] != "completed" {

@@ -18,11 +18,13 @@ pub mod exit {
     pub const FAILED: u8 = 1;
     /// The command line was wrong.
     pub const USAGE: u8 = 2;
-    /// The destination's RAM does not match the source's.
+    /// The guest was handed over, but the destination's RAM does not match
+    /// the source's, or the comparison could not be made.
     pub const MISMATCH: u8 = 3;
-    /// GO was sent but the destination never confirmed it runs: both sides
-    /// stay paused, and an operator must decide.
-    pub const HANDOVER_UNCONFIRMED: u8 = 4;
+    /// The source guest is not running and the handover is not confirmed
+    /// (GO was sent but the destination never said it runs, or the guest
+    /// failed to resume): an operator must decide.
+    pub const OPERATOR: u8 = 4;
 }
 
 #[derive(Debug, Parser)]

@@ -21,9 +21,9 @@ pub struct RecvArgs {
     /// migrated RAM afterwards.
     #[arg(long)]
     pub mem_file: Option<PathBuf>,
-    /// Largest guest RAM accepted (e.g. 8G).
-    #[arg(long, value_parser = parse_size, default_value = "64G")]
-    pub max_mem: u64,
+    /// Largest guest RAM accepted (e.g. 8G; default: this host's memory).
+    #[arg(long, value_parser = parse_size)]
+    pub max_mem: Option<u64>,
     /// How long the resumed guest runs before the command exits.
     #[arg(long, value_parser = parse_duration, default_value = "500ms")]
     pub run_for: Duration,
@@ -52,7 +52,7 @@ pub fn run(args: RecvArgs) -> u8 {
 
 fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
     let options = DestOptions {
-        max_ram: args.max_mem,
+        max_ram: args.max_mem.unwrap_or_else(host_memory),
         io_timeout: args.io_timeout,
         ..DestOptions::default()
     };
@@ -126,7 +126,13 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
         }
         Err(failure) => {
             report.fill(&failure.stats, failure.stats.elapsed);
-            report.status = Status::Failed;
+            // Once resumed, the guest lives here: the migration completed,
+            // only its verification failed.
+            report.status = if failure.resumed {
+                Status::Completed
+            } else {
+                Status::Failed
+            };
             report.error = Some(format!("{:#}", anyhow::Error::new(failure.error)));
             (failure.resumed, false)
         }
@@ -150,4 +156,17 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
     std::thread::sleep(args.run_for);
     let guest_ok = check.is_some_and(|c| c.is_ok());
     Ok(if verified && guest_ok { exit::OK } else { exit::MISMATCH })
+}
+
+/// Physical memory of this host (`MemTotal`), the default limit on what a
+/// source may announce.
+fn host_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(64 << 30)
 }

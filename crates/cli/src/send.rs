@@ -82,6 +82,7 @@ pub struct SendArgs {
 pub fn run(args: SendArgs) -> u8 {
     let mut report = Report::new("send");
     report.writes_after_resume = Some(None);
+    report.source_resumed = Some(false);
     let code = send(&args, &mut report).unwrap_or_else(|err| {
         report.status = Status::Failed;
         report.error = Some(crate::chain(&err));
@@ -184,7 +185,10 @@ fn send(args: &SendArgs, report: &mut Report) -> Result<u8> {
                     exit::MISMATCH
                 }
                 None => {
-                    report.error = Some("the destination never sent its verdict on the block digests".into());
+                    report.error = Some(format!(
+                        "handed over, but not verified: {}",
+                        done.verification_error.as_deref().unwrap_or("no verdict")
+                    ));
                     exit::MISMATCH
                 }
             })
@@ -201,10 +205,12 @@ fn send(args: &SendArgs, report: &mut Report) -> Result<u8> {
             if failure.source_resumed {
                 report.writes_after_resume = Some(Some(writes_while_running(&guest, args.dirty_rate)));
             }
-            Ok(if failure.handed_over {
-                exit::HANDOVER_UNCONFIRMED
-            } else {
+            Ok(if failure.source_resumed {
                 exit::FAILED
+            } else {
+                // GO went out unconfirmed, or the guest would not resume:
+                // nothing runs on this side, an operator decides.
+                exit::OPERATOR
             })
         }
     }

@@ -290,16 +290,17 @@ pub fn run_destination(
     let prefault = Prefault::start(ram);
     let mut state = DestRun {
         started,
+        prefault: &prefault,
         placer: &mut placer,
         resumed: false,
         iterations: 0,
         handover: None,
     };
     let result = state.run(channel.as_mut(), &blocks, vm, options, observer);
-    drop(prefault);
     let resumed = state.resumed;
     let iterations = state.iterations;
     let handover = state.handover;
+    drop(prefault);
     let mut stats = placer.stats(started);
     stats.transferred_bytes = channel.bytes_received() + channel.bytes_sent();
     stats.iterations = iterations;
@@ -319,6 +320,7 @@ pub fn run_destination(
 
 struct DestRun<'a, 'r> {
     started: Instant,
+    prefault: &'a Prefault,
     placer: &'a mut Placer<'r>,
     resumed: bool,
     iterations: u64,
@@ -343,6 +345,7 @@ impl DestRun<'_, '_> {
         observer(&Event::Started);
         let mut epoch = 0u64;
         let mut device_state: Option<Vec<u8>> = None;
+        let mut pages_in_epoch = 0u64;
         let mut next_progress = Instant::now();
         // Pages and markers until the end of RAM.
         loop {
@@ -362,9 +365,19 @@ impl DestRun<'_, '_> {
                         )));
                     }
                     self.placer.place(&batch)?;
+                    pages_in_epoch += batch.len() as u64;
+                    self.prefault
+                        .advance(self.placer.placed * migration_sys::PAGE_SIZE as u64);
                     None
                 }
                 Message::SyncMarker(marker) => {
+                    if marker.pages != pages_in_epoch {
+                        return Err(DestError::Protocol(format!(
+                            "sync marker of epoch {} counts {} pages, {pages_in_epoch} arrived",
+                            marker.epoch, marker.pages
+                        )));
+                    }
+                    pages_in_epoch = 0;
                     if marker.epoch != epoch {
                         return Err(DestError::Protocol(format!(
                             "sync marker for epoch {} while receiving epoch {epoch}",
@@ -419,7 +432,13 @@ impl DestRun<'_, '_> {
         vm.load_device_state(&device_state)?;
         channel.send(&Message::Ready)?;
         observer(&Event::Ready);
-        match channel.recv()? {
+        let go = channel.recv().map_err(|err| {
+            DestError::Protocol(format!(
+                "after READY, waiting for GO: {}; this side never ran the guest, the source decides",
+                error_chain(&err)
+            ))
+        })?;
+        match go {
             Message::Go => {}
             Message::Abort(reason) => return Err(DestError::Aborted(reason)),
             other => return Err(DestError::Protocol(format!("expected go, got {}", other.kind().name()))),
@@ -431,7 +450,9 @@ impl DestRun<'_, '_> {
         observer(&Event::Resumed);
 
         // The VM runs here now; compare the source's frozen RAM with what
-        // was placed.
+        // was placed. The source hashes all of its RAM first: allow for it.
+        let hashing = Duration::from_secs_f64(self.placer.ram.total_bytes() as f64 / (256u64 << 20) as f64);
+        channel.set_timeout(Some(options.io_timeout + hashing))?;
         let digests = match channel.recv()? {
             Message::Complete(complete) => complete.digests,
             other => {
@@ -467,30 +488,46 @@ impl DestRun<'_, '_> {
 }
 
 /// Populates guest RAM ahead of the incoming stream on a thread of its own:
-/// first touch of fresh memory is slow (the kernel zeroes every page), and
-/// the bulk pass places pages in address order, so doing it ahead moves
-/// that cost off the receiving thread.
+/// first touch of fresh memory is slow (the kernel, and the host under it,
+/// supply and zero every page), and the bulk pass places pages in address
+/// order, so doing it ahead moves that cost off the receiving thread. It
+/// stays at most [`Prefault::WINDOW`] bytes ahead of what was placed, so a
+/// peer's announcement alone never commits memory.
 struct Prefault {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    shared: std::sync::Arc<PrefaultState>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct PrefaultState {
+    /// Bytes placed so far, and whether to stop.
+    progress: std::sync::Mutex<(u64, bool)>,
+    moved: std::sync::Condvar,
 }
 
 impl Prefault {
     const CHUNK: usize = 2 << 20;
+    const WINDOW: u64 = 256 << 20;
 
     fn start(ram: &Ram) -> Self {
-        use std::sync::atomic::Ordering;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shared = std::sync::Arc::new(PrefaultState::default());
         let regions: Vec<_> = ram.blocks().iter().map(|b| std::sync::Arc::clone(b.region())).collect();
-        let flag = std::sync::Arc::clone(&stop);
+        let state = std::sync::Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("migration-prefault".into())
             .spawn(move || {
+                let mut ahead = 0u64;
                 for region in regions {
                     let mut offset = 0;
                     while offset < region.len() {
-                        if flag.load(Ordering::Relaxed) {
-                            return;
+                        {
+                            let mut progress = state.progress.lock().unwrap_or_else(|e| e.into_inner());
+                            while !progress.1 && ahead >= progress.0 + Self::WINDOW {
+                                progress = state.moved.wait(progress).unwrap_or_else(|e| e.into_inner());
+                            }
+                            if progress.1 {
+                                return;
+                            }
                         }
                         let len = Self::CHUNK.min(region.len() - offset);
                         // Best effort: a failure only means the receiver
@@ -499,17 +536,25 @@ impl Prefault {
                             break;
                         }
                         offset += len;
+                        ahead += len as u64;
                     }
                 }
             })
             .ok();
-        Self { stop, thread }
+        Self { shared, thread }
+    }
+
+    /// Reports how many bytes were placed so far.
+    fn advance(&self, placed: u64) {
+        self.shared.progress.lock().unwrap_or_else(|e| e.into_inner()).0 = placed;
+        self.shared.moved.notify_one();
     }
 }
 
 impl Drop for Prefault {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.progress.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.shared.moved.notify_one();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -635,6 +680,10 @@ impl<'r> Placer<'r> {
                 }
                 PageEncoding::Zero => {
                     if !self.zeroed[index].get(entry.page) {
+                        // Keep writes in entry order.
+                        if let Some(done) = run.take() {
+                            Self::write_run(region, page_size, payload, done)?;
+                        }
                         let offset = entry.page as usize * page_size;
                         if !region.is_zero(offset, page_size)? {
                             region.place(offset, &self.zero_page)?;

@@ -249,7 +249,9 @@ impl PrecopyEngine {
 
     /// An engine over blocks of `(pages, page size)`, for tests and for VMMs
     /// that keep their own RAM model.
-    pub fn with_pages(blocks: Vec<(u64, u64)>, config: PrecopyConfig, now: Instant) -> Self {
+    pub fn with_pages(blocks: Vec<(u64, u64)>, mut config: PrecopyConfig, now: Instant) -> Self {
+        // A run becomes one page packet: keep it within what the wire carries.
+        config.batch_pages = config.batch_pages.clamp(1, migration_wire::MAX_PAGES_PER_BATCH);
         Self {
             dirty: blocks.iter().map(|&(pages, _)| Bitmap::full(pages)).collect(),
             page_sizes: blocks.iter().map(|&(_, size)| size).collect(),

@@ -19,8 +19,8 @@ use crate::vm::{Vm, VmError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use migration_sys::{PAGE_SIZE, is_zero_buf};
 use migration_wire::{
-    BlockList, Complete, EndOfRam, Features, Hello, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, PageBatch,
-    PageEncoding, PageEntry, PeerError, SessionId, SyncMarker, Verdict,
+    BlockList, Complete, EndOfRam, Features, Hello, MAX_FRAME_BODY, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION,
+    PageBatch, PageEncoding, PageEntry, PeerError, SessionId, SyncMarker, Verdict,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -87,6 +87,14 @@ pub enum SourceError {
     /// Guest memory could not be read.
     #[error("guest memory access failed")]
     Memory(#[from] migration_sys::SysError),
+    /// The device state does not fit in a frame.
+    #[error("device state of {len} bytes exceeds the frame limit of {max} bytes")]
+    DeviceStateTooLarge {
+        /// Its size.
+        len: usize,
+        /// The largest frame body.
+        max: usize,
+    },
     /// The migration was cancelled before the handover.
     #[error("migration cancelled")]
     Cancelled,
@@ -110,6 +118,8 @@ pub struct SourceReport {
     pub mismatched_blocks: Vec<u32>,
     /// Time from the first handshake byte to the destination running.
     pub until_handover: Duration,
+    /// Why the digests could not be compared, when `verified` is `None`.
+    pub verification_error: Option<String>,
 }
 
 /// A failed migration.
@@ -119,7 +129,8 @@ pub struct SourceFailure {
     pub error: SourceError,
     /// Figures at the failure.
     pub stats: Stats,
-    /// The VM runs on the source again (always true before GO).
+    /// The VM runs on the source again. True on every failure before GO,
+    /// unless the VM itself failed to resume (then an operator must act).
     pub source_resumed: bool,
     /// GO was sent: the source must not run the VM again.
     pub handed_over: bool,
@@ -163,7 +174,7 @@ enum Returned {
 ///
 /// `dirty_log` must already be tracking writes. On success the VM stays
 /// paused (it lives on the destination now); on any failure before GO it is
-/// running again when this returns.
+/// running again when this returns (see [`SourceFailure::source_resumed`]).
 pub fn run_source(
     channel: Box<dyn Channel>,
     ram: &Ram,
@@ -178,8 +189,10 @@ pub fn run_source(
         options,
         started,
         counters: Arc::new(Counters::default()),
+        pause_attempted: false,
         paused_at: None,
         handed_over: false,
+        source_resumed: false,
         engine_stats: Stats {
             ram_bytes: ram.total_bytes(),
             ..Stats::default()
@@ -188,33 +201,39 @@ pub fn run_source(
         handover: None,
         early: std::collections::VecDeque::new(),
         acked: None,
+        zero_pages: true,
     };
     let result = run.run(channel, vm, dirty_log, observer);
     let stats = run.stats();
     match result {
-        Ok((verified, mismatched_blocks)) => Ok(SourceReport {
+        Ok(verification) => Ok(SourceReport {
             until_handover: run.handover.unwrap_or(stats.elapsed),
             stats,
-            verified,
-            mismatched_blocks,
+            verified: verification.verified,
+            mismatched_blocks: verification.mismatched,
+            verification_error: verification.error,
         }),
-        Err(error) => {
-            let mut source_resumed = false;
-            if !run.handed_over {
-                // Before GO the source is the truth: it runs again.
-                source_resumed = run.paused_at.is_none() || vm.resume().is_ok();
-                if source_resumed {
-                    observer(&Event::SourceResumed);
-                }
-            }
-            Err(Box::new(SourceFailure {
-                error,
-                stats,
-                source_resumed,
-                handed_over: run.handed_over,
-            }))
-        }
+        Err(error) => Err(Box::new(SourceFailure {
+            error,
+            stats,
+            source_resumed: run.source_resumed,
+            handed_over: run.handed_over,
+        })),
     }
+}
+
+/// The outcome of comparing digests after the handover.
+struct Verification {
+    verified: Option<bool>,
+    mismatched: Vec<u32>,
+    error: Option<String>,
+}
+
+/// The threads' ends the control thread holds.
+struct Link {
+    jobs: Sender<Job>,
+    channel_error: Arc<Mutex<Option<ChannelFailure>>>,
+    returned: Receiver<Returned>,
 }
 
 struct SourceRun<'a> {
@@ -222,8 +241,10 @@ struct SourceRun<'a> {
     options: &'a SourceOptions,
     started: Instant,
     counters: Arc<Counters>,
+    pause_attempted: bool,
     paused_at: Option<Instant>,
     handed_over: bool,
+    source_resumed: bool,
     engine_stats: Stats,
     downtime: Option<Duration>,
     handover: Option<Duration>,
@@ -231,6 +252,8 @@ struct SourceRun<'a> {
     early: std::collections::VecDeque<Returned>,
     /// The last epoch the destination acknowledged as placed.
     acked: Option<u64>,
+    /// Whether zero pages may travel as a flag (agreed in the handshake).
+    zero_pages: bool,
 }
 
 impl SourceRun<'_> {
@@ -262,26 +285,55 @@ impl SourceRun<'_> {
         vm: &mut dyn Vm,
         dirty_log: &mut dyn DirtyLog,
         observer: &mut dyn FnMut(&Event),
-    ) -> Result<(Option<bool>, Vec<u32>), SourceError> {
-        self.handshake(channel.as_mut())?;
-        observer(&Event::Started);
-        let (tx, rx) = channel.split()?;
-        let (jobs, channel_thread, channel_error) =
-            spawn_channel_thread(tx, self.ram.clone(), Arc::clone(&self.counters));
-        let returned = spawn_reader_thread(rx);
-        let result = self.drive(&jobs, &channel_error, &returned, vm, dirty_log, observer);
-        if let Err(err) = &result
-            && !self.handed_over
-        {
-            // Tell the destination to discard, if the channel still takes it.
-            let _ = jobs.try_send(Job::Control(Message::Abort(ErrorChain(err).to_string())));
+    ) -> Result<Verification, SourceError> {
+        if let Err(err) = self.handshake(channel.as_mut()) {
+            self.source_resumed = true;
+            return Err(err);
         }
-        drop(jobs);
-        let _ = channel_thread.join();
-        result
+        observer(&Event::Started);
+        let (tx, rx) = match channel.split() {
+            Ok(halves) => halves,
+            Err(err) => {
+                self.source_resumed = true;
+                return Err(err.into());
+            }
+        };
+        let (jobs, channel_thread, channel_error) =
+            spawn_channel_thread(tx, self.ram.clone(), Arc::clone(&self.counters), self.zero_pages);
+        let link = Link {
+            jobs,
+            channel_error,
+            returned: spawn_reader_thread(rx),
+        };
+        let result = self
+            .precopy(&link, vm, dirty_log, observer)
+            .and_then(|()| self.hand_over(&link, observer));
+        let outcome = match result {
+            Ok(()) => Ok(self.verify(&link, observer)),
+            Err(err) => {
+                if !self.handed_over {
+                    // Before GO the source is the truth: it runs again at
+                    // once, before anything else can block, and the
+                    // destination is told to discard.
+                    self.source_resumed = !self.pause_attempted || vm.resume().is_ok();
+                    if self.source_resumed {
+                        observer(&Event::SourceResumed);
+                    }
+                    let _ = link
+                        .jobs
+                        .try_send(Job::Control(Message::Abort(ErrorChain(&err).to_string())));
+                }
+                Err(err)
+            }
+        };
+        drop(link);
+        if channel_thread.join().is_err() {
+            return Err(SourceError::Protocol("the channel thread panicked".into()));
+        }
+        outcome
     }
 
-    fn handshake(&self, channel: &mut dyn Channel) -> Result<(), SourceError> {
+    fn handshake(&mut self, channel: &mut dyn Channel) -> Result<(), SourceError> {
         channel.set_timeout(Some(self.options.reply_timeout))?;
         channel.send(&Message::Hello(Hello {
             min_version: MIN_PROTOCOL_VERSION,
@@ -310,6 +362,13 @@ impl SourceRun<'_> {
                         reply.features.0
                     )));
                 }
+                if reply.channels != 1 {
+                    return Err(SourceError::Protocol(format!(
+                        "destination agreed to {} channels, the source proposed 1",
+                        reply.channels
+                    )));
+                }
+                self.zero_pages = reply.features.contains(Features::ZERO_PAGES);
             }
             Message::Error(err) => return Err(SourceError::Peer(err)),
             other => return Err(unexpected("hello-reply", &other)),
@@ -323,44 +382,55 @@ impl SourceRun<'_> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn drive(
-        &mut self,
-        jobs: &Sender<Job>,
-        channel_error: &Mutex<Option<TransportError>>,
-        returned: &Receiver<Returned>,
-        vm: &mut dyn Vm,
-        dirty_log: &mut dyn DirtyLog,
-        observer: &mut dyn FnMut(&Event),
-    ) -> Result<(Option<bool>, Vec<u32>), SourceError> {
-        let mut engine = PrecopyEngine::new(self.ram, self.options.precopy.clone(), self.started);
-        let mut next_progress = Instant::now();
-        let fail_channel = || -> SourceError {
-            channel_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-                .map_or(SourceError::Transport(TransportError::Closed), SourceError::Transport)
-        };
-        let cancel = &self.options.cancel;
-        // Blocks while the channel thread is busy, but keeps an eye on
-        // cancellation.
-        let submit = |mut job: Job| loop {
-            match jobs.send_timeout(job, TICK) {
+    /// Why the channel thread stopped: what the destination said if it said
+    /// anything (its error explains a reset connection), else the local error.
+    fn channel_failure(&mut self, link: &Link) -> SourceError {
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while let Ok(message) = link.returned.recv_deadline(deadline) {
+            match message {
+                Returned::Error(err) => return SourceError::Peer(err),
+                Returned::Failed(_) => break,
+                _ => {}
+            }
+        }
+        match link.channel_error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(ChannelFailure::Transport(err)) => SourceError::Transport(err),
+            Some(ChannelFailure::Memory(err)) => SourceError::Memory(err),
+            None => SourceError::Transport(TransportError::Closed),
+        }
+    }
+
+    /// Hands a job to the channel thread, blocking while it is busy but
+    /// watching the return path and the cancel flag.
+    fn submit(&mut self, link: &Link, mut job: Job) -> Result<(), SourceError> {
+        loop {
+            match link.jobs.send_timeout(job, TICK) {
                 Ok(()) => return Ok(()),
                 Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => {
-                    if cancel.is_cancelled() {
-                        return Err(SourceError::Cancelled);
+                    self.check_cancel()?;
+                    while let Ok(message) = link.returned.try_recv() {
+                        self.handle_returned(message)?;
                     }
                     job = back;
                 }
-                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return Err(fail_channel()),
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return Err(self.channel_failure(link)),
             }
-        };
+        }
+    }
 
+    /// Precopy up to the destination's READY.
+    fn precopy(
+        &mut self,
+        link: &Link,
+        vm: &mut dyn Vm,
+        dirty_log: &mut dyn DirtyLog,
+        observer: &mut dyn FnMut(&Event),
+    ) -> Result<(), SourceError> {
+        let mut engine = PrecopyEngine::new(self.ram, self.options.precopy.clone(), self.started);
+        let mut next_progress = Instant::now();
         loop {
             self.check_cancel()?;
-            while let Ok(message) = returned.try_recv() {
+            while let Ok(message) = link.returned.try_recv() {
                 self.handle_returned(message)?;
             }
             let now = Instant::now();
@@ -374,15 +444,15 @@ impl SourceRun<'_> {
                 next_progress = now + self.options.progress_interval;
             }
             match engine.poll(now) {
-                Action::Send(run) => submit(Job::Pages(run))?,
+                Action::Send(run) => self.submit(link, Job::Pages(run))?,
                 Action::EndEpoch { epoch } => {
                     let (done, wait) = bounded(1);
-                    submit(Job::EndEpoch { epoch, done })?;
-                    self.wait_local(&wait, returned, &fail_channel)?;
+                    self.submit(link, Job::EndEpoch { epoch, done })?;
+                    self.wait_local(link, &wait)?;
                     // Wait until the destination placed the whole epoch: the
                     // bandwidth measured is then end to end, and nothing sits in
                     // socket buffers to drain while the VM is paused.
-                    self.wait_acked(epoch, returned)?;
+                    self.wait_acked(link, epoch)?;
                 }
                 Action::SyncDirtyLog => {
                     dirty_log.collect(&mut |block, first, count| engine.handle_dirty(block, first, count))?;
@@ -405,6 +475,7 @@ impl SourceRun<'_> {
                         reason,
                         expected_downtime,
                     });
+                    self.pause_attempted = true;
                     let paused = pause_vm(vm)?;
                     self.paused_at = Some(paused.at());
                     observer(&Event::Paused);
@@ -415,10 +486,10 @@ impl SourceRun<'_> {
                 Action::Fail(error) => return Err(error.into()),
                 Action::Wait(until) => {
                     let deadline = until.unwrap_or(next_progress).min(next_progress);
-                    match returned.recv_deadline(deadline) {
+                    match link.returned.recv_deadline(deadline) {
                         Ok(message) => self.handle_returned(message)?,
                         Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => return Err(fail_channel()),
+                        Err(RecvTimeoutError::Disconnected) => return Err(self.channel_failure(link)),
                     }
                 }
             }
@@ -429,82 +500,112 @@ impl SourceRun<'_> {
         // counts them.
         self.engine_stats.iterations = engine.epoch() + 1;
 
-        // Device state and the end of the stream, then the two-step handover.
+        // Device state and the end of the stream, then wait for READY.
         let state = vm.save_device_state()?;
-        submit(Job::DeviceState(state))?;
-        submit(Job::Control(Message::EndOfRam(EndOfRam {
-            epochs: engine.epoch() + 1,
-        })))?;
+        if state.len() > MAX_FRAME_BODY as usize {
+            return Err(SourceError::DeviceStateTooLarge {
+                len: state.len(),
+                max: MAX_FRAME_BODY as usize,
+            });
+        }
+        self.submit(link, Job::DeviceState(state))?;
+        self.submit(
+            link,
+            Job::Control(Message::EndOfRam(EndOfRam {
+                epochs: engine.epoch() + 1,
+            })),
+        )?;
         let (done, wait) = bounded(1);
-        submit(Job::Flush(done))?;
-        self.wait_local(&wait, returned, &fail_channel)?;
-        self.wait_for(returned, "ready", |m| matches!(m, Returned::Ready))?;
+        self.submit(link, Job::Flush(done))?;
+        self.wait_local(link, &wait)?;
+        self.wait_for(link, "ready", |m| matches!(m, Returned::Ready))?;
         observer(&Event::Ready);
-        self.check_cancel()?;
+        self.check_cancel()
+    }
 
+    /// The handover: record it, send GO, wait for the destination to run.
+    fn hand_over(&mut self, link: &Link, observer: &mut dyn FnMut(&Event)) -> Result<(), SourceError> {
         self.handed_over = true;
         observer(&Event::HandedOver);
         let (done, wait) = bounded(1);
-        let go_sent = jobs
+        let go_sent = link
+            .jobs
             .send(Job::Control(Message::Go))
-            .and_then(|()| jobs.send(Job::Flush(done)))
+            .and_then(|()| link.jobs.send(Job::Flush(done)))
             .is_ok()
             && wait.recv_timeout(self.options.reply_timeout).is_ok();
         if !go_sent {
-            return Err(SourceError::HandoverUnconfirmed(fail_channel().to_string()));
+            let err = self.channel_failure(link);
+            return Err(SourceError::HandoverUnconfirmed(ErrorChain(&err).to_string()));
         }
-        if let Err(err) = self.wait_for(returned, "resumed", |m| matches!(m, Returned::Resumed)) {
-            return Err(SourceError::HandoverUnconfirmed(err.to_string()));
+        if let Err(err) = self.wait_for(link, "resumed", |m| matches!(m, Returned::Resumed)) {
+            return Err(SourceError::HandoverUnconfirmed(ErrorChain(&err).to_string()));
         }
         self.downtime = self.paused_at.map(|at| at.elapsed());
         self.handover = Some(self.started.elapsed());
         observer(&Event::Resumed);
+        Ok(())
+    }
 
-        // Verify: hash the frozen RAM (the VM never runs here again).
-        let digests = ram_digests(self.ram, 2)?;
-        let verdict = jobs
-            .send(Job::Control(Message::Complete(Complete { digests })))
-            .ok()
-            .and_then(|()| {
-                self.wait_for(returned, "verdict", |m| matches!(m, Returned::Verdict(_)))
-                    .ok()
-            });
-        let result = match verdict {
-            Some(Returned::Verdict(v)) => {
-                observer(&Event::Verified(v.is_verified()));
-                (Some(v.is_verified()), v.mismatched)
-            }
-            _ => (None, Vec::new()),
+    /// After the handover: hash the frozen RAM (the VM never runs here
+    /// again) and let the destination compare. Nothing here can undo the
+    /// handover, so failures become an unverified result, not an error.
+    fn verify(&mut self, link: &Link, observer: &mut dyn FnMut(&Event)) -> Verification {
+        let unverified = |error: String| Verification {
+            verified: None,
+            mismatched: Vec::new(),
+            error: Some(error),
         };
-        Ok(result)
+        let digests = match ram_digests(self.ram, 2) {
+            Ok(digests) => digests,
+            Err(err) => return unverified(format!("hashing the source's frozen RAM failed: {err}")),
+        };
+        if link
+            .jobs
+            .send(Job::Control(Message::Complete(Complete { digests })))
+            .is_err()
+        {
+            let err = self.channel_failure(link);
+            return unverified(format!("sending the block digests failed: {}", ErrorChain(&err)));
+        }
+        match self.wait_for(link, "verdict", |m| matches!(m, Returned::Verdict(_))) {
+            Ok(Returned::Verdict(verdict)) => {
+                observer(&Event::Verified(verdict.is_verified()));
+                Verification {
+                    verified: Some(verdict.is_verified()),
+                    mismatched: verdict.mismatched,
+                    error: None,
+                }
+            }
+            Ok(_) => unverified("unexpected answer instead of the verdict".into()),
+            Err(err) => unverified(format!("no verdict on the block digests: {}", ErrorChain(&err))),
+        }
     }
 
     /// Waits for the channel thread to acknowledge a job, while watching the
     /// return path for errors.
-    fn wait_local(
-        &mut self,
-        done: &Receiver<()>,
-        returned: &Receiver<Returned>,
-        fail_channel: &dyn Fn() -> SourceError,
-    ) -> Result<(), SourceError> {
+    fn wait_local(&mut self, link: &Link, done: &Receiver<()>) -> Result<(), SourceError> {
         loop {
             crossbeam_channel::select! {
-                recv(done) -> r => return r.map_err(|_| fail_channel()),
-                recv(returned) -> m => match m {
+                recv(done) -> r => return match r {
+                    Ok(()) => Ok(()),
+                    Err(_) => Err(self.channel_failure(link)),
+                },
+                recv(link.returned) -> m => match m {
                     Ok(message) => self.handle_returned(message)?,
-                    Err(_) => return Err(fail_channel()),
+                    Err(_) => return Err(self.channel_failure(link)),
                 },
                 default(TICK) => self.check_cancel()?,
             }
         }
     }
 
-    fn wait_acked(&mut self, epoch: u64, returned: &Receiver<Returned>) -> Result<(), SourceError> {
+    fn wait_acked(&mut self, link: &Link, epoch: u64) -> Result<(), SourceError> {
         let timeout = self.options.reply_timeout;
         let deadline = Instant::now() + timeout;
         while self.acked.is_none_or(|acked| acked < epoch) {
             self.check_cancel()?;
-            match returned.recv_deadline(deadline.min(Instant::now() + TICK)) {
+            match link.returned.recv_deadline(deadline.min(Instant::now() + TICK)) {
                 Ok(message) => self.handle_returned(message)?,
                 Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
                 Err(RecvTimeoutError::Timeout) => {
@@ -521,7 +622,7 @@ impl SourceRun<'_> {
 
     fn wait_for(
         &mut self,
-        returned: &Receiver<Returned>,
+        link: &Link,
         what: &'static str,
         wanted: impl Fn(&Returned) -> bool,
     ) -> Result<Returned, SourceError> {
@@ -537,7 +638,7 @@ impl SourceRun<'_> {
             if !self.handed_over {
                 self.check_cancel()?;
             }
-            match returned.recv_deadline(deadline.min(Instant::now() + TICK)) {
+            match link.returned.recv_deadline(deadline.min(Instant::now() + TICK)) {
                 Ok(message) if wanted(&message) => return Ok(message),
                 Ok(message) => self.handle_returned(message)?,
                 Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
@@ -596,11 +697,28 @@ fn unexpected(wanted: &str, got: &Message<'_>) -> SourceError {
     SourceError::Protocol(format!("expected {wanted}, got {}", got.kind().name()))
 }
 
-type ChannelThread = (Sender<Job>, JoinHandle<()>, Arc<Mutex<Option<TransportError>>>);
+/// Why the channel thread stopped.
+enum ChannelFailure {
+    Transport(TransportError),
+    Memory(migration_sys::SysError),
+}
+
+impl From<TransportError> for ChannelFailure {
+    fn from(err: TransportError) -> Self {
+        ChannelFailure::Transport(err)
+    }
+}
+
+type ChannelThread = (Sender<Job>, JoinHandle<()>, Arc<Mutex<Option<ChannelFailure>>>);
 
 /// The data path: reads pages from guest RAM into its own buffer once,
 /// classifies them, and sends batches.
-fn spawn_channel_thread(mut tx: Box<dyn ChannelTx>, ram: Ram, counters: Arc<Counters>) -> ChannelThread {
+fn spawn_channel_thread(
+    mut tx: Box<dyn ChannelTx>,
+    ram: Ram,
+    counters: Arc<Counters>,
+    zero_pages: bool,
+) -> ChannelThread {
     let (jobs, queue) = bounded::<Job>(16);
     let error = Arc::new(Mutex::new(None));
     let slot = Arc::clone(&error);
@@ -611,11 +729,19 @@ fn spawn_channel_thread(mut tx: Box<dyn ChannelTx>, ram: Ram, counters: Arc<Coun
             let mut payload = Vec::new();
             let mut pages_in_epoch = 0u64;
             let base = tx.bytes_sent();
-            let result = (|| -> Result<(), TransportError> {
+            let result = (|| -> Result<(), ChannelFailure> {
                 for job in queue {
                     match job {
                         Job::Pages(run) => {
-                            send_run(tx.as_mut(), &ram, run, &mut entries, &mut payload, &counters)?;
+                            send_run(
+                                tx.as_mut(),
+                                &ram,
+                                run,
+                                zero_pages,
+                                &mut entries,
+                                &mut payload,
+                                &counters,
+                            )?;
                             pages_in_epoch += run.count;
                         }
                         Job::EndEpoch { epoch, done } => {
@@ -650,10 +776,11 @@ fn send_run(
     tx: &mut dyn ChannelTx,
     ram: &Ram,
     run: PageRun,
+    zero_pages: bool,
     entries: &mut Vec<u8>,
     payload: &mut Vec<u8>,
     counters: &Counters,
-) -> Result<(), TransportError> {
+) -> Result<(), ChannelFailure> {
     let block = ram.block(run.block).expect("the engine only names announced blocks");
     let page_size = block.page_size() as usize;
     debug_assert_eq!(page_size, PAGE_SIZE);
@@ -671,11 +798,8 @@ fn send_run(
         block
             .region()
             .read(page as usize * page_size, slot)
-            .map_err(|e| TransportError::Io {
-                context: format!("reading page {page} of block {}", block.name()),
-                source: std::io::Error::other(e),
-            })?;
-        let encoding = if is_zero_buf(slot) {
+            .map_err(ChannelFailure::Memory)?;
+        let encoding = if zero_pages && is_zero_buf(slot) {
             zero += 1;
             PageEncoding::Zero
         } else {

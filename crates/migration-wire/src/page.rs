@@ -89,7 +89,7 @@ impl PageEntry {
 }
 
 /// A batch of pages of one block, borrowed from a decode buffer or from the
-/// sender's buffers.
+/// sender's buffers. Page indices strictly increase within a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageBatch<'a> {
     /// Index of the block in the block list.
@@ -142,8 +142,19 @@ impl<'a> PageBatch<'a> {
         let count = self.entries.len() / 8;
         cap("pages in batch", count as u64, MAX_PAGES_PER_BATCH.into())?;
         let mut plain = 0u64;
+        let mut previous: Option<u64> = None;
         for entry in self.entries() {
-            if entry?.encoding == PageEncoding::Plain {
+            let entry = entry?;
+            // Strictly increasing: a page appears once per batch, so where
+            // it lands never depends on the order entries are applied in.
+            if previous.is_some_and(|p| entry.page <= p) {
+                return Err(WireError::Invalid {
+                    what: "page order in batch (indices must increase)",
+                    value: entry.page,
+                });
+            }
+            previous = Some(entry.page);
+            if entry.encoding == PageEncoding::Plain {
                 plain += 1;
             }
         }

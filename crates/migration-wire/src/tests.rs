@@ -35,12 +35,15 @@ fn batch() -> impl Strategy<Value = OwnedBatch> {
     (
         any::<u32>(),
         any::<u64>(),
-        proptest::collection::vec((0u64..1 << 40, any::<bool>(), any::<u8>()), 0..8),
+        proptest::collection::vec((1u64..1 << 30, any::<bool>(), any::<u8>()), 0..8),
     )
         .prop_map(|(block, epoch, pages)| {
             let mut entries = Vec::new();
             let mut payload = Vec::new();
-            for (page, zero, fill) in pages {
+            let mut page = 0;
+            for (step, zero, fill) in pages {
+                // Indices strictly increase within a batch.
+                page += step;
                 let encoding = if zero { PageEncoding::Zero } else { PageEncoding::Plain };
                 PageEntry { page, encoding }.push_to(&mut entries);
                 if !zero {
@@ -222,6 +225,28 @@ fn batch_rejects_payload_mismatch() {
     assert!(PageBatch::new(0, 0, 4096, &entries, &[0; 100]).is_err());
     assert!(PageBatch::new(0, 0, 4096, &entries, &[0; 4096]).is_ok());
     assert!(PageBatch::new(0, 0, 4095, &entries, &[0; 4095]).is_err());
+}
+
+#[test]
+fn batch_rejects_repeated_or_decreasing_pages() {
+    let mut entries = Vec::new();
+    for page in [5, 5] {
+        PageEntry {
+            page,
+            encoding: PageEncoding::Zero,
+        }
+        .push_to(&mut entries);
+    }
+    assert!(PageBatch::new(0, 0, 4096, &entries, &[]).is_err());
+    let mut entries = Vec::new();
+    for page in [6, 2] {
+        PageEntry {
+            page,
+            encoding: PageEncoding::Zero,
+        }
+        .push_to(&mut entries);
+    }
+    assert!(PageBatch::new(0, 0, 4096, &entries, &[]).is_err());
 }
 
 #[test]
