@@ -291,6 +291,7 @@ pub fn run_destination(
     let mut state = DestRun {
         started,
         prefault: &prefault,
+        worker: PlaceWorker::start(),
         placer: &mut placer,
         resumed: false,
         iterations: 0,
@@ -300,6 +301,7 @@ pub fn run_destination(
     let resumed = state.resumed;
     let iterations = state.iterations;
     let handover = state.handover;
+    drop(state);
     drop(prefault);
     let mut stats = placer.stats(started);
     stats.transferred_bytes = channel.bytes_received() + channel.bytes_sent();
@@ -321,6 +323,7 @@ pub fn run_destination(
 struct DestRun<'a, 'r> {
     started: Instant,
     prefault: &'a Prefault,
+    worker: PlaceWorker,
     placer: &'a mut Placer<'r>,
     resumed: bool,
     iterations: u64,
@@ -356,6 +359,7 @@ impl DestRun<'_, '_> {
                 observer(&Event::Progress(stats));
                 next_progress = Instant::now() + options.progress_interval;
             }
+            let mut placement = None;
             let ack = match channel.recv()? {
                 Message::Pages(batch) => {
                     if batch.epoch != epoch {
@@ -364,7 +368,7 @@ impl DestRun<'_, '_> {
                             batch.epoch
                         )));
                     }
-                    self.placer.place(&batch)?;
+                    placement = Some(self.placer.plan(&batch)?);
                     pages_in_epoch += batch.len() as u64;
                     self.prefault
                         .advance(self.placer.placed * migration_sys::PAGE_SIZE as u64);
@@ -415,10 +419,18 @@ impl DestRun<'_, '_> {
                     )));
                 }
             };
+            if let Some(placement) = placement {
+                // The body moves to the placement thread; receive into a spare.
+                let body = channel.take_body(self.worker.spare());
+                self.worker.submit(placement, body)?;
+            }
             if let Some(ack) = ack {
+                // Acknowledge an epoch only once it is in guest RAM.
+                self.worker.flush()?;
                 channel.send(&Message::Ack(ack))?;
             }
         }
+        self.worker.flush()?;
         self.iterations = epoch;
         if let Some(missing) = self.placer.first_missing() {
             return Err(DestError::Protocol(format!(
@@ -511,7 +523,16 @@ impl Prefault {
 
     fn start(ram: &Ram) -> Self {
         let shared = std::sync::Arc::new(PrefaultState::default());
-        let regions: Vec<_> = ram.blocks().iter().map(|b| std::sync::Arc::clone(b.region())).collect();
+        // File-backed memory is filled through the page cache by the
+        // placement thread (see `GuestRegion::place`), without zeroing and
+        // without touching pages that stay zero: only anonymous memory is
+        // populated ahead.
+        let regions: Vec<_> = ram
+            .blocks()
+            .iter()
+            .filter(|b| !b.region().is_shared())
+            .map(|b| std::sync::Arc::clone(b.region()))
+            .collect();
         let state = std::sync::Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("migration-prefault".into())
@@ -568,7 +589,6 @@ struct Placer<'r> {
     received: Vec<Bitmap>,
     zeroed: Vec<Bitmap>,
     zero_hash: u64,
-    zero_page: Vec<u8>,
     placed: u64,
     zero_pages: u64,
     plain_pages: u64,
@@ -590,7 +610,6 @@ impl<'r> Placer<'r> {
                 })
                 .collect(),
             zero_hash: page_hash(&vec![0; page]),
-            zero_page: vec![0; page],
             placed: 0,
             zero_pages: 0,
             plain_pages: 0,
@@ -615,19 +634,10 @@ impl<'r> Placer<'r> {
             .find_map(|(block, map)| map.next_clear(0).map(|page| (block, page)))
     }
 
-    fn write_run(
-        region: &migration_sys::GuestRegion,
-        page_size: usize,
-        payload: &[u8],
-        (first, at, count): (u64, usize, usize),
-    ) -> Result<(), DestError> {
-        let bytes = &payload[at..at + count * page_size];
-        region.place(first as usize * page_size, bytes)?;
-        Ok(())
-    }
-
-    /// Checks a batch against the announced blocks, then places it.
-    fn place(&mut self, batch: &PageBatch<'_>) -> Result<(), DestError> {
+    /// Checks a batch against the announced blocks and records its pages
+    /// (hashes, received and zero bitmaps), returning the writes that place
+    /// it. Nothing is written on a batch that fails a check.
+    fn plan(&mut self, batch: &PageBatch<'_>) -> Result<Placement, DestError> {
         let index = batch.block as usize;
         let Some(block) = self.ram.blocks().get(index) else {
             return Err(DestError::Protocol(format!(
@@ -645,12 +655,14 @@ impl<'r> Placer<'r> {
             )));
         }
         let pages = block.pages();
-        let region = block.region();
         let payload = batch.payload();
+        let mut placement = Placement {
+            region: std::sync::Arc::clone(block.region()),
+            page_size,
+            payload_at: batch.payload_offset(),
+            writes: Vec::new(),
+        };
         let mut data_at = 0usize;
-        // A run of plain pages adjacent in memory and in the payload is placed
-        // with one write: (first page, payload offset, pages).
-        let mut run: Option<(u64, usize, usize)> = None;
         for entry in batch.entries() {
             let entry = entry.map_err(|e| DestError::Protocol(e.to_string()))?;
             if entry.page >= pages {
@@ -665,14 +677,7 @@ impl<'r> Placer<'r> {
                     let bytes = payload
                         .get(data_at..data_at + page_size)
                         .ok_or_else(|| DestError::Protocol("page payload too short".into()))?;
-                    run = match run {
-                        Some((first, at, count)) if first + count as u64 == entry.page => Some((first, at, count + 1)),
-                        Some(done) => {
-                            Self::write_run(region, page_size, payload, done)?;
-                            Some((entry.page, data_at, 1))
-                        }
-                        None => Some((entry.page, data_at, 1)),
-                    };
+                    placement.push_plain(entry.page, data_at);
                     data_at += page_size;
                     self.zeroed[index].test_and_clear(entry.page);
                     self.plain_pages += 1;
@@ -680,14 +685,7 @@ impl<'r> Placer<'r> {
                 }
                 PageEncoding::Zero => {
                     if !self.zeroed[index].get(entry.page) {
-                        // Keep writes in entry order.
-                        if let Some(done) = run.take() {
-                            Self::write_run(region, page_size, payload, done)?;
-                        }
-                        let offset = entry.page as usize * page_size;
-                        if !region.is_zero(offset, page_size)? {
-                            region.place(offset, &self.zero_page)?;
-                        }
+                        placement.writes.push(Write::Zero { page: entry.page });
                         self.zeroed[index].set(entry.page);
                     }
                     self.zero_pages += 1;
@@ -698,9 +696,150 @@ impl<'r> Placer<'r> {
             self.received[index].set(entry.page);
             self.placed += 1;
         }
-        if let Some(done) = run {
-            Self::write_run(region, page_size, payload, done)?;
+        Ok(placement)
+    }
+}
+
+/// One write into guest RAM, in entry order.
+#[derive(Debug, Clone, Copy)]
+enum Write {
+    /// `count` plain pages from `page`, their bytes at `at` in the payload.
+    Run { page: u64, at: usize, count: usize },
+    /// A page that must read as zero.
+    Zero { page: u64 },
+}
+
+/// The writes that place one batch.
+struct Placement {
+    region: std::sync::Arc<migration_sys::GuestRegion>,
+    page_size: usize,
+    /// Where the payload starts in the frame body.
+    payload_at: usize,
+    writes: Vec<Write>,
+}
+
+impl Placement {
+    /// Adds a plain page, joining it to the previous run when adjacent in
+    /// memory and in the payload, so a run is placed with one write.
+    fn push_plain(&mut self, page: u64, at: usize) {
+        if let Some(Write::Run {
+            page: first,
+            at: start,
+            count,
+        }) = self.writes.last_mut()
+            && *first + *count as u64 == page
+            && *start + *count * self.page_size == at
+        {
+            *count += 1;
+            return;
+        }
+        self.writes.push(Write::Run { page, at, count: 1 });
+    }
+
+    /// Performs the writes; `body` is the frame body the plan was made from.
+    fn apply(&self, body: &[u8], zero_page: &[u8]) -> Result<(), migration_sys::SysError> {
+        let payload = &body[self.payload_at..];
+        for write in &self.writes {
+            match *write {
+                Write::Run { page, at, count } => {
+                    let bytes = &payload[at..at + count * self.page_size];
+                    self.region.place(page as usize * self.page_size, bytes)?;
+                }
+                Write::Zero { page } => {
+                    let offset = page as usize * self.page_size;
+                    // Reused memory: write only where it is not zero already.
+                    if !self.region.is_zero(offset, self.page_size)? {
+                        self.region.place(offset, zero_page)?;
+                    }
+                }
+            }
         }
         Ok(())
+    }
+}
+
+enum PlaceJob {
+    Place { placement: Placement, body: Vec<u8> },
+    Flush(crossbeam_channel::Sender<()>),
+}
+
+/// The thread that writes pages into guest RAM, so that filling fresh
+/// memory (slow here: the kernel and the host under it supply every page)
+/// overlaps with receiving and checking the next batches. Writes happen in
+/// the order batches arrived.
+struct PlaceWorker {
+    jobs: Option<crossbeam_channel::Sender<PlaceJob>>,
+    spare: crossbeam_channel::Receiver<Vec<u8>>,
+    error: std::sync::Arc<std::sync::Mutex<Option<migration_sys::SysError>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PlaceWorker {
+    fn start() -> Self {
+        let (jobs, queue) = crossbeam_channel::bounded::<PlaceJob>(4);
+        let (give_back, spare) = crossbeam_channel::bounded(8);
+        let error = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let slot = std::sync::Arc::clone(&error);
+        let zero_page = vec![0u8; migration_sys::PAGE_SIZE];
+        let thread = std::thread::Builder::new()
+            .name("migration-place".into())
+            .spawn(move || {
+                for job in queue {
+                    match job {
+                        PlaceJob::Place { placement, body } => {
+                            if let Err(err) = placement.apply(&body, &zero_page) {
+                                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
+                                return;
+                            }
+                            let _ = give_back.try_send(body);
+                        }
+                        PlaceJob::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })
+            .expect("spawning the placement thread");
+        Self {
+            jobs: Some(jobs),
+            spare,
+            error,
+            thread: Some(thread),
+        }
+    }
+
+    /// A buffer to receive the next frame into.
+    fn spare(&self) -> Vec<u8> {
+        self.spare.try_recv().unwrap_or_default()
+    }
+
+    fn failure(&self) -> DestError {
+        match self.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(err) => DestError::Memory(err),
+            None => DestError::Protocol("the placement thread stopped".into()),
+        }
+    }
+
+    fn submit(&self, placement: Placement, body: Vec<u8>) -> Result<(), DestError> {
+        let jobs = self.jobs.as_ref().expect("running");
+        jobs.send(PlaceJob::Place { placement, body })
+            .map_err(|_| self.failure())
+    }
+
+    /// Returns once every submitted batch is placed.
+    fn flush(&self) -> Result<(), DestError> {
+        let (done, wait) = crossbeam_channel::bounded(1);
+        let jobs = self.jobs.as_ref().expect("running");
+        jobs.send(PlaceJob::Flush(done)).map_err(|_| self.failure())?;
+        wait.recv().map_err(|_| self.failure())
+    }
+}
+
+impl Drop for PlaceWorker {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

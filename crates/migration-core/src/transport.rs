@@ -52,6 +52,11 @@ pub trait ChannelRx: Send {
     /// arrives within the receive timeout.
     fn recv(&mut self) -> Result<Message<'_>, TransportError>;
 
+    /// Hands over the buffer holding the body of the message last received
+    /// (a page batch's payload, say, so another thread can place it without
+    /// a copy), and takes `replacement` to receive into from now on.
+    fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8>;
+
     /// Sets the receive timeout (`None`: wait forever).
     fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError>;
 

@@ -210,6 +210,12 @@ impl<'a> PageBatch<'a> {
         out.extend_from_slice(self.entries);
     }
 
+    /// Where the payload starts in the frame body (after the batch header
+    /// and the entry table).
+    pub fn payload_offset(&self) -> usize {
+        size_of::<RawBatchHeader>() + self.entries.len()
+    }
+
     /// Length of the frame body this batch encodes to.
     pub fn body_len(&self) -> usize {
         size_of::<RawBatchHeader>() + self.entries.len() + self.payload.len()

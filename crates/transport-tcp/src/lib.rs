@@ -269,6 +269,10 @@ impl ChannelRx for TcpRx {
         Ok(Message::decode_body(header.kind, body)?)
     }
 
+    fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
+        std::mem::replace(&mut self.body, replacement)
+    }
+
     fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
         self.stream
             .set_read_timeout(timeout)
@@ -331,6 +335,10 @@ impl ChannelTx for TcpChannel {
 impl ChannelRx for TcpChannel {
     fn recv(&mut self) -> Result<Message<'_>, TransportError> {
         self.rx.recv()
+    }
+
+    fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
+        self.rx.take_body(replacement)
     }
 
     fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
