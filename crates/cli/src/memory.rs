@@ -38,13 +38,18 @@ pub fn source_layout(total: u64) -> Result<Vec<(String, u64)>> {
     Ok(vec![("pc.ram".into(), low), ("pc.ram.high".into(), total - low)])
 }
 
-/// Anonymous memory for the blocks of `layout`.
-pub fn anonymous(layout: &[(String, u64)]) -> Result<GuestMemory> {
+/// Fresh memory (reads as zero) for the blocks of `layout`, each region
+/// made by `make(name, len)`.
+fn fresh_blocks(
+    layout: &[(String, u64)],
+    kind: &str,
+    make: impl Fn(&str, usize) -> Result<GuestRegion, migration_sys::SysError>,
+) -> Result<GuestMemory> {
     let blocks = layout
         .iter()
         .map(|(name, len)| {
-            let region = GuestRegion::anonymous(usize::try_from(*len)?)
-                .with_context(|| format!("mapping {len} bytes of anonymous memory for {name}"))?;
+            let region = make(name, usize::try_from(*len)?)
+                .with_context(|| format!("mapping {len} bytes of {kind} for {name}"))?;
             Ok(RamBlock::new(name.clone(), Arc::new(region)))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -54,22 +59,16 @@ pub fn anonymous(layout: &[(String, u64)]) -> Result<GuestMemory> {
     })
 }
 
+/// Anonymous memory for the blocks of `layout`.
+pub fn anonymous(layout: &[(String, u64)]) -> Result<GuestMemory> {
+    fresh_blocks(layout, "anonymous memory", |_, len| GuestRegion::anonymous(len))
+}
+
 /// Memfd-backed memory for the blocks of `layout`: what the destination
 /// uses unless told to use a file, since incoming pages fill it through
 /// the page cache without the kernel zeroing each page first.
 pub fn shared_anonymous(layout: &[(String, u64)]) -> Result<GuestMemory> {
-    let blocks = layout
-        .iter()
-        .map(|(name, len)| {
-            let region = GuestRegion::memfd(name, usize::try_from(*len)?)
-                .with_context(|| format!("creating {len} bytes of shared memory for {name}"))?;
-            Ok(RamBlock::new(name.clone(), Arc::new(region)))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(GuestMemory {
-        ram: Ram::new(blocks),
-        fresh: FreshMemory::Zeroed,
-    })
+    fresh_blocks(layout, "shared memory (memfd)", GuestRegion::memfd)
 }
 
 /// Maps the blocks of `layout` back to back from the start of `file`.

@@ -3,6 +3,7 @@
 //! the digest comparison.
 
 use crate::bitmap::Bitmap;
+use crate::error_chain::ErrorChain;
 use crate::ram::Ram;
 use crate::stats::{Event, Stats};
 use crate::transport::{Channel, TransportError};
@@ -153,19 +154,8 @@ fn tell_peer(channel: &mut dyn Channel, err: &DestError) {
     }
     let _ = channel.send(&Message::Error(PeerError {
         code: err.code(),
-        message: error_chain(err),
+        message: ErrorChain(err).to_string(),
     }));
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn handshake(channel: &mut dyn Channel, options: &DestOptions) -> Result<(Hello, BlockList), DestError> {
@@ -447,7 +437,7 @@ impl DestRun<'_, '_> {
         let go = channel.recv().map_err(|err| {
             DestError::Protocol(format!(
                 "after READY, waiting for GO: {}; this side never ran the guest, the source decides",
-                error_chain(&err)
+                ErrorChain(&err)
             ))
         })?;
         match go {

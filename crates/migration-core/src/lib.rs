@@ -14,6 +14,7 @@ pub mod cancel;
 pub mod dest;
 pub mod dirty;
 pub mod engine;
+pub mod error_chain;
 pub mod ram;
 pub mod source;
 pub mod stats;

@@ -11,6 +11,7 @@
 use crate::cancel::Cancel;
 use crate::dirty::{DirtyLog, DirtyLogError};
 use crate::engine::{Action, PageRun, PrecopyConfig, PrecopyEngine, SourcePaused};
+use crate::error_chain::ErrorChain;
 use crate::ram::Ram;
 use crate::stats::{Event, Stats};
 use crate::transport::{Channel, ChannelRx, ChannelTx, TransportError};
@@ -677,21 +678,6 @@ impl SourceRun<'_> {
 
 /// How often blocking waits look at the cancel flag.
 const TICK: Duration = Duration::from_millis(100);
-
-/// Formats an error with its causes, for the abort message.
-struct ErrorChain<'a>(&'a SourceError);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = std::error::Error::source(self.0);
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
-    }
-}
 
 fn unexpected(wanted: &str, got: &Message<'_>) -> SourceError {
     SourceError::Protocol(format!("expected {wanted}, got {}", got.kind().name()))

@@ -94,6 +94,21 @@ pub struct ScanRequest {
     pub return_mask: u64,
 }
 
+impl ScanRequest {
+    /// Collects the pages written in `start..end` and write-protects them
+    /// again in the same walk (the dirty-log scan of a `WP_ASYNC` range).
+    pub fn collect_written(start: u64, end: u64) -> Self {
+        Self {
+            start,
+            end,
+            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            category_mask: PAGE_IS_WRITTEN,
+            return_mask: PAGE_IS_WRITTEN,
+            ..Self::default()
+        }
+    }
+}
+
 /// The outcome of one scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scan {
@@ -209,14 +224,7 @@ mod tests {
         let region = GuestRegion::anonymous(4 * PAGE_SIZE).unwrap();
         let pagemap = Pagemap::open_self().unwrap();
         let base = region.addr() as u64;
-        let request = ScanRequest {
-            start: base,
-            end: base + region.len() as u64,
-            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-            category_mask: PAGE_IS_WRITTEN,
-            return_mask: PAGE_IS_WRITTEN,
-            ..ScanRequest::default()
-        };
+        let request = ScanRequest::collect_written(base, base + region.len() as u64);
         let mut out = [PageRegion::default(); 4];
         assert!(matches!(
             pagemap.scan(&request, &mut out),

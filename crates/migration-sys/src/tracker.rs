@@ -28,7 +28,7 @@
 
 use std::sync::Arc;
 
-use crate::pagemap::{PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, PageRegion, Pagemap, ScanRequest};
+use crate::pagemap::{PageRegion, Pagemap, ScanRequest};
 use crate::uffd::{UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED, Userfaultfd};
 use crate::{GuestRegion, PAGE_SIZE, SysError};
 
@@ -104,14 +104,7 @@ impl WriteTracker {
         let base = self.region.addr() as u64;
         let end = base + self.region.len() as u64;
         let page = PAGE_SIZE as u64;
-        let mut request = ScanRequest {
-            start: base,
-            end,
-            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-            category_mask: PAGE_IS_WRITTEN,
-            return_mask: PAGE_IS_WRITTEN,
-            ..ScanRequest::default()
-        };
+        let mut request = ScanRequest::collect_written(base, end);
         let mut total = 0;
         loop {
             let scan = self.pagemap.scan(&request, &mut self.out)?;
@@ -309,14 +302,7 @@ mod tests {
             region.fill(p as usize * PAGE_SIZE, 1, 1).unwrap();
         }
         let base = region.addr() as u64;
-        let request = ScanRequest {
-            start: base,
-            end: base + region.len() as u64,
-            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-            category_mask: PAGE_IS_WRITTEN,
-            return_mask: PAGE_IS_WRITTEN,
-            ..ScanRequest::default()
-        };
+        let request = ScanRequest::collect_written(base, base + region.len() as u64);
         let mut out = [PageRegion::default(); 4];
         let first = tracker.pagemap.scan(&request, &mut out).unwrap();
         assert_eq!(first.regions, 4);
