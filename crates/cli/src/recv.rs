@@ -6,6 +6,7 @@ use crate::report::{Progress, Report, Status};
 use crate::units::{parse_duration, parse_size};
 use anyhow::{Context, Result};
 use migration_core::dest::{self, DestOptions, run_destination};
+use migration_core::{Channel, Event, TransportError};
 use migration_wire::ErrorCode;
 use reference_guest::SyntheticGuest;
 use std::path::PathBuf;
@@ -30,6 +31,9 @@ pub struct RecvArgs {
     /// Longest silence from the source before the migration fails.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub io_timeout: Duration,
+    /// Most parallel channels accepted from a source.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub channels: u16,
     /// Print no progress lines (errors and the result still print).
     #[arg(long)]
     pub quiet: bool,
@@ -53,6 +57,7 @@ pub fn run(args: RecvArgs) -> u8 {
 fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
     let options = DestOptions {
         max_ram: args.max_mem.unwrap_or_else(host_memory),
+        max_channels: args.channels,
         io_timeout: args.io_timeout,
         ..DestOptions::default()
     };
@@ -97,16 +102,20 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
 
     let mut progress = Progress::new("recv");
     let quiet = args.quiet;
+    let io_timeout = args.io_timeout;
+    let mut accept =
+        || -> Result<Box<dyn Channel>, TransportError> { Ok(Box::new(listener.accept_within(Some(io_timeout))?)) };
     let result = run_destination(
         incoming,
+        &mut accept,
         &memory.ram,
         memory.fresh,
         &mut guest,
         &options,
-        &mut |event| {
-            if !quiet {
-                progress.event(event)
-            }
+        &mut |event| match event {
+            Event::ChannelRefused { peer, reason } => eprintln!("refused connection from {peer}: {reason}"),
+            _ if !quiet => progress.event(event),
+            _ => {}
         },
     );
     progress.finish();

@@ -36,6 +36,10 @@ pub struct Report {
     pub ram_bytes_per_sec: Option<f64>,
     pub zero_pages: Option<u64>,
     pub plain_pages: Option<u64>,
+    /// Channels used (the main connection included).
+    pub channels: Option<usize>,
+    /// Wire bytes per channel, main connection first (source).
+    pub channel_bytes: Option<Vec<u64>>,
     /// Source: the VM runs on the source again after a failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_resumed: Option<bool>,
@@ -72,6 +76,8 @@ impl Report {
             ram_bytes_per_sec: None,
             zero_pages: None,
             plain_pages: None,
+            channels: None,
+            channel_bytes: None,
             source_resumed: None,
             writes_after_resume: None,
             guest_check: None,
@@ -95,6 +101,10 @@ impl Report {
         }
         self.zero_pages = Some(stats.zero_pages);
         self.plain_pages = Some(stats.plain_pages);
+        if !stats.channel_bytes.is_empty() {
+            self.channels = Some(stats.channel_bytes.len());
+            self.channel_bytes = Some(stats.channel_bytes.clone());
+        }
     }
 
     /// Records the setup time.
@@ -193,6 +203,7 @@ impl Progress {
             Event::Verified(ok) => self.say(if *ok { "digests verified" } else { "digests DIFFER" }),
             Event::SourceResumed => self.say("source guest resumed"),
             Event::Started => self.say("handshake done, transferring"),
+            Event::ChannelRefused { peer, reason } => self.say(&format!("refused connection from {peer}: {reason}")),
         }
     }
 
@@ -210,6 +221,10 @@ impl Progress {
         }
         if let Some(dirty) = stats.dirty_rate {
             fields += &format!(" dirty_rate={dirty:.0}");
+        }
+        if stats.channel_bytes.len() > 1 {
+            let per: Vec<String> = stats.channel_bytes.iter().map(u64::to_string).collect();
+            fields += &format!(" channel_bytes={}", per.join(","));
         }
         if let Some(bar) = &self.bar {
             let mut msg = format!(

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::ValueEnum;
 use migration_core::source::SourceError;
 use migration_core::source::{SourceOptions, run_source};
-use migration_core::{Cancel, KernelDirtyLog, LimitAction, PrecopyConfig};
+use migration_core::{Cancel, Channel, KernelDirtyLog, LimitAction, PrecopyConfig, TransportError};
 use migration_wire::SessionId;
 use reference_guest::{Content, GuestSpec, Pattern, SyntheticGuest};
 use std::path::PathBuf;
@@ -68,6 +68,10 @@ pub struct SendArgs {
     /// Seed of the synthetic guest's contents and choices.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Parallel channels (connections, each with a thread of its own) that
+    /// carry pages; the destination's `--channels` is the limit.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub channels: u16,
     /// Longest wait for the destination's answers, and the TCP user timeout.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub io_timeout: Duration,
@@ -156,11 +160,16 @@ fn send(args: &SendArgs, report: &mut Report) -> Result<u8> {
         session: session_id(),
         reply_timeout: args.io_timeout,
         cancel: Cancel::from_flag(cancel),
+        channels: args.channels,
         ..SourceOptions::default()
     };
     let mut progress = Progress::new("send");
+    let mut connect = |_index: u16| -> Result<Box<dyn Channel>, TransportError> {
+        Ok(Box::new(transport_tcp::connect(&args.to, &tcp)?))
+    };
     let result = run_source(
         Box::new(channel),
+        &mut connect,
         &memory.ram,
         &mut guest,
         &mut dirty,

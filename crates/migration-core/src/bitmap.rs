@@ -165,6 +165,33 @@ impl AtomicBitmap {
         }
     }
 
+    /// Whether bit `i` is set. Bits past the end read as clear.
+    pub fn get(&self, i: u64) -> bool {
+        i < self.len && self.words[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+
+    /// Clears bit `i`, returning whether it was set.
+    pub fn test_and_clear(&self, i: u64) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        let mask = 1 << (i % 64);
+        self.words[(i / 64) as usize].fetch_and(!mask, Ordering::AcqRel) & mask != 0
+    }
+
+    /// Sets every bit.
+    pub fn fill(&self) {
+        for (index, word) in self.words.iter().enumerate() {
+            let bits = (self.len - index as u64 * 64).min(64);
+            word.store(if bits == 64 { u64::MAX } else { (1 << bits) - 1 }, Ordering::Release);
+        }
+    }
+
+    /// The first clear bit at or after `from`.
+    pub fn next_clear(&self, from: u64) -> Option<u64> {
+        (from..self.len).find(|&i| !self.get(i))
+    }
+
     /// Atomically takes every set bit, clearing it, and hands each run of
     /// set bits to `sink(first, count)`. A bit set concurrently is either
     /// taken now or left for the next call: never lost.
@@ -252,6 +279,14 @@ mod tests {
             prop_assert_eq!(total, want.len() as u64);
             prop_assert_eq!(got, want);
             prop_assert_eq!(map.drain(&mut |_, _| panic!("drained twice")), 0);
+            map.fill();
+            prop_assert_eq!(map.next_clear(0), None);
+            if len > 3 {
+                prop_assert!(map.test_and_clear(3));
+                prop_assert!(!map.test_and_clear(3));
+                prop_assert!(!map.get(3));
+                prop_assert_eq!(map.next_clear(0), Some(3));
+            }
         }
     }
 }

@@ -2,17 +2,20 @@
 //! guest RAM, checked against the announced blocks, then READY / GO and
 //! the digest comparison.
 
-use crate::bitmap::Bitmap;
+mod place;
+mod receive;
+
 use crate::error_chain::ErrorChain;
 use crate::ram::Ram;
 use crate::stats::{Event, Stats};
-use crate::transport::{Channel, TransportError};
-use crate::verify::{block_digest, page_hash};
+use crate::transport::{Channel, Closer, TransportError};
 use crate::vm::{Vm, VmError};
 use migration_wire::{
-    Ack, BlockList, ErrorCode, Features, Hello, HelloReply, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, PageBatch,
-    PageEncoding, PeerError, SessionId, Verdict,
+    BlockList, ErrorCode, Features, Hello, HelloReply, MAX_CHANNELS, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION,
+    PeerError, SessionId, Verdict,
 };
+use place::{Placer, Prefault};
+use receive::{EpochBarrier, Shared};
 use std::time::{Duration, Instant};
 
 /// Limits and timeouts of an incoming migration.
@@ -24,11 +27,14 @@ pub struct DestOptions {
     pub io_timeout: Duration,
     /// How often a progress event is emitted.
     pub progress_interval: Duration,
+    /// Most channels accepted.
+    pub max_channels: u16,
 }
 
 impl Default for DestOptions {
     fn default() -> Self {
         Self {
+            max_channels: MAX_CHANNELS,
             max_ram: 64 << 30,
             io_timeout: Duration::from_secs(30),
             progress_interval: Duration::from_millis(200),
@@ -67,6 +73,9 @@ pub enum DestError {
     /// Guest memory could not be written.
     #[error("guest memory access failed")]
     Memory(#[from] migration_sys::SysError),
+    /// Another channel failed first (its error is the one reported).
+    #[error("another channel failed")]
+    OtherChannelFailed,
 }
 
 impl DestError {
@@ -76,7 +85,9 @@ impl DestError {
             DestError::Version { .. } => ErrorCode::Version,
             DestError::Limit(_) => ErrorCode::Limit,
             DestError::Aborted(_) => ErrorCode::Cancelled,
-            DestError::Transport(_) | DestError::Vm(_) | DestError::Memory(_) => ErrorCode::Internal,
+            DestError::Transport(_) | DestError::Vm(_) | DestError::Memory(_) | DestError::OtherChannelFailed => {
+                ErrorCode::Internal
+            }
         }
     }
 }
@@ -88,6 +99,9 @@ pub struct Incoming {
     hello: Hello,
     blocks: BlockList,
     started: Instant,
+    /// The extra channels, by index - 1, as they join.
+    extra: Vec<Option<Box<dyn Channel>>>,
+    io_timeout: Duration,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -116,6 +130,62 @@ impl Incoming {
         self.channel.peer()
     }
 
+    /// The channel count agreed in the handshake (the main one included).
+    pub fn channels(&self) -> u16 {
+        self.hello.channels
+    }
+
+    /// How many extra channels have not joined yet.
+    pub fn missing_channels(&self) -> usize {
+        self.extra.iter().filter(|c| c.is_none()).count()
+    }
+
+    /// Takes a new connection as one of this migration's extra channels. A
+    /// connection of another session, with an index out of range or one
+    /// already taken, is refused (and told why); the migration goes on.
+    pub fn join_channel(&mut self, mut channel: Box<dyn Channel>) -> Result<u16, DestError> {
+        let result = (|| {
+            channel.set_timeout(Some(self.io_timeout))?;
+            let hello = match channel.recv()? {
+                Message::ChannelHello(hello) => hello,
+                other => {
+                    return Err(DestError::Protocol(format!(
+                        "expected channel-hello, got {}",
+                        other.kind().name()
+                    )));
+                }
+            };
+            if hello.session != self.hello.session {
+                return Err(DestError::Protocol(format!(
+                    "channel of session {:#x}, this migration is session {:#x}",
+                    hello.session.0, self.hello.session.0
+                )));
+            }
+            if hello.channels != self.hello.channels {
+                return Err(DestError::Protocol(format!(
+                    "channel says {} channels, the handshake agreed {}",
+                    hello.channels, self.hello.channels
+                )));
+            }
+            let slot = &mut self.extra[usize::from(hello.index) - 1];
+            if slot.is_some() {
+                return Err(DestError::Protocol(format!("channel {} joined twice", hello.index)));
+            }
+            channel.send(&Message::ChannelAccepted)?;
+            Ok(hello.index)
+        })();
+        match result {
+            Ok(index) => {
+                self.extra[usize::from(index) - 1] = Some(channel);
+                Ok(index)
+            }
+            Err(err) => {
+                tell_peer(channel.as_mut(), &err);
+                Err(err)
+            }
+        }
+    }
+
     /// Refuses the migration after the handshake (guest RAM could not be
     /// prepared), telling the source why.
     pub fn refuse(mut self, code: ErrorCode, message: &str) {
@@ -134,9 +204,11 @@ pub fn accept(mut channel: Box<dyn Channel>, options: &DestOptions) -> Result<In
     match result {
         Ok((hello, blocks)) => Ok(Incoming {
             channel,
+            extra: (1..hello.channels).map(|_| None).collect(),
             hello,
             blocks,
             started,
+            io_timeout: options.io_timeout,
         }),
         Err(err) => {
             tell_peer(channel.as_mut(), &err);
@@ -176,17 +248,17 @@ fn handshake(channel: &mut dyn Channel, options: &DestOptions) -> Result<(Hello,
             max: hello.max_version,
         });
     }
-    if hello.channels != 1 {
+    if hello.channels > options.max_channels {
         return Err(DestError::Limit(format!(
-            "source proposes {} channels, this destination accepts at most 1",
-            hello.channels
+            "source proposes {} channels, this destination accepts at most {} (--channels)",
+            hello.channels, options.max_channels
         )));
     }
     channel.send(&Message::HelloReply(HelloReply {
         version,
         features: hello.features.intersect(Features::KNOWN),
         session: hello.session,
-        channels: 1,
+        channels: hello.channels,
     }))?;
     let blocks = match channel.recv()? {
         Message::BlockList(blocks) => blocks,
@@ -260,175 +332,134 @@ pub enum FreshMemory {
     Unknown,
 }
 
-/// Receives the migration into `ram` (which must match the block list),
-/// drives `vm` through load and resume, and compares digests.
+/// Receives the migration into `ram` (which must match the block list):
+/// accepts the block list, gathers the extra channels from `accept` (each
+/// call waits for the next connection, bounded by its own timeout; strays
+/// are refused and reported as [`Event::ChannelRefused`]), receives every
+/// channel's pages, drives `vm` through load and resume, and compares
+/// digests.
 pub fn run_destination(
-    incoming: Incoming,
+    mut incoming: Incoming,
+    accept: &mut dyn FnMut() -> Result<Box<dyn Channel>, TransportError>,
     ram: &Ram,
     fresh: FreshMemory,
     vm: &mut dyn Vm,
     options: &DestOptions,
     observer: &mut dyn FnMut(&Event),
 ) -> Result<DestReport, Box<DestFailure>> {
+    let gathered = gather_channels(&mut incoming, ram, accept, observer);
     let Incoming {
         mut channel,
         blocks,
         started,
+        extra,
         ..
     } = incoming;
-    let mut placer = Placer::new(ram, fresh);
-    let prefault = Prefault::start(ram);
     let mut state = DestRun {
         started,
-        prefault: &prefault,
-        worker: PlaceWorker::start(),
-        placer: &mut placer,
         resumed: false,
         iterations: 0,
         handover: None,
+        received_bytes: 0,
     };
-    let result = state.run(channel.as_mut(), &blocks, vm, options, observer);
-    let resumed = state.resumed;
-    let iterations = state.iterations;
-    let handover = state.handover;
-    drop(state);
-    drop(prefault);
-    let mut stats = placer.stats(started);
-    stats.transferred_bytes = channel.bytes_received() + channel.bytes_sent();
-    stats.iterations = iterations;
+    let shared = Shared {
+        placer: Placer::new(ram, fresh),
+        barrier: EpochBarrier::new(1 + extra.len()),
+        prefault: Prefault::start(ram),
+        io_timeout: options.io_timeout,
+    };
+    let result = match (gathered, extra.into_iter().collect::<Option<Vec<_>>>()) {
+        (Err(err), _) => Err(err),
+        (Ok(()), Some(extra)) => state.run(channel.as_mut(), extra, &shared, &blocks, vm, options, observer),
+        (Ok(()), None) => Err(DestError::Protocol("not every channel joined".into())),
+    };
+    let mut stats = shared.placer.stats(started);
+    drop(shared);
+    stats.transferred_bytes = state.received_bytes + channel.bytes_received() + channel.bytes_sent();
+    stats.iterations = state.iterations;
     match result {
         Ok((verified, mismatched_blocks)) => Ok(DestReport {
             stats,
             verified,
             mismatched_blocks,
-            until_handover: handover.unwrap_or_else(|| started.elapsed()),
+            until_handover: state.handover.unwrap_or_else(|| started.elapsed()),
         }),
         Err(error) => {
             tell_peer(channel.as_mut(), &error);
-            Err(Box::new(DestFailure { error, stats, resumed }))
+            Err(Box::new(DestFailure {
+                error,
+                stats,
+                resumed: state.resumed,
+            }))
         }
     }
 }
 
-struct DestRun<'a, 'r> {
+/// Accepts the block list, then waits for every extra channel to join.
+fn gather_channels(
+    incoming: &mut Incoming,
+    ram: &Ram,
+    accept: &mut dyn FnMut() -> Result<Box<dyn Channel>, TransportError>,
+    observer: &mut dyn FnMut(&Event),
+) -> Result<(), DestError> {
+    if ram.block_list() != incoming.blocks {
+        return Err(DestError::Limit(
+            "prepared guest RAM does not match the block list".into(),
+        ));
+    }
+    incoming.channel.send(&Message::BlocksAccepted)?;
+    while incoming.missing_channels() > 0 {
+        let channel = accept().map_err(|err| {
+            DestError::Protocol(format!(
+                "waiting for channel {} of {}: {}",
+                incoming.extra.iter().position(Option::is_none).unwrap_or(0) + 1,
+                incoming.channels(),
+                ErrorChain(&err)
+            ))
+        })?;
+        let peer = channel.peer();
+        if let Err(err) = incoming.join_channel(channel) {
+            observer(&Event::ChannelRefused {
+                peer,
+                reason: ErrorChain(&err).to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+struct DestRun {
     started: Instant,
-    prefault: &'a Prefault,
-    worker: PlaceWorker,
-    placer: &'a mut Placer<'r>,
     resumed: bool,
     iterations: u64,
     handover: Option<Duration>,
+    /// Bytes received on the extra channels.
+    received_bytes: u64,
 }
 
-impl DestRun<'_, '_> {
+impl DestRun {
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
         channel: &mut dyn Channel,
+        extra: Vec<Box<dyn Channel>>,
+        shared: &Shared,
         blocks: &BlockList,
         vm: &mut dyn Vm,
         options: &DestOptions,
         observer: &mut dyn FnMut(&Event),
     ) -> Result<(Option<bool>, Vec<u32>), DestError> {
-        if self.placer.ram.block_list() != *blocks {
-            return Err(DestError::Limit(
-                "prepared guest RAM does not match the block list".into(),
-            ));
-        }
-        channel.send(&Message::BlocksAccepted)?;
+        debug_assert_eq!(shared.placer.ram().block_list(), *blocks);
         observer(&Event::Started);
-        let mut epoch = 0u64;
-        let mut device_state: Option<Vec<u8>> = None;
-        let mut pages_in_epoch = 0u64;
-        let mut next_progress = Instant::now();
-        // Pages and markers until the end of RAM.
-        loop {
-            if Instant::now() >= next_progress {
-                let mut stats = self.placer.stats(self.started);
-                stats.transferred_bytes = channel.bytes_received();
-                stats.iterations = epoch;
-                observer(&Event::Progress(stats));
-                next_progress = Instant::now() + options.progress_interval;
-            }
-            let mut placement = None;
-            let ack = match channel.recv()? {
-                Message::Pages(batch) => {
-                    if batch.epoch != epoch {
-                        return Err(DestError::Protocol(format!(
-                            "page batch of epoch {} while receiving epoch {epoch}",
-                            batch.epoch
-                        )));
-                    }
-                    placement = Some(self.placer.plan(&batch)?);
-                    pages_in_epoch += batch.len() as u64;
-                    self.prefault
-                        .advance(self.placer.placed * migration_sys::PAGE_SIZE as u64);
-                    None
-                }
-                Message::SyncMarker(marker) => {
-                    if marker.pages != pages_in_epoch {
-                        return Err(DestError::Protocol(format!(
-                            "sync marker of epoch {} counts {} pages, {pages_in_epoch} arrived",
-                            marker.epoch, marker.pages
-                        )));
-                    }
-                    pages_in_epoch = 0;
-                    if marker.epoch != epoch {
-                        return Err(DestError::Protocol(format!(
-                            "sync marker for epoch {} while receiving epoch {epoch}",
-                            marker.epoch
-                        )));
-                    }
-                    epoch += 1;
-                    Some(Ack {
-                        epoch: marker.epoch,
-                        pages: self.placer.placed,
-                        bytes: channel.bytes_received(),
-                    })
-                }
-                Message::DeviceState(blob) => {
-                    if device_state.is_some() {
-                        return Err(DestError::Protocol("device state sent twice".into()));
-                    }
-                    device_state = Some(blob.to_vec());
-                    None
-                }
-                Message::EndOfRam(end) => {
-                    if end.epochs != epoch {
-                        return Err(DestError::Protocol(format!(
-                            "end of RAM after {} epochs, but {epoch} epochs were received",
-                            end.epochs
-                        )));
-                    }
-                    break;
-                }
-                Message::Abort(reason) => return Err(DestError::Aborted(reason)),
-                other => {
-                    return Err(DestError::Protocol(format!(
-                        "unexpected {} during the transfer",
-                        other.kind().name()
-                    )));
-                }
-            };
-            if let Some(placement) = placement {
-                // The body moves to the placement thread; receive into a spare.
-                let body = channel.take_body(self.worker.spare());
-                self.worker.submit(placement, body)?;
-            }
-            if let Some(ack) = ack {
-                // Acknowledge an epoch only once it is in guest RAM.
-                self.worker.flush()?;
-                channel.send(&Message::Ack(ack))?;
-            }
-        }
-        self.worker.flush()?;
-        self.iterations = epoch;
-        if let Some(missing) = self.placer.first_missing() {
+        let end = self.transfer(channel, extra, shared, options, observer)?;
+        self.iterations = end.epochs;
+        if let Some(missing) = shared.placer.first_missing() {
             return Err(DestError::Protocol(format!(
                 "end of RAM, but page {} of block {} never arrived",
                 missing.1, missing.0
             )));
         }
-        let Some(device_state) = device_state else {
+        let Some(device_state) = end.device_state else {
             return Err(DestError::Protocol("end of RAM without device state".into()));
         };
         vm.load_device_state(&device_state)?;
@@ -453,7 +484,7 @@ impl DestRun<'_, '_> {
 
         // The VM runs here now; compare the source's frozen RAM with what
         // was placed. The source hashes all of its RAM first: allow for it.
-        let hashing = Duration::from_secs_f64(self.placer.ram.total_bytes() as f64 / (256u64 << 20) as f64);
+        let hashing = Duration::from_secs_f64(shared.placer.ram().total_bytes() as f64 / (256u64 << 20) as f64);
         channel.set_timeout(Some(options.io_timeout + hashing))?;
         let digests = match channel.recv()? {
             Message::Complete(complete) => complete.digests,
@@ -464,20 +495,19 @@ impl DestRun<'_, '_> {
                 )));
             }
         };
-        if digests.len() != self.placer.hashes.len() {
+        let placed = shared.placer.digests();
+        if digests.len() != placed.len() {
             return Err(DestError::Protocol(format!(
                 "{} digests for {} blocks",
                 digests.len(),
-                self.placer.hashes.len()
+                placed.len()
             )));
         }
-        let mismatched: Vec<u32> = self
-            .placer
-            .hashes
+        let mismatched: Vec<u32> = placed
             .iter()
             .zip(&digests)
             .enumerate()
-            .filter(|(_, (hashes, digest))| block_digest(hashes) != **digest)
+            .filter(|(_, (ours, theirs))| ours != theirs)
             .map(|(i, _)| i as u32)
             .collect();
         let verdict = Verdict {
@@ -487,366 +517,111 @@ impl DestRun<'_, '_> {
         channel.send(&Message::Verdict(verdict))?;
         Ok((Some(mismatched.is_empty()), mismatched))
     }
-}
 
-/// Populates guest RAM ahead of the incoming stream on a thread of its own:
-/// first touch of fresh memory is slow (the kernel, and the host under it,
-/// supply and zero every page), and the bulk pass places pages in address
-/// order, so doing it ahead moves that cost off the receiving thread. It
-/// stays at most [`Prefault::WINDOW`] bytes ahead of what was placed, so a
-/// peer's announcement alone never commits memory.
-struct Prefault {
-    shared: std::sync::Arc<PrefaultState>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-#[derive(Default)]
-struct PrefaultState {
-    /// Bytes placed so far, and whether to stop.
-    progress: std::sync::Mutex<(u64, bool)>,
-    moved: std::sync::Condvar,
-}
-
-impl Prefault {
-    const CHUNK: usize = 2 << 20;
-    const WINDOW: u64 = 256 << 20;
-
-    fn start(ram: &Ram) -> Self {
-        let shared = std::sync::Arc::new(PrefaultState::default());
-        // File-backed memory is filled through the page cache by the
-        // placement thread (see `GuestRegion::place`), without zeroing and
-        // without touching pages that stay zero: only anonymous memory is
-        // populated ahead.
-        let regions: Vec<_> = ram
-            .blocks()
-            .iter()
-            .filter(|b| !b.region().is_shared())
-            .map(|b| std::sync::Arc::clone(b.region()))
-            .collect();
-        let state = std::sync::Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("migration-prefault".into())
-            .spawn(move || {
-                let mut ahead = 0u64;
-                for region in regions {
-                    let mut offset = 0;
-                    while offset < region.len() {
-                        {
-                            let mut progress = state.progress.lock().unwrap_or_else(|e| e.into_inner());
-                            while !progress.1 && ahead >= progress.0 + Self::WINDOW {
-                                progress = state.moved.wait(progress).unwrap_or_else(|e| e.into_inner());
-                            }
-                            if progress.1 {
-                                return;
-                            }
-                        }
-                        let len = Self::CHUNK.min(region.len() - offset);
-                        // Best effort: a failure only means the receiver
-                        // touches those pages itself.
-                        if region.populate_write(offset, len).is_err() {
-                            break;
-                        }
-                        offset += len;
-                        ahead += len as u64;
-                    }
-                }
-            })
-            .ok();
-        Self { shared, thread }
-    }
-
-    /// Reports how many bytes were placed so far.
-    fn advance(&self, placed: u64) {
-        self.shared.progress.lock().unwrap_or_else(|e| e.into_inner()).0 = placed;
-        self.shared.moved.notify_one();
-    }
-}
-
-impl Drop for Prefault {
-    fn drop(&mut self) {
-        self.shared.progress.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
-        self.shared.moved.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+    /// Every channel's pages until the end of RAM: the extra channels on
+    /// threads of their own, the main one here. The first failure stops
+    /// them all.
+    fn transfer(
+        &mut self,
+        channel: &mut dyn Channel,
+        extra: Vec<Box<dyn Channel>>,
+        shared: &Shared,
+        options: &DestOptions,
+        observer: &mut dyn FnMut(&Event),
+    ) -> Result<receive::ChannelEnd, DestError> {
+        let mut closers: Vec<Closer> = Vec::with_capacity(extra.len() + 1);
+        closers.push(channel.closer()?);
+        for c in &extra {
+            closers.push(c.closer()?);
         }
-    }
-}
-
-/// Places pages into guest RAM and keeps the hash of every page placed.
-struct Placer<'r> {
-    ram: &'r Ram,
-    hashes: Vec<Vec<u64>>,
-    received: Vec<Bitmap>,
-    zeroed: Vec<Bitmap>,
-    zero_hash: u64,
-    placed: u64,
-    zero_pages: u64,
-    plain_pages: u64,
-}
-
-impl<'r> Placer<'r> {
-    fn new(ram: &'r Ram, fresh: FreshMemory) -> Self {
-        let page = migration_sys::PAGE_SIZE;
-        Self {
-            ram,
-            hashes: ram.blocks().iter().map(|b| vec![0; b.pages() as usize]).collect(),
-            received: ram.blocks().iter().map(|b| Bitmap::new(b.pages())).collect(),
-            zeroed: ram
-                .blocks()
-                .iter()
-                .map(|b| match fresh {
-                    FreshMemory::Zeroed => Bitmap::full(b.pages()),
-                    FreshMemory::Unknown => Bitmap::new(b.pages()),
-                })
-                .collect(),
-            zero_hash: page_hash(&vec![0; page]),
-            placed: 0,
-            zero_pages: 0,
-            plain_pages: 0,
-        }
-    }
-
-    fn stats(&self, started: Instant) -> Stats {
-        Stats {
-            ram_bytes: self.ram.total_bytes(),
-            ram_transferred: self.placed * migration_sys::PAGE_SIZE as u64,
-            zero_pages: self.zero_pages,
-            plain_pages: self.plain_pages,
-            elapsed: started.elapsed(),
-            ..Stats::default()
-        }
-    }
-
-    fn first_missing(&self) -> Option<(usize, u64)> {
-        self.received
-            .iter()
-            .enumerate()
-            .find_map(|(block, map)| map.next_clear(0).map(|page| (block, page)))
-    }
-
-    /// Checks a batch against the announced blocks and records its pages
-    /// (hashes, received and zero bitmaps), returning the writes that place
-    /// it. Nothing is written on a batch that fails a check.
-    fn plan(&mut self, batch: &PageBatch<'_>) -> Result<Placement, DestError> {
-        let index = batch.block as usize;
-        let Some(block) = self.ram.blocks().get(index) else {
-            return Err(DestError::Protocol(format!(
-                "page batch for block {}, but only {} blocks were announced",
-                batch.block,
-                self.ram.blocks().len()
-            )));
-        };
-        let page_size = block.page_size() as usize;
-        if batch.page_size as usize != page_size {
-            return Err(DestError::Protocol(format!(
-                "page batch with {}-byte pages for block {} of {page_size}-byte pages",
-                batch.page_size,
-                block.name()
-            )));
-        }
-        let pages = block.pages();
-        let payload = batch.payload();
-        let mut placement = Placement {
-            region: std::sync::Arc::clone(block.region()),
-            page_size,
-            payload_at: batch.payload_offset(),
-            writes: Vec::new(),
-        };
-        let mut data_at = 0usize;
-        for entry in batch.entries() {
-            let entry = entry.map_err(|e| DestError::Protocol(e.to_string()))?;
-            if entry.page >= pages {
-                return Err(DestError::Protocol(format!(
-                    "page {} is outside block {} of {pages} pages",
-                    entry.page,
-                    block.name()
-                )));
+        let first_error: std::sync::Mutex<Option<DestError>> = std::sync::Mutex::new(None);
+        let fail = |err: DestError| {
+            let mut slot = first_error.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.is_none() && !matches!(err, DestError::OtherChannelFailed) {
+                *slot = Some(err);
             }
-            let hash = match entry.encoding {
-                PageEncoding::Plain => {
-                    let bytes = payload
-                        .get(data_at..data_at + page_size)
-                        .ok_or_else(|| DestError::Protocol("page payload too short".into()))?;
-                    placement.push_plain(entry.page, data_at);
-                    data_at += page_size;
-                    self.zeroed[index].test_and_clear(entry.page);
-                    self.plain_pages += 1;
-                    page_hash(bytes)
-                }
-                PageEncoding::Zero => {
-                    if !self.zeroed[index].get(entry.page) {
-                        placement.writes.push(Write::Zero { page: entry.page });
-                        self.zeroed[index].set(entry.page);
-                    }
-                    self.zero_pages += 1;
-                    self.zero_hash
-                }
-            };
-            self.hashes[index][entry.page as usize] = hash;
-            self.received[index].set(entry.page);
-            self.placed += 1;
-        }
-        Ok(placement)
-    }
-}
-
-/// One write into guest RAM, in entry order.
-#[derive(Debug, Clone, Copy)]
-enum Write {
-    /// `count` plain pages from `page`, their bytes at `at` in the payload.
-    Run { page: u64, at: usize, count: usize },
-    /// A page that must read as zero.
-    Zero { page: u64 },
-}
-
-/// The writes that place one batch.
-struct Placement {
-    region: std::sync::Arc<migration_sys::GuestRegion>,
-    page_size: usize,
-    /// Where the payload starts in the frame body.
-    payload_at: usize,
-    writes: Vec<Write>,
-}
-
-impl Placement {
-    /// Adds a plain page, joining it to the previous run when adjacent in
-    /// memory and in the payload, so a run is placed with one write.
-    fn push_plain(&mut self, page: u64, at: usize) {
-        if let Some(Write::Run {
-            page: first,
-            at: start,
-            count,
-        }) = self.writes.last_mut()
-            && *first + *count as u64 == page
-            && *start + *count * self.page_size == at
-        {
-            *count += 1;
-            return;
-        }
-        self.writes.push(Write::Run { page, at, count: 1 });
-    }
-
-    /// Performs the writes; `body` is the frame body the plan was made from.
-    fn apply(&self, body: &[u8], zero_page: &[u8]) -> Result<(), migration_sys::SysError> {
-        let payload = &body[self.payload_at..];
-        for write in &self.writes {
-            match *write {
-                Write::Run { page, at, count } => {
-                    let bytes = &payload[at..at + count * self.page_size];
-                    self.region.place(page as usize * self.page_size, bytes)?;
-                }
-                Write::Zero { page } => {
-                    let offset = page as usize * self.page_size;
-                    // Reused memory: write only where it is not zero already.
-                    if !self.region.is_zero(offset, self.page_size)? {
-                        self.region.place(offset, zero_page)?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Threads that write pages into guest RAM, so that filling fresh memory
-/// (slow here: the kernel and the host under it supply every page) overlaps
-/// with receiving and checking the next batches, and several pages are in
-/// the works at once. Within an epoch every page is sent at most once, so
-/// batches of one epoch may land in any order; [`PlaceWorker::flush`] at
-/// every epoch's end keeps an older copy of a page from landing after a
-/// newer one.
-struct PlaceWorker {
-    jobs: Option<crossbeam_channel::Sender<(Placement, Vec<u8>)>>,
-    spare: crossbeam_channel::Receiver<Vec<u8>>,
-    shared: std::sync::Arc<PlaceShared>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-#[derive(Default)]
-struct PlaceShared {
-    /// Batches submitted and not yet placed, and the first failure.
-    state: std::sync::Mutex<(usize, Option<migration_sys::SysError>)>,
-    idle: std::sync::Condvar,
-}
-
-impl PlaceWorker {
-    /// One thread: a second measured no faster on this 2-core machine,
-    /// where the sender and the receiving thread need the cores too.
-    const THREADS: usize = 1;
-
-    fn start() -> Self {
-        let (jobs, queue) = crossbeam_channel::bounded::<(Placement, Vec<u8>)>(4);
-        let (give_back, spare) = crossbeam_channel::bounded(8);
-        let shared = std::sync::Arc::new(PlaceShared::default());
-        let threads = (0..Self::THREADS)
-            .map(|i| {
-                let queue = queue.clone();
-                let give_back = give_back.clone();
-                let shared = std::sync::Arc::clone(&shared);
+            shared.barrier.fail();
+        };
+        let received = std::sync::atomic::AtomicU64::new(0);
+        let main = std::thread::scope(|scope| {
+            for (i, mut c) in extra.into_iter().enumerate() {
+                let (fail, closers, received) = (&fail, &closers, &received);
                 std::thread::Builder::new()
-                    .name(format!("migration-place-{i}"))
-                    .spawn(move || {
-                        let zero_page = vec![0u8; migration_sys::PAGE_SIZE];
-                        for (placement, body) in queue {
-                            let result = placement.apply(&body, &zero_page);
-                            let _ = give_back.try_send(body);
-                            let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-                            state.0 -= 1;
-                            if let Err(err) = result {
-                                state.1.get_or_insert(err);
-                            }
-                            shared.idle.notify_all();
+                    .name(format!("migration-recv-{}", i + 1))
+                    .spawn_scoped(scope, move || {
+                        let result = receive::receive(i + 1, c.as_mut(), shared);
+                        received.fetch_add(c.bytes_received(), std::sync::atomic::Ordering::Relaxed);
+                        if let Err(err) = result {
+                            fail(err);
+                            // Unblock every channel still receiving.
+                            closers.iter().for_each(|close| close());
                         }
                     })
-                    .expect("spawning a placement thread")
-            })
-            .collect();
-        Self {
-            jobs: Some(jobs),
-            spare,
-            shared,
-            threads,
+                    .expect("spawning a channel thread");
+            }
+            let progress = ProgressTicker::new(options.progress_interval);
+            let result = progress.around(observer, shared, self.started, || receive::receive(0, channel, shared));
+            if let Err(err) = &result {
+                fail(clone_for_report(err));
+                closers.iter().skip(1).for_each(|close| close());
+            }
+            result
+        });
+        self.received_bytes = received.into_inner();
+        let first = first_error.into_inner().unwrap_or_else(|e| e.into_inner());
+        match (main, first) {
+            (_, Some(err)) => Err(err),
+            (Ok(end), None) => Ok(end),
+            (Err(err), None) => Err(err),
         }
-    }
-
-    /// A buffer to receive the next frame into.
-    fn spare(&self) -> Vec<u8> {
-        self.spare.try_recv().unwrap_or_default()
-    }
-
-    fn failed(state: &mut (usize, Option<migration_sys::SysError>)) -> Result<(), DestError> {
-        match state.1.take() {
-            Some(err) => Err(DestError::Memory(err)),
-            None => Ok(()),
-        }
-    }
-
-    fn submit(&self, placement: Placement, body: Vec<u8>) -> Result<(), DestError> {
-        {
-            let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            Self::failed(&mut state)?;
-            state.0 += 1;
-        }
-        let jobs = self.jobs.as_ref().expect("running");
-        jobs.send((placement, body))
-            .map_err(|_| DestError::Protocol("the placement threads stopped".into()))
-    }
-
-    /// Returns once every submitted batch is placed.
-    fn flush(&self) -> Result<(), DestError> {
-        let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        while state.0 > 0 {
-            state = self.shared.idle.wait(state).unwrap_or_else(|e| e.into_inner());
-        }
-        Self::failed(&mut state)
     }
 }
 
-impl Drop for PlaceWorker {
-    fn drop(&mut self) {
-        self.jobs.take();
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
+/// Keeps a copy of an error for the shared slot (errors are not `Clone`:
+/// the copy carries the message).
+fn clone_for_report(err: &DestError) -> DestError {
+    match err {
+        DestError::OtherChannelFailed => DestError::OtherChannelFailed,
+        other => DestError::Protocol(ErrorChain(other).to_string()),
+    }
+}
+
+/// Emits progress events from a ticker thread while the main channel
+/// receives on this one.
+struct ProgressTicker {
+    interval: Duration,
+}
+
+impl ProgressTicker {
+    fn new(interval: Duration) -> Self {
+        Self { interval }
+    }
+
+    fn around<T>(
+        &self,
+        observer: &mut dyn FnMut(&Event),
+        shared: &Shared,
+        started: Instant,
+        work: impl FnOnce() -> T + Send,
+    ) -> T
+    where
+        T: Send,
+    {
+        let (done, finished) = crossbeam_channel::bounded::<()>(1);
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(move || {
+                let result = work();
+                drop(done);
+                result
+            });
+            loop {
+                observer(&Event::Progress(shared.placer.stats(started)));
+                match finished.recv_timeout(self.interval) {
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    _ => break,
+                }
+            }
+            worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
 }

@@ -14,14 +14,14 @@ use crate::engine::{Action, PageRun, PrecopyConfig, PrecopyEngine, SourcePaused}
 use crate::error_chain::ErrorChain;
 use crate::ram::Ram;
 use crate::stats::{Event, Stats};
-use crate::transport::{Channel, ChannelRx, ChannelTx, TransportError};
+use crate::transport::{Channel, ChannelRx, ChannelTx, Closer, TransportError};
 use crate::verify::ram_digests;
 use crate::vm::{Vm, VmError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use migration_sys::{PAGE_SIZE, is_zero_buf};
 use migration_wire::{
-    BlockList, Complete, EndOfRam, Features, Hello, MAX_FRAME_BODY, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION,
-    PageBatch, PageEncoding, PageEntry, PeerError, SessionId, SyncMarker, Verdict,
+    BlockList, ChannelHello, Complete, EndOfRam, Features, Hello, MAX_FRAME_BODY, MIN_PROTOCOL_VERSION, Message,
+    PROTOCOL_VERSION, PageBatch, PageEncoding, PageEntry, PeerError, SessionId, SyncMarker, Verdict,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +42,10 @@ pub struct SourceOptions {
     pub progress_interval: Duration,
     /// Set to stop the migration; honoured until the handover.
     pub cancel: Cancel,
+    /// Channels to use: the main connection and `channels - 1` more, each
+    /// with a thread of its own. The destination may refuse more than its
+    /// limit.
+    pub channels: u16,
 }
 
 impl Default for SourceOptions {
@@ -52,6 +56,7 @@ impl Default for SourceOptions {
             reply_timeout: Duration::from_secs(30),
             progress_interval: Duration::from_millis(200),
             cancel: Cancel::new(),
+            channels: 1,
         }
     }
 }
@@ -171,13 +176,16 @@ enum Returned {
     Failed(TransportError),
 }
 
-/// Runs an outgoing migration over `channel` (connected, nothing sent yet).
+/// Runs an outgoing migration over `channel` (connected, nothing sent yet)
+/// and, when [`SourceOptions::channels`] asks for more, the connections
+/// `connect(index)` opens for channels `1..channels`.
 ///
 /// `dirty_log` must already be tracking writes. On success the VM stays
 /// paused (it lives on the destination now); on any failure before GO it is
 /// running again when this returns (see [`SourceFailure::source_resumed`]).
 pub fn run_source(
     channel: Box<dyn Channel>,
+    connect: &mut dyn FnMut(u16) -> Result<Box<dyn Channel>, TransportError>,
     ram: &Ram,
     vm: &mut dyn Vm,
     dirty_log: &mut dyn DirtyLog,
@@ -189,7 +197,9 @@ pub fn run_source(
         ram,
         options,
         started,
-        counters: Arc::new(Counters::default()),
+        counters: (0..options.channels.max(1))
+            .map(|_| Arc::new(Counters::default()))
+            .collect(),
         pause_attempted: false,
         paused_at: None,
         handed_over: false,
@@ -204,7 +214,7 @@ pub fn run_source(
         acked: None,
         zero_pages: true,
     };
-    let result = run.run(channel, vm, dirty_log, observer);
+    let result = run.run(channel, connect, vm, dirty_log, observer);
     let stats = run.stats();
     match result {
         Ok(verification) => Ok(SourceReport {
@@ -230,18 +240,24 @@ struct Verification {
     error: Option<String>,
 }
 
-/// The threads' ends the control thread holds.
+/// The threads' ends the control thread holds: one job queue and error
+/// slot per channel (index 0 is the main connection), the return path, and
+/// a closer per channel to unblock its thread on failure.
 struct Link {
-    jobs: Sender<Job>,
-    channel_error: Arc<Mutex<Option<ChannelFailure>>>,
+    jobs: Vec<Sender<Job>>,
+    channel_error: Vec<Arc<Mutex<Option<ChannelFailure>>>>,
+    closers: Vec<Closer>,
     returned: Receiver<Returned>,
+    /// The channel the next page run goes to.
+    next: std::cell::Cell<usize>,
 }
 
 struct SourceRun<'a> {
     ram: &'a Ram,
     options: &'a SourceOptions,
     started: Instant,
-    counters: Arc<Counters>,
+    /// Per channel.
+    counters: Vec<Arc<Counters>>,
     pause_attempted: bool,
     paused_at: Option<Instant>,
     handed_over: bool,
@@ -258,13 +274,21 @@ struct SourceRun<'a> {
 }
 
 impl SourceRun<'_> {
+    fn sum(&self, field: impl Fn(&Counters) -> &AtomicU64) -> u64 {
+        self.counters.iter().map(|c| field(c).load(Ordering::Relaxed)).sum()
+    }
+
     fn stats(&self) -> Stats {
-        let c = &self.counters;
         Stats {
-            ram_transferred: c.ram_bytes.load(Ordering::Relaxed),
-            transferred_bytes: c.wire_bytes.load(Ordering::Relaxed),
-            zero_pages: c.zero_pages.load(Ordering::Relaxed),
-            plain_pages: c.plain_pages.load(Ordering::Relaxed),
+            ram_transferred: self.sum(|c| &c.ram_bytes),
+            transferred_bytes: self.sum(|c| &c.wire_bytes),
+            zero_pages: self.sum(|c| &c.zero_pages),
+            plain_pages: self.sum(|c| &c.plain_pages),
+            channel_bytes: self
+                .counters
+                .iter()
+                .map(|c| c.wire_bytes.load(Ordering::Relaxed))
+                .collect(),
             elapsed: self.started.elapsed(),
             downtime: self.downtime,
             ..self.engine_stats.clone()
@@ -283,29 +307,59 @@ impl SourceRun<'_> {
     fn run(
         &mut self,
         mut channel: Box<dyn Channel>,
+        connect: &mut dyn FnMut(u16) -> Result<Box<dyn Channel>, TransportError>,
         vm: &mut dyn Vm,
         dirty_log: &mut dyn DirtyLog,
         observer: &mut dyn FnMut(&Event),
     ) -> Result<Verification, SourceError> {
-        if let Err(err) = self.handshake(channel.as_mut()) {
-            self.source_resumed = true;
-            return Err(err);
-        }
+        let channels = match self.open_channels(channel.as_mut(), connect) {
+            Ok(extra) => extra,
+            Err(err) => {
+                self.source_resumed = true;
+                return Err(err);
+            }
+        };
         observer(&Event::Started);
-        let (tx, rx) = match channel.split() {
+        let halves = std::iter::once(channel)
+            .chain(channels)
+            .map(|c| {
+                let closer = c.closer()?;
+                let (tx, rx) = c.split()?;
+                Ok((tx, rx, closer))
+            })
+            .collect::<Result<Vec<_>, TransportError>>();
+        let halves = match halves {
             Ok(halves) => halves,
             Err(err) => {
                 self.source_resumed = true;
                 return Err(err.into());
             }
         };
-        let (jobs, channel_thread, channel_error) =
-            spawn_channel_thread(tx, self.ram.clone(), Arc::clone(&self.counters), self.zero_pages);
-        let link = Link {
-            jobs,
-            channel_error,
-            returned: spawn_reader_thread(rx),
+        let mut link = Link {
+            jobs: Vec::new(),
+            channel_error: Vec::new(),
+            closers: Vec::new(),
+            returned: crossbeam_channel::never(),
+            next: std::cell::Cell::new(0),
         };
+        let mut threads = Vec::new();
+        for (index, (tx, rx, closer)) in halves.into_iter().enumerate() {
+            let (jobs, thread, error) = spawn_channel_thread(
+                index,
+                tx,
+                self.ram.clone(),
+                Arc::clone(&self.counters[index]),
+                self.zero_pages,
+            );
+            link.jobs.push(jobs);
+            link.channel_error.push(error);
+            link.closers.push(closer);
+            threads.push(thread);
+            if index == 0 {
+                // The return path comes back on the main connection only.
+                link.returned = spawn_reader_thread(rx);
+            }
+        }
         let result = self
             .precopy(&link, vm, dirty_log, observer)
             .and_then(|()| self.hand_over(&link, observer));
@@ -320,18 +374,52 @@ impl SourceRun<'_> {
                     if self.source_resumed {
                         observer(&Event::SourceResumed);
                     }
-                    let _ = link
-                        .jobs
-                        .try_send(Job::Control(Message::Abort(ErrorChain(&err).to_string())));
+                    let _ = link.jobs[0].try_send(Job::Control(Message::Abort(ErrorChain(&err).to_string())));
                 }
+                // Unblock the data channels' threads; the main one still
+                // carries the abort.
+                link.closers.iter().skip(1).for_each(|close| close());
                 Err(err)
             }
         };
+        let closers = std::mem::take(&mut link.closers);
         drop(link);
-        if channel_thread.join().is_err() {
-            return Err(SourceError::Protocol("the channel thread panicked".into()));
+        let mut panicked = false;
+        for thread in threads {
+            panicked |= thread.join().is_err();
+        }
+        drop(closers);
+        if panicked {
+            return Err(SourceError::Protocol("a channel thread panicked".into()));
         }
         outcome
+    }
+
+    /// The handshake on the main connection, then the extra channels.
+    fn open_channels(
+        &mut self,
+        channel: &mut dyn Channel,
+        connect: &mut dyn FnMut(u16) -> Result<Box<dyn Channel>, TransportError>,
+    ) -> Result<Vec<Box<dyn Channel>>, SourceError> {
+        self.handshake(channel)?;
+        let channels = self.options.channels.max(1);
+        let mut extra = Vec::with_capacity(usize::from(channels) - 1);
+        for index in 1..channels {
+            let mut c = connect(index)?;
+            c.set_timeout(Some(self.options.reply_timeout))?;
+            c.send(&Message::ChannelHello(ChannelHello {
+                session: self.options.session,
+                index,
+                channels,
+            }))?;
+            match c.recv()? {
+                Message::ChannelAccepted => {}
+                Message::Error(err) => return Err(SourceError::Peer(err)),
+                other => return Err(unexpected("channel-accepted", &other)),
+            }
+            extra.push(c);
+        }
+        Ok(extra)
     }
 
     fn handshake(&mut self, channel: &mut dyn Channel) -> Result<(), SourceError> {
@@ -341,7 +429,7 @@ impl SourceRun<'_> {
             max_version: PROTOCOL_VERSION,
             features: Features::KNOWN,
             session: self.options.session,
-            channels: 1,
+            channels: self.options.channels.max(1),
         }))?;
         match channel.recv()? {
             Message::HelloReply(reply) => {
@@ -363,10 +451,11 @@ impl SourceRun<'_> {
                         reply.features.0
                     )));
                 }
-                if reply.channels != 1 {
+                if reply.channels != self.options.channels.max(1) {
                     return Err(SourceError::Protocol(format!(
-                        "destination agreed to {} channels, the source proposed 1",
-                        reply.channels
+                        "destination agreed to {} channels, the source proposed {}",
+                        reply.channels,
+                        self.options.channels.max(1)
                     )));
                 }
                 self.zero_pages = reply.features.contains(Features::ZERO_PAGES);
@@ -394,7 +483,11 @@ impl SourceRun<'_> {
                 _ => {}
             }
         }
-        match link.channel_error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let failure = link
+            .channel_error
+            .iter()
+            .find_map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).take());
+        match failure {
             Some(ChannelFailure::Transport(err)) => SourceError::Transport(err),
             Some(ChannelFailure::Memory(err)) => SourceError::Memory(err),
             None => SourceError::Transport(TransportError::Closed),
@@ -403,9 +496,9 @@ impl SourceRun<'_> {
 
     /// Hands a job to the channel thread, blocking while it is busy but
     /// watching the return path and the cancel flag.
-    fn submit(&mut self, link: &Link, mut job: Job) -> Result<(), SourceError> {
+    fn submit(&mut self, link: &Link, channel: usize, mut job: Job) -> Result<(), SourceError> {
         loop {
-            match link.jobs.send_timeout(job, TICK) {
+            match link.jobs[channel].send_timeout(job, TICK) {
                 Ok(()) => return Ok(()),
                 Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => {
                     self.check_cancel()?;
@@ -435,21 +528,31 @@ impl SourceRun<'_> {
                 self.handle_returned(message)?;
             }
             let now = Instant::now();
-            engine.handle_progress(
-                self.counters.ram_bytes.load(Ordering::Relaxed),
-                self.counters.wire_bytes.load(Ordering::Relaxed),
-            );
+            engine.handle_progress(self.sum(|c| &c.ram_bytes), self.sum(|c| &c.wire_bytes));
             if now >= next_progress {
                 self.refresh(&engine);
                 observer(&Event::Progress(self.stats()));
                 next_progress = now + self.options.progress_interval;
             }
             match engine.poll(now) {
-                Action::Send(run) => self.submit(link, Job::Pages(run))?,
+                Action::Send(run) => {
+                    // Round robin: within an epoch a page goes out once, so
+                    // any channel may carry it.
+                    let channel = link.next.get();
+                    link.next.set((channel + 1) % link.jobs.len());
+                    self.submit(link, channel, Job::Pages(run))?;
+                }
                 Action::EndEpoch { epoch } => {
-                    let (done, wait) = bounded(1);
-                    self.submit(link, Job::EndEpoch { epoch, done })?;
-                    self.wait_local(link, &wait)?;
+                    // Every channel closes the epoch with its own marker.
+                    let mut waits = Vec::with_capacity(link.jobs.len());
+                    for channel in 0..link.jobs.len() {
+                        let (done, wait) = bounded(1);
+                        self.submit(link, channel, Job::EndEpoch { epoch, done })?;
+                        waits.push(wait);
+                    }
+                    for wait in &waits {
+                        self.wait_local(link, wait)?;
+                    }
                     // Wait until the destination placed the whole epoch: the
                     // bandwidth measured is then end to end, and nothing sits in
                     // socket buffers to drain while the VM is paused.
@@ -457,10 +560,7 @@ impl SourceRun<'_> {
                 }
                 Action::SyncDirtyLog => {
                     dirty_log.collect(&mut |block, first, count| engine.handle_dirty(block, first, count))?;
-                    engine.handle_progress(
-                        self.counters.ram_bytes.load(Ordering::Relaxed),
-                        self.counters.wire_bytes.load(Ordering::Relaxed),
-                    );
+                    engine.handle_progress(self.sum(|c| &c.ram_bytes), self.sum(|c| &c.wire_bytes));
                     engine.handle_sync_done(Instant::now());
                     self.refresh(&engine);
                     observer(&Event::PassEnded {
@@ -509,16 +609,20 @@ impl SourceRun<'_> {
                 max: MAX_FRAME_BODY as usize,
             });
         }
-        self.submit(link, Job::DeviceState(state))?;
-        self.submit(
-            link,
-            Job::Control(Message::EndOfRam(EndOfRam {
+        self.submit(link, 0, Job::DeviceState(state))?;
+        let mut waits = Vec::with_capacity(link.jobs.len());
+        for channel in 0..link.jobs.len() {
+            let end = EndOfRam {
                 epochs: engine.epoch() + 1,
-            })),
-        )?;
-        let (done, wait) = bounded(1);
-        self.submit(link, Job::Flush(done))?;
-        self.wait_local(link, &wait)?;
+            };
+            self.submit(link, channel, Job::Control(Message::EndOfRam(end)))?;
+            let (done, wait) = bounded(1);
+            self.submit(link, channel, Job::Flush(done))?;
+            waits.push(wait);
+        }
+        for wait in &waits {
+            self.wait_local(link, wait)?;
+        }
         self.wait_for(link, "ready", |m| matches!(m, Returned::Ready))?;
         observer(&Event::Ready);
         self.check_cancel()
@@ -529,10 +633,9 @@ impl SourceRun<'_> {
         self.handed_over = true;
         observer(&Event::HandedOver);
         let (done, wait) = bounded(1);
-        let go_sent = link
-            .jobs
+        let go_sent = link.jobs[0]
             .send(Job::Control(Message::Go))
-            .and_then(|()| link.jobs.send(Job::Flush(done)))
+            .and_then(|()| link.jobs[0].send(Job::Flush(done)))
             .is_ok()
             && wait.recv_timeout(self.options.reply_timeout).is_ok();
         if !go_sent {
@@ -561,8 +664,7 @@ impl SourceRun<'_> {
             Ok(digests) => digests,
             Err(err) => return unverified(format!("hashing the source's frozen RAM failed: {err}")),
         };
-        if link
-            .jobs
+        if link.jobs[0]
             .send(Job::Control(Message::Complete(Complete { digests })))
             .is_err()
         {
@@ -700,6 +802,7 @@ type ChannelThread = (Sender<Job>, JoinHandle<()>, Arc<Mutex<Option<ChannelFailu
 /// The data path: reads pages from guest RAM into its own buffer once,
 /// classifies them, and sends batches.
 fn spawn_channel_thread(
+    index: usize,
     mut tx: Box<dyn ChannelTx>,
     ram: Ram,
     counters: Arc<Counters>,
@@ -709,7 +812,7 @@ fn spawn_channel_thread(
     let error = Arc::new(Mutex::new(None));
     let slot = Arc::clone(&error);
     let handle = std::thread::Builder::new()
-        .name("migration-channel-0".into())
+        .name(format!("migration-channel-{index}"))
         .spawn(move || {
             let mut entries = Vec::new();
             let mut payload = Vec::new();

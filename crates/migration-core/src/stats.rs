@@ -12,6 +12,8 @@ pub struct Stats {
     pub ram_transferred: u64,
     /// Bytes on the wire.
     pub transferred_bytes: u64,
+    /// Bytes on the wire per channel (source), main connection first.
+    pub channel_bytes: Vec<u64>,
     /// Bytes of dirty pages still to send (source).
     pub remaining_bytes: Option<u64>,
     /// Pages that travelled as zero pages.
@@ -82,4 +84,11 @@ pub enum Event {
     Verified(bool),
     /// The source VM was resumed after a failure.
     SourceResumed,
+    /// A connection that claimed to be an extra channel was refused.
+    ChannelRefused {
+        /// Its address.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
 }

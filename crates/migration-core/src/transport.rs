@@ -64,6 +64,10 @@ pub trait ChannelRx: Send {
     fn bytes_received(&self) -> u64;
 }
 
+/// Shuts a channel down in both directions from any thread, so that a
+/// thread blocked sending or receiving on it returns at once.
+pub type Closer = Box<dyn Fn() + Send + Sync>;
+
 /// A channel split into its sending and receiving halves.
 pub type ChannelHalves = (Box<dyn ChannelTx>, Box<dyn ChannelRx>);
 
@@ -74,4 +78,7 @@ pub trait Channel: ChannelTx + ChannelRx {
 
     /// The peer's address, for messages.
     fn peer(&self) -> String;
+
+    /// A handle that shuts this channel down from another thread.
+    fn closer(&self) -> Result<Closer, TransportError>;
 }

@@ -3,7 +3,7 @@
 
 use crate::codec::{Reader, reserved_zero};
 use crate::control::{Complete, EndOfRam, SyncMarker};
-use crate::handshake::{BlockList, Hello, HelloReply};
+use crate::handshake::{BlockList, ChannelHello, Hello, HelloReply};
 use crate::page::PageBatch;
 use crate::return_path::{Ack, PageRequest, PeerError, Verdict};
 use crate::{WireError, codec};
@@ -54,6 +54,10 @@ pub enum MessageKind {
     Complete = 10,
     /// Source → destination: the source gives up; the destination discards.
     Abort = 11,
+    /// Source → destination: the first message of an extra channel.
+    ChannelHello = 12,
+    /// Destination → source: the extra channel is accepted.
+    ChannelAccepted = 13,
     /// Destination → source: progress acknowledgement.
     Ack = 32,
     /// Destination → source: everything is placed; waiting for GO.
@@ -84,6 +88,8 @@ impl MessageKind {
             9 => Go,
             10 => Complete,
             11 => Abort,
+            12 => ChannelHello,
+            13 => ChannelAccepted,
             32 => Ack,
             33 => Ready,
             34 => Resumed,
@@ -109,6 +115,8 @@ impl MessageKind {
             Go => "go",
             Complete => "complete",
             Abort => "abort",
+            ChannelHello => "channel-hello",
+            ChannelAccepted => "channel-accepted",
             Ack => "ack",
             Ready => "ready",
             Resumed => "resumed",
@@ -210,6 +218,10 @@ pub enum Message<'a> {
     Complete(Complete),
     /// The source gives up, with its reason.
     Abort(String),
+    /// See [`ChannelHello`].
+    ChannelHello(ChannelHello),
+    /// The destination accepted an extra channel.
+    ChannelAccepted,
     /// See [`Ack`].
     Ack(Ack),
     /// The destination has placed everything and waits for GO.
@@ -239,6 +251,8 @@ impl<'a> Message<'a> {
             Message::Go => MessageKind::Go,
             Message::Complete(_) => MessageKind::Complete,
             Message::Abort(_) => MessageKind::Abort,
+            Message::ChannelHello(_) => MessageKind::ChannelHello,
+            Message::ChannelAccepted => MessageKind::ChannelAccepted,
             Message::Ack(_) => MessageKind::Ack,
             Message::Ready => MessageKind::Ready,
             Message::Resumed => MessageKind::Resumed,
@@ -263,11 +277,12 @@ impl<'a> Message<'a> {
             Message::EndOfRam(m) => m.encode(out),
             Message::Complete(m) => m.encode(out),
             Message::Abort(reason) => crate::return_path::encode_text(reason, out),
+            Message::ChannelHello(m) => m.encode(out),
             Message::Ack(m) => m.encode(out),
             Message::Verdict(m) => m.encode(out),
             Message::Error(m) => m.encode(out),
             Message::PageRequest(m) => m.encode(out),
-            Message::BlocksAccepted | Message::Go | Message::Ready | Message::Resumed => {}
+            Message::BlocksAccepted | Message::ChannelAccepted | Message::Go | Message::Ready | Message::Resumed => {}
         }
     }
 
@@ -307,6 +322,11 @@ impl<'a> Message<'a> {
             }
             MessageKind::Complete => Message::Complete(Complete::decode(body)?),
             MessageKind::Abort => Message::Abort(crate::return_path::decode_text(body, "abort reason")?),
+            MessageKind::ChannelHello => Message::ChannelHello(ChannelHello::decode(body)?),
+            MessageKind::ChannelAccepted => {
+                empty("channel-accepted")?;
+                Message::ChannelAccepted
+            }
             MessageKind::Ack => Message::Ack(Ack::decode(body)?),
             MessageKind::Ready => {
                 empty("ready")?;

@@ -94,6 +94,7 @@ impl Hello {
                 value: 0,
             });
         }
+        cap("hello channel count", raw.channels.get().into(), MAX_CHANNELS.into())?;
         r.finish()?;
         Ok(Self {
             min_version: raw.min_version.get(),
@@ -159,12 +160,83 @@ impl HelloReply {
                 value: 0,
             });
         }
+        cap(
+            "hello-reply channel count",
+            raw.channels.get().into(),
+            MAX_CHANNELS.into(),
+        )?;
         r.finish()?;
         Ok(Self {
             version: raw.version.get(),
             features: Features(raw.features.get()),
             session: SessionId(raw.session.get()),
             channels: raw.channels.get(),
+        })
+    }
+}
+
+/// Most channels one migration may use.
+pub const MAX_CHANNELS: u16 = 64;
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawChannelHello {
+    magic: [u8; 8],
+    session: U64,
+    index: U16,
+    channels: U16,
+    reserved: U32,
+}
+const _: () = assert!(size_of::<RawChannelHello>() == 24);
+
+/// The first message on every connection after the main one: which
+/// migration and which channel it carries. The destination refuses another
+/// session id, an index out of range, or an index it already has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelHello {
+    /// The migration's session id, as in its [`Hello`].
+    pub session: SessionId,
+    /// This channel's index, `1..channels` (the main connection is 0).
+    pub index: u16,
+    /// The channel count agreed in the handshake.
+    pub channels: u16,
+}
+
+impl ChannelHello {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        put(
+            out,
+            &RawChannelHello {
+                magic: MAGIC,
+                session: self.session.0.into(),
+                index: self.index.into(),
+                channels: self.channels.into(),
+                reserved: 0.into(),
+            },
+        );
+    }
+
+    pub(crate) fn decode(body: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(body, "channel-hello");
+        let raw: RawChannelHello = r.read()?;
+        if raw.magic != MAGIC {
+            return Err(WireError::BadMagic { found: raw.magic });
+        }
+        reserved_zero("channel-hello reserved field", raw.reserved.get().into())?;
+        let channels = raw.channels.get();
+        cap("channel count", channels.into(), MAX_CHANNELS.into())?;
+        let index = raw.index.get();
+        if index == 0 || index >= channels {
+            return Err(WireError::Invalid {
+                what: "channel index",
+                value: index.into(),
+            });
+        }
+        r.finish()?;
+        Ok(Self {
+            session: SessionId(raw.session.get()),
+            index,
+            channels,
         })
     }
 }

@@ -19,7 +19,9 @@
 //!    | -----------------------------------------------> |
 //!    |                  BlocksAccepted          | Error |
 //!    | <----------------------------------------------- |
-//!    |  Pages {block, epoch 0, zero|plain pages}*       |
+//!    |  on each extra connection i = 1..channels:        |
+//!    |    ChannelHello {session, i}  ->  ChannelAccepted |
+//!    |  Pages {block, epoch 0, zero|plain pages}*       |   (on every channel)
 //!    |  SyncMarker {epoch 0}                            |   bulk pass
 //!    |  Pages {epoch 1}* ... SyncMarker {epoch 1}       |   iterations
 //!    | -----------------------------------------------> |
@@ -42,6 +44,11 @@
 //!    | <----------------------------------------------- |
 //! ```
 //!
+//! Pages and sync markers travel on every channel; the destination applies
+//! no page of epoch k+1 before every channel's marker for epoch k arrived.
+//! `EndOfRam` closes every channel's stream; everything else travels on the
+//! main connection (channel 0).
+//!
 //! Either side may send `Abort` (source) or `Error` (destination) at any
 //! point and close the connection. Before the source sends `Go` it remains
 //! the owner of the VM: on any failure it resumes and the destination
@@ -60,7 +67,7 @@ pub mod return_path;
 pub use control::{Complete, EndOfRam, SyncMarker};
 pub use error::WireError;
 pub use frame::{FRAME_HEADER_LEN, FrameHeader, MAX_FRAME_BODY, Message, MessageKind};
-pub use handshake::{Block, BlockList, Features, Hello, HelloReply, SessionId};
+pub use handshake::{Block, BlockList, ChannelHello, Features, Hello, HelloReply, MAX_CHANNELS, SessionId};
 pub use page::{MAX_PAGES_PER_BATCH, PageBatch, PageEncoding, PageEntry};
 pub use return_path::{Ack, ErrorCode, PageRequest, PeerError, Verdict};
 

@@ -61,7 +61,7 @@ fn batch() -> impl Strategy<Value = OwnedBatch> {
 
 fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
     let owned = prop_oneof![
-        (any::<u16>(), any::<u16>(), any::<u64>(), any::<u64>(), 1u16..64).prop_map(|(a, b, f, s, channels)| {
+        (any::<u16>(), any::<u16>(), any::<u64>(), any::<u64>(), 1u16..=64).prop_map(|(a, b, f, s, channels)| {
             Message::Hello(Hello {
                 min_version: a.min(b).max(1),
                 max_version: a.max(b).max(1),
@@ -70,7 +70,7 @@ fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
                 channels,
             })
         }),
-        (1u16.., any::<u64>(), any::<u64>(), 1u16..).prop_map(|(version, f, s, channels)| {
+        (1u16.., any::<u64>(), any::<u64>(), 1u16..=64).prop_map(|(version, f, s, channels)| {
             Message::HelloReply(HelloReply {
                 version,
                 features: Features(f),
@@ -80,6 +80,14 @@ fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
         }),
         proptest::collection::vec(block(), 1..5).prop_map(|blocks| Message::BlockList(BlockList { blocks })),
         Just(Message::BlocksAccepted),
+        Just(Message::ChannelAccepted),
+        (any::<u64>(), 2u16..=64)
+            .prop_flat_map(|(s, channels)| (Just(s), Just(channels), 1..channels))
+            .prop_map(|(s, channels, index)| Message::ChannelHello(ChannelHello {
+                session: SessionId(s),
+                index,
+                channels
+            })),
         (any::<u64>(), any::<u64>()).prop_map(|(epoch, pages)| Message::SyncMarker(SyncMarker { epoch, pages })),
         any::<u64>().prop_map(|epochs| Message::EndOfRam(EndOfRam { epochs })),
         Just(Message::Go),

@@ -7,7 +7,7 @@
 //! its receiver still finds it.
 #![forbid(unsafe_code)]
 
-use migration_core::transport::ChannelHalves;
+use migration_core::transport::{ChannelHalves, Closer};
 use migration_core::{Channel, ChannelRx, ChannelTx, TransportError};
 use migration_wire::{FRAME_HEADER_LEN, FrameHeader, MAX_FRAME_BODY, Message, MessageKind};
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
@@ -144,10 +144,21 @@ impl TcpListener {
 
     /// Waits for the next connection.
     pub fn accept(&self) -> Result<TcpChannel, TransportError> {
-        let (stream, _) = self
-            .listener
-            .accept()
-            .map_err(|e| io_error("accepting a connection", e))?;
+        self.accept_within(None)
+    }
+
+    /// Waits for the next connection, at most `timeout` (`None`: forever).
+    pub fn accept_within(&self, timeout: Option<Duration>) -> Result<TcpChannel, TransportError> {
+        // Linux applies the receive timeout of a listening socket to accept.
+        SockRef::from(&self.listener)
+            .set_read_timeout(timeout)
+            .map_err(|e| io_error("setting the accept timeout", e))?;
+        let (stream, _) = self.listener.accept().map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                TransportError::TimedOut(timeout.unwrap_or_default())
+            }
+            _ => io_error("accepting a connection", e),
+        })?;
         configure(&stream, &self.options).map_err(|e| io_error("configuring the socket", e))?;
         TcpChannel::new(stream)
     }
@@ -359,6 +370,17 @@ impl Channel for TcpChannel {
     fn peer(&self) -> String {
         self.peer.clone()
     }
+
+    fn closer(&self) -> Result<Closer, TransportError> {
+        let stream = self
+            .tx
+            .stream
+            .try_clone()
+            .map_err(|e| io_error("cloning the socket", e))?;
+        Ok(Box::new(move || {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -447,6 +469,21 @@ mod tests {
         writer.join().expect("join");
         let err = server.recv().expect_err("truncated header");
         assert!(matches!(err, TransportError::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn accept_within_times_out_and_closer_unblocks_a_receiver() {
+        let listener = TcpListener::bind("127.0.0.1:0", TcpOptions::default()).expect("bind");
+        let err = listener
+            .accept_within(Some(Duration::from_millis(50)))
+            .expect_err("nobody connects");
+        assert!(matches!(err, TransportError::TimedOut(_)), "{err}");
+        let (client, mut server) = pair();
+        let closer = server.closer().expect("closer");
+        let reader = std::thread::spawn(move || server.recv().map(|_| ()));
+        closer();
+        assert!(reader.join().expect("join").is_err());
+        drop(client);
     }
 
     #[test]

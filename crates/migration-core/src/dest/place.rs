@@ -1,0 +1,408 @@
+//! Placing pages into guest RAM: the shared record of what was placed,
+//! the threads that write, and the prefaulting of anonymous memory.
+
+use super::{DestError, FreshMemory};
+use crate::bitmap::AtomicBitmap;
+use crate::ram::Ram;
+use crate::stats::Stats;
+use crate::verify::{block_digest, page_hash};
+use migration_wire::{PageBatch, PageEncoding};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Populates guest RAM ahead of the incoming stream on a thread of its own:
+/// first touch of fresh memory is slow (the kernel, and the host under it,
+/// supply and zero every page), and the bulk pass places pages in address
+/// order, so doing it ahead moves that cost off the receiving thread. It
+/// stays at most [`Prefault::WINDOW`] bytes ahead of what was placed, so a
+/// peer's announcement alone never commits memory.
+pub(crate) struct Prefault {
+    shared: std::sync::Arc<PrefaultState>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct PrefaultState {
+    /// Bytes placed so far, and whether to stop.
+    progress: std::sync::Mutex<(u64, bool)>,
+    moved: std::sync::Condvar,
+}
+
+impl Prefault {
+    const CHUNK: usize = 2 << 20;
+    const WINDOW: u64 = 256 << 20;
+
+    pub(crate) fn start(ram: &Ram) -> Self {
+        let shared = std::sync::Arc::new(PrefaultState::default());
+        // File-backed memory is filled through the page cache by the
+        // placement thread (see `GuestRegion::place`), without zeroing and
+        // without touching pages that stay zero: only anonymous memory is
+        // populated ahead.
+        let regions: Vec<_> = ram
+            .blocks()
+            .iter()
+            .filter(|b| !b.region().is_shared())
+            .map(|b| std::sync::Arc::clone(b.region()))
+            .collect();
+        let state = std::sync::Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("migration-prefault".into())
+            .spawn(move || {
+                let mut ahead = 0u64;
+                for region in regions {
+                    let mut offset = 0;
+                    while offset < region.len() {
+                        {
+                            let mut progress = state.progress.lock().unwrap_or_else(|e| e.into_inner());
+                            while !progress.1 && ahead >= progress.0 + Self::WINDOW {
+                                progress = state.moved.wait(progress).unwrap_or_else(|e| e.into_inner());
+                            }
+                            if progress.1 {
+                                return;
+                            }
+                        }
+                        let len = Self::CHUNK.min(region.len() - offset);
+                        // Best effort: a failure only means the receiver
+                        // touches those pages itself.
+                        if region.populate_write(offset, len).is_err() {
+                            break;
+                        }
+                        offset += len;
+                        ahead += len as u64;
+                    }
+                }
+            })
+            .ok();
+        Self { shared, thread }
+    }
+
+    /// Reports how many bytes were placed so far.
+    pub(crate) fn advance(&self, placed: u64) {
+        self.shared.progress.lock().unwrap_or_else(|e| e.into_inner()).0 = placed;
+        self.shared.moved.notify_one();
+    }
+}
+
+impl Drop for Prefault {
+    fn drop(&mut self) {
+        self.shared.progress.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.shared.moved.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Places pages into guest RAM and keeps the hash of every page placed.
+/// Shared by every channel's thread: within an epoch each page arrives at
+/// most once, and the epoch barrier orders one epoch's updates before the
+/// next's, so relaxed atomics suffice.
+pub(crate) struct Placer {
+    ram: Ram,
+    hashes: Vec<Vec<AtomicU64>>,
+    received: Vec<AtomicBitmap>,
+    zeroed: Vec<AtomicBitmap>,
+    zero_hash: u64,
+    pub(crate) placed: AtomicU64,
+    zero_pages: AtomicU64,
+    plain_pages: AtomicU64,
+}
+
+impl Placer {
+    pub(crate) fn new(ram: &Ram, fresh: FreshMemory) -> Self {
+        let page = migration_sys::PAGE_SIZE;
+        Self {
+            ram: ram.clone(),
+            hashes: ram
+                .blocks()
+                .iter()
+                .map(|b| (0..b.pages()).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+            received: ram.blocks().iter().map(|b| AtomicBitmap::new(b.pages())).collect(),
+            zeroed: ram
+                .blocks()
+                .iter()
+                .map(|b| {
+                    let map = AtomicBitmap::new(b.pages());
+                    if fresh == FreshMemory::Zeroed {
+                        map.fill();
+                    }
+                    map
+                })
+                .collect(),
+            zero_hash: page_hash(&vec![0; page]),
+            placed: AtomicU64::new(0),
+            zero_pages: AtomicU64::new(0),
+            plain_pages: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn ram(&self) -> &Ram {
+        &self.ram
+    }
+
+    pub(crate) fn placed_bytes(&self) -> u64 {
+        self.placed.load(Ordering::Relaxed) * migration_sys::PAGE_SIZE as u64
+    }
+
+    pub(crate) fn stats(&self, started: Instant) -> Stats {
+        Stats {
+            ram_bytes: self.ram.total_bytes(),
+            ram_transferred: self.placed_bytes(),
+            zero_pages: self.zero_pages.load(Ordering::Relaxed),
+            plain_pages: self.plain_pages.load(Ordering::Relaxed),
+            elapsed: started.elapsed(),
+            ..Stats::default()
+        }
+    }
+
+    /// The first page that never arrived, as (block, page).
+    pub(crate) fn first_missing(&self) -> Option<(usize, u64)> {
+        self.received
+            .iter()
+            .enumerate()
+            .find_map(|(block, map)| map.next_clear(0).map(|page| (block, page)))
+    }
+
+    /// Each block's digest of the pages placed.
+    pub(crate) fn digests(&self) -> Vec<u64> {
+        self.hashes
+            .iter()
+            .map(|hashes| {
+                let values: Vec<u64> = hashes.iter().map(|h| h.load(Ordering::Relaxed)).collect();
+                block_digest(&values)
+            })
+            .collect()
+    }
+
+    /// Checks a batch against the announced blocks and records its pages
+    /// (hashes, received and zero bitmaps), returning the writes that place
+    /// it. Nothing is written on a batch that fails a check.
+    pub(crate) fn plan(&self, batch: &PageBatch<'_>) -> Result<Placement, DestError> {
+        let index = batch.block as usize;
+        let Some(block) = self.ram.blocks().get(index) else {
+            return Err(DestError::Protocol(format!(
+                "page batch for block {}, but only {} blocks were announced",
+                batch.block,
+                self.ram.blocks().len()
+            )));
+        };
+        let page_size = block.page_size() as usize;
+        if batch.page_size as usize != page_size {
+            return Err(DestError::Protocol(format!(
+                "page batch with {}-byte pages for block {} of {page_size}-byte pages",
+                batch.page_size,
+                block.name()
+            )));
+        }
+        let pages = block.pages();
+        let payload = batch.payload();
+        // Check every entry before recording any.
+        for entry in batch.entries() {
+            let entry = entry.map_err(|e| DestError::Protocol(e.to_string()))?;
+            if entry.page >= pages {
+                return Err(DestError::Protocol(format!(
+                    "page {} is outside block {} of {pages} pages",
+                    entry.page,
+                    block.name()
+                )));
+            }
+        }
+        let mut placement = Placement {
+            region: Arc::clone(block.region()),
+            page_size,
+            payload_at: batch.payload_offset(),
+            writes: Vec::new(),
+        };
+        let mut data_at = 0usize;
+        let (mut zero, mut plain) = (0, 0);
+        for entry in batch.entries().flatten() {
+            let hash = match entry.encoding {
+                PageEncoding::Plain => {
+                    let bytes = &payload[data_at..data_at + page_size];
+                    placement.push_plain(entry.page, data_at);
+                    data_at += page_size;
+                    self.zeroed[index].test_and_clear(entry.page);
+                    plain += 1;
+                    page_hash(bytes)
+                }
+                PageEncoding::Zero => {
+                    if !self.zeroed[index].get(entry.page) {
+                        placement.writes.push(Write::Zero { page: entry.page });
+                        self.zeroed[index].set(entry.page);
+                    }
+                    zero += 1;
+                    self.zero_hash
+                }
+            };
+            self.hashes[index][entry.page as usize].store(hash, Ordering::Relaxed);
+            self.received[index].set(entry.page);
+        }
+        self.zero_pages.fetch_add(zero, Ordering::Relaxed);
+        self.plain_pages.fetch_add(plain, Ordering::Relaxed);
+        self.placed.fetch_add(zero + plain, Ordering::Relaxed);
+        Ok(placement)
+    }
+}
+
+/// One write into guest RAM, in entry order.
+#[derive(Debug, Clone, Copy)]
+enum Write {
+    /// `count` plain pages from `page`, their bytes at `at` in the payload.
+    Run { page: u64, at: usize, count: usize },
+    /// A page that must read as zero.
+    Zero { page: u64 },
+}
+
+/// The writes that place one batch.
+pub(crate) struct Placement {
+    region: std::sync::Arc<migration_sys::GuestRegion>,
+    page_size: usize,
+    /// Where the payload starts in the frame body.
+    payload_at: usize,
+    writes: Vec<Write>,
+}
+
+impl Placement {
+    /// Adds a plain page, joining it to the previous run when adjacent in
+    /// memory and in the payload, so a run is placed with one write.
+    fn push_plain(&mut self, page: u64, at: usize) {
+        if let Some(Write::Run {
+            page: first,
+            at: start,
+            count,
+        }) = self.writes.last_mut()
+            && *first + *count as u64 == page
+            && *start + *count * self.page_size == at
+        {
+            *count += 1;
+            return;
+        }
+        self.writes.push(Write::Run { page, at, count: 1 });
+    }
+
+    /// Performs the writes; `body` is the frame body the plan was made from.
+    fn apply(&self, body: &[u8], zero_page: &[u8]) -> Result<(), migration_sys::SysError> {
+        let payload = &body[self.payload_at..];
+        for write in &self.writes {
+            match *write {
+                Write::Run { page, at, count } => {
+                    let bytes = &payload[at..at + count * self.page_size];
+                    self.region.place(page as usize * self.page_size, bytes)?;
+                }
+                Write::Zero { page } => {
+                    let offset = page as usize * self.page_size;
+                    // Reused memory: write only where it is not zero already.
+                    if !self.region.is_zero(offset, self.page_size)? {
+                        self.region.place(offset, zero_page)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Threads that write pages into guest RAM, so that filling fresh memory
+/// (slow here: the kernel and the host under it supply every page) overlaps
+/// with receiving and checking the next batches, and several pages are in
+/// the works at once. Within an epoch every page is sent at most once, so
+/// batches of one epoch may land in any order; [`PlaceWorker::flush`] at
+/// every epoch's end keeps an older copy of a page from landing after a
+/// newer one.
+pub(crate) struct PlaceWorker {
+    jobs: Option<crossbeam_channel::Sender<(Placement, Vec<u8>)>>,
+    spare: crossbeam_channel::Receiver<Vec<u8>>,
+    shared: std::sync::Arc<PlaceShared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct PlaceShared {
+    /// Batches submitted and not yet placed, and the first failure.
+    state: std::sync::Mutex<(usize, Option<migration_sys::SysError>)>,
+    idle: std::sync::Condvar,
+}
+
+impl PlaceWorker {
+    /// One thread: a second measured no faster on this 2-core machine,
+    /// where the sender and the receiving thread need the cores too.
+    const THREADS: usize = 1;
+
+    pub(crate) fn start() -> Self {
+        let (jobs, queue) = crossbeam_channel::bounded::<(Placement, Vec<u8>)>(4);
+        let (give_back, spare) = crossbeam_channel::bounded(8);
+        let shared = std::sync::Arc::new(PlaceShared::default());
+        let threads = (0..Self::THREADS)
+            .map(|i| {
+                let queue = queue.clone();
+                let give_back = give_back.clone();
+                let shared = std::sync::Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("migration-place-{i}"))
+                    .spawn(move || {
+                        let zero_page = vec![0u8; migration_sys::PAGE_SIZE];
+                        for (placement, body) in queue {
+                            let result = placement.apply(&body, &zero_page);
+                            let _ = give_back.try_send(body);
+                            let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                            state.0 -= 1;
+                            if let Err(err) = result {
+                                state.1.get_or_insert(err);
+                            }
+                            shared.idle.notify_all();
+                        }
+                    })
+                    .expect("spawning a placement thread")
+            })
+            .collect();
+        Self {
+            jobs: Some(jobs),
+            spare,
+            shared,
+            threads,
+        }
+    }
+
+    /// A buffer to receive the next frame into.
+    pub(crate) fn spare(&self) -> Vec<u8> {
+        self.spare.try_recv().unwrap_or_default()
+    }
+
+    fn failed(state: &mut (usize, Option<migration_sys::SysError>)) -> Result<(), DestError> {
+        match state.1.take() {
+            Some(err) => Err(DestError::Memory(err)),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn submit(&self, placement: Placement, body: Vec<u8>) -> Result<(), DestError> {
+        {
+            let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            Self::failed(&mut state)?;
+            state.0 += 1;
+        }
+        let jobs = self.jobs.as_ref().expect("running");
+        jobs.send((placement, body))
+            .map_err(|_| DestError::Protocol("the placement threads stopped".into()))
+    }
+
+    /// Returns once every submitted batch is placed.
+    pub(crate) fn flush(&self) -> Result<(), DestError> {
+        let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        while state.0 > 0 {
+            state = self.shared.idle.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        Self::failed(&mut state)
+    }
+}
+
+impl Drop for PlaceWorker {
+    fn drop(&mut self) {
+        self.jobs.take();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}

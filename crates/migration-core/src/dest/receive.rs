@@ -1,0 +1,233 @@
+//! The receiving side of every channel: pages placed as they arrive, and
+//! the epoch barrier that keeps an older copy of a page from landing after
+//! a newer one sent on another channel.
+
+use super::DestError;
+use super::place::{PlaceWorker, Placer, Prefault};
+use crate::transport::{Channel, TransportError};
+use migration_wire::{Ack, Message};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// No channel applies a page of epoch k+1 before every channel has placed
+/// all of its pages of epoch k.
+pub(crate) struct EpochBarrier {
+    channels: usize,
+    state: Mutex<BarrierState>,
+    moved: Condvar,
+}
+
+struct BarrierState {
+    /// The epoch every channel is finishing.
+    epoch: u64,
+    /// Channels that finished it.
+    arrived: usize,
+    /// A channel failed: everyone stops.
+    failed: bool,
+}
+
+impl EpochBarrier {
+    pub(crate) fn new(channels: usize) -> Self {
+        Self {
+            channels,
+            state: Mutex::new(BarrierState {
+                epoch: 0,
+                arrived: 0,
+                failed: false,
+            }),
+            moved: Condvar::new(),
+        }
+    }
+
+    /// Reports that this channel placed every page of `epoch`, and waits
+    /// (at most `timeout`) until every channel did.
+    pub(crate) fn arrive(&self, epoch: u64, timeout: Duration) -> Result<(), DestError> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.failed {
+            return Err(DestError::OtherChannelFailed);
+        }
+        if state.epoch != epoch {
+            return Err(DestError::Protocol(format!(
+                "channel finished epoch {epoch} while the others finish epoch {}",
+                state.epoch
+            )));
+        }
+        state.arrived += 1;
+        if state.arrived == self.channels {
+            state.epoch += 1;
+            state.arrived = 0;
+            self.moved.notify_all();
+            return Ok(());
+        }
+        let deadline = Instant::now() + timeout;
+        while state.epoch == epoch && !state.failed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(DestError::Transport(TransportError::TimedOut(timeout)));
+            }
+            state = self
+                .moved
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if state.failed {
+            Err(DestError::OtherChannelFailed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Wakes every waiting channel with a failure.
+    pub(crate) fn fail(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
+        self.moved.notify_all();
+    }
+}
+
+/// What every channel's thread shares.
+pub(crate) struct Shared {
+    pub(crate) placer: Placer,
+    pub(crate) barrier: EpochBarrier,
+    pub(crate) prefault: Prefault,
+    pub(crate) io_timeout: Duration,
+}
+
+/// How a channel's stream ended.
+#[derive(Debug, Default)]
+pub(crate) struct ChannelEnd {
+    /// Epochs received.
+    pub(crate) epochs: u64,
+    /// The device state (main channel only).
+    pub(crate) device_state: Option<Vec<u8>>,
+}
+
+/// Receives one channel's pages and markers until its `EndOfRam`. The main
+/// channel (index 0) also takes the device state and acknowledges every
+/// epoch once all channels placed it.
+pub(crate) fn receive(index: usize, channel: &mut dyn Channel, shared: &Shared) -> Result<ChannelEnd, DestError> {
+    let worker = PlaceWorker::start();
+    let mut end = ChannelEnd::default();
+    let mut epoch = 0u64;
+    let mut pages_in_epoch = 0u64;
+    loop {
+        let mut placement = None;
+        let mut ack = None;
+        match channel.recv()? {
+            Message::Pages(batch) => {
+                if batch.epoch != epoch {
+                    return Err(DestError::Protocol(format!(
+                        "channel {index}: page batch of epoch {} while receiving epoch {epoch}",
+                        batch.epoch
+                    )));
+                }
+                placement = Some(shared.placer.plan(&batch)?);
+                pages_in_epoch += batch.len() as u64;
+                shared.prefault.advance(shared.placer.placed_bytes());
+            }
+            Message::SyncMarker(marker) => {
+                if marker.epoch != epoch {
+                    return Err(DestError::Protocol(format!(
+                        "channel {index}: sync marker for epoch {} while receiving epoch {epoch}",
+                        marker.epoch
+                    )));
+                }
+                if marker.pages != pages_in_epoch {
+                    return Err(DestError::Protocol(format!(
+                        "channel {index}: sync marker of epoch {} counts {} pages, {pages_in_epoch} arrived",
+                        marker.epoch, marker.pages
+                    )));
+                }
+                // This channel's share of the epoch is in guest RAM; wait
+                // for the others before taking pages of the next epoch.
+                worker.flush()?;
+                shared.barrier.arrive(epoch, shared.io_timeout)?;
+                if index == 0 {
+                    ack = Some(Ack {
+                        epoch,
+                        pages: shared.placer.placed.load(std::sync::atomic::Ordering::Relaxed),
+                        bytes: channel.bytes_received(),
+                    });
+                }
+                epoch += 1;
+                pages_in_epoch = 0;
+            }
+            Message::DeviceState(blob) if index == 0 => {
+                if end.device_state.is_some() {
+                    return Err(DestError::Protocol("device state sent twice".into()));
+                }
+                end.device_state = Some(blob.to_vec());
+            }
+            Message::EndOfRam(eor) => {
+                if eor.epochs != epoch || pages_in_epoch != 0 {
+                    return Err(DestError::Protocol(format!(
+                        "channel {index}: end of RAM after {} epochs, but {epoch} epochs were received",
+                        eor.epochs
+                    )));
+                }
+                worker.flush()?;
+                end.epochs = epoch;
+                return Ok(end);
+            }
+            Message::Abort(reason) => return Err(DestError::Aborted(reason)),
+            other => {
+                return Err(DestError::Protocol(format!(
+                    "channel {index}: unexpected {} during the transfer",
+                    other.kind().name()
+                )));
+            }
+        }
+        if let Some(placement) = placement {
+            // The body moves to the placement thread; receive into a spare.
+            let body = channel.take_body(worker.spare());
+            worker.submit(placement, body)?;
+        }
+        if let Some(ack) = ack {
+            channel.send(&Message::Ack(ack))?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn barrier_releases_only_when_every_channel_arrived() {
+        let barrier = Arc::new(EpochBarrier::new(2));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let other = Arc::clone(&barrier);
+        let waiter = std::thread::spawn(move || {
+            let result = other.arrive(0, Duration::from_secs(30));
+            tx.send(()).expect("send");
+            result
+        });
+        // The first arrival waits: nothing is released yet.
+        assert!(rx.recv_timeout(Duration::from_millis(20)).is_err());
+        barrier
+            .arrive(0, Duration::from_secs(30))
+            .expect("second arrival releases");
+        rx.recv_timeout(Duration::from_secs(30)).expect("released");
+        waiter.join().expect("join").expect("ok");
+        // The next epoch works the same way, and a wrong epoch is an error.
+        assert!(barrier.arrive(0, Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn failure_wakes_waiters_and_timeouts_are_bounded() {
+        let barrier = Arc::new(EpochBarrier::new(3));
+        let other = Arc::clone(&barrier);
+        let waiter = std::thread::spawn(move || other.arrive(0, Duration::from_secs(30)));
+        barrier.fail();
+        assert!(matches!(
+            waiter.join().expect("join"),
+            Err(DestError::OtherChannelFailed)
+        ));
+        let lonely = EpochBarrier::new(2);
+        assert!(matches!(
+            lonely.arrive(0, Duration::from_millis(10)),
+            Err(DestError::Transport(TransportError::TimedOut(_)))
+        ));
+    }
+}
