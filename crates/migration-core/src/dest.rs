@@ -4,6 +4,8 @@
 
 mod place;
 mod receive;
+#[cfg(test)]
+mod tests;
 
 use crate::error_chain::ErrorChain;
 use crate::ram::Ram;

@@ -1,0 +1,206 @@
+//! The destination runtime driven over scripted in-memory channels.
+
+use super::place::{Placer, Prefault};
+use super::receive::{EpochBarrier, Shared, receive};
+use super::*;
+use crate::ram::RamBlock;
+use crate::transport::{ChannelHalves, ChannelRx, ChannelTx};
+use migration_sys::GuestRegion;
+use migration_wire::{EndOfRam, MessageKind, PageBatch, PageEncoding, PageEntry, SyncMarker};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+/// A channel that replays encoded frames and records when each is taken.
+struct Scripted {
+    index: usize,
+    frames: VecDeque<Vec<u8>>,
+    current: Vec<u8>,
+    log: Arc<Mutex<Vec<(usize, usize)>>>,
+    taken: usize,
+    /// Before handing out this frame, wait (bounded) for this log entry.
+    wait_for: Option<(usize, (usize, usize))>,
+}
+
+impl Scripted {
+    fn new(index: usize, messages: Vec<Message<'_>>, log: Arc<Mutex<Vec<(usize, usize)>>>) -> Self {
+        let frames = messages
+            .iter()
+            .map(|m| {
+                let mut body = Vec::new();
+                m.encode_body(&mut body);
+                let mut frame = vec![m.kind() as u8, (m.kind() as u16 >> 8) as u8];
+                frame.extend(body);
+                frame
+            })
+            .collect();
+        Self {
+            index,
+            frames,
+            current: Vec::new(),
+            log,
+            taken: 0,
+            wait_for: None,
+        }
+    }
+}
+
+impl ChannelTx for Scripted {
+    fn send(&mut self, _: &Message<'_>) -> Result<(), TransportError> {
+        Ok(())
+    }
+    fn bytes_sent(&self) -> u64 {
+        0
+    }
+    fn shutdown(&mut self) {}
+}
+
+impl ChannelRx for Scripted {
+    fn recv(&mut self) -> Result<Message<'_>, TransportError> {
+        if let Some((at, entry)) = self.wait_for
+            && self.taken == at
+        {
+            // Give the other channel every chance to run ahead (it must
+            // not: it waits at the epoch barrier).
+            let deadline = Instant::now() + Duration::from_millis(300);
+            while Instant::now() < deadline && !self.log.lock().expect("log").contains(&entry) {
+                std::thread::yield_now();
+            }
+        }
+        let frame = self.frames.pop_front().ok_or(TransportError::Closed)?;
+        self.log.lock().expect("log").push((self.index, self.taken));
+        self.taken += 1;
+        self.current = frame;
+        let kind = MessageKind::from_raw(u16::from_le_bytes([self.current[0], self.current[1]]))?;
+        Ok(Message::decode_body(kind, &self.current[2..])?)
+    }
+    fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
+        // The body starts after the two kind bytes.
+        let mut body = std::mem::replace(&mut self.current, replacement);
+        body.drain(..2);
+        body
+    }
+    fn set_timeout(&mut self, _: Option<Duration>) -> Result<(), TransportError> {
+        Ok(())
+    }
+    fn bytes_received(&self) -> u64 {
+        0
+    }
+}
+
+impl Channel for Scripted {
+    fn split(self: Box<Self>) -> Result<ChannelHalves, TransportError> {
+        unreachable!("the destination does not split")
+    }
+    fn peer(&self) -> String {
+        format!("scripted-{}", self.index)
+    }
+    fn closer(&self) -> Result<Closer, TransportError> {
+        Ok(Box::new(|| {}))
+    }
+}
+
+/// The entry table and payload of a batch holding one plain page.
+fn one_page(page: u64, fill: u8) -> (Vec<u8>, Vec<u8>) {
+    let mut entries = Vec::new();
+    PageEntry {
+        page,
+        encoding: PageEncoding::Plain,
+    }
+    .push_to(&mut entries);
+    (entries, vec![fill; 4096])
+}
+
+/// Invariant 3: page 5 is sent in epoch 0 on channel 1 (old bytes) and in
+/// epoch 1 on channel 0 (new bytes). Channel 1 holds its epoch-0 copy back
+/// until channel 0 asks for its epoch-1 frame; without the barrier the old
+/// copy would land last.
+#[test]
+fn a_page_resent_on_another_channel_never_lands_before_its_older_copy() {
+    let region = Arc::new(GuestRegion::anonymous(16 * 4096).expect("mmap"));
+    let ram = Ram::new(vec![RamBlock::new("ram", Arc::clone(&region))]);
+    let (old_entries, old_bytes) = one_page(5, 0x01);
+    let (new_entries, new_bytes) = one_page(5, 0x02);
+    let old = PageBatch::new(0, 0, 4096, &old_entries, &old_bytes).expect("batch");
+    let new = PageBatch::new(0, 1, 4096, &new_entries, &new_bytes).expect("batch");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    // Channel 0: marker 0, then the new copy in epoch 1, marker 1, end.
+    let mut zero = Scripted::new(
+        0,
+        vec![
+            Message::SyncMarker(SyncMarker { epoch: 0, pages: 0 }),
+            Message::Pages(new),
+            Message::SyncMarker(SyncMarker { epoch: 1, pages: 1 }),
+            Message::EndOfRam(EndOfRam { epochs: 2 }),
+        ],
+        Arc::clone(&log),
+    );
+    // Channel 1: the old copy in epoch 0 (held back until channel 0 takes
+    // its epoch-1 frame, or a while), marker 0, marker 1, end.
+    let mut one = Scripted::new(
+        1,
+        vec![
+            Message::Pages(old),
+            Message::SyncMarker(SyncMarker { epoch: 0, pages: 1 }),
+            Message::SyncMarker(SyncMarker { epoch: 1, pages: 0 }),
+            Message::EndOfRam(EndOfRam { epochs: 2 }),
+        ],
+        Arc::clone(&log),
+    );
+    one.wait_for = Some((0, (0, 1)));
+    let shared = Shared {
+        placer: Placer::new(&ram, FreshMemory::Zeroed),
+        barrier: EpochBarrier::new(2),
+        prefault: Prefault::start(&ram),
+        io_timeout: Duration::from_secs(30),
+    };
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| receive(1, &mut one, &shared));
+        receive(0, &mut zero, &shared).expect("channel 0");
+        other.join().expect("join").expect("channel 1");
+    });
+    let log = log.lock().expect("log").clone();
+    let old_taken = log.iter().position(|e| *e == (1, 0)).expect("old copy taken");
+    let new_taken = log.iter().position(|e| *e == (0, 1)).expect("new copy taken");
+    assert!(
+        old_taken < new_taken,
+        "epoch 1 began before every channel finished epoch 0: {log:?}"
+    );
+    let mut page = vec![0u8; 4096];
+    region.read(5 * 4096, &mut page).expect("read");
+    assert!(page.iter().all(|&b| b == 0x02), "the older copy landed last");
+}
+
+#[test]
+fn a_bad_batch_on_one_channel_stops_the_others() {
+    let region = Arc::new(GuestRegion::anonymous(4 * 4096).expect("mmap"));
+    let ram = Ram::new(vec![RamBlock::new("ram", region)]);
+    let (entries, bytes) = one_page(9, 0x01); // page 9 of a 4-page block
+    let bad = PageBatch::new(0, 0, 4096, &entries, &bytes).expect("batch");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut zero = Scripted::new(
+        0,
+        vec![Message::SyncMarker(SyncMarker { epoch: 0, pages: 0 })],
+        Arc::clone(&log),
+    );
+    let mut one = Scripted::new(1, vec![Message::Pages(bad)], Arc::clone(&log));
+    let shared = Shared {
+        placer: Placer::new(&ram, FreshMemory::Zeroed),
+        barrier: EpochBarrier::new(2),
+        prefault: Prefault::start(&ram),
+        io_timeout: Duration::from_secs(30),
+    };
+    let (first, second) = std::thread::scope(|scope| {
+        let other = scope.spawn(|| {
+            let result = receive(1, &mut one, &shared);
+            if result.is_err() {
+                shared.barrier.fail();
+            }
+            result
+        });
+        let first = receive(0, &mut zero, &shared);
+        (first, other.join().expect("join"))
+    });
+    let err = second.expect_err("page outside the block");
+    assert!(err.to_string().contains("outside block"), "{err}");
+    assert!(matches!(first, Err(DestError::OtherChannelFailed)), "{first:?}");
+}
