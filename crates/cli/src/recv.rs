@@ -7,7 +7,7 @@ use crate::units::{parse_duration, parse_size};
 use anyhow::{Context, Result};
 use migration_core::dest::{self, DestOptions, run_destination};
 use migration_core::{Channel, Event, TransportError};
-use migration_wire::ErrorCode;
+use migration_wire::{ErrorCode, Features};
 use reference_guest::SyntheticGuest;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -34,6 +34,9 @@ pub struct RecvArgs {
     /// Most parallel channels accepted from a source.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: u16,
+    /// Compression a source may use: any, none, lz4 or zstd.
+    #[arg(long, default_value = "any", value_parser = ["any", "none", "lz4", "zstd"])]
+    pub compress: String,
     /// Print no progress lines (errors and the result still print).
     #[arg(long)]
     pub quiet: bool,
@@ -58,6 +61,12 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
     let options = DestOptions {
         max_ram: args.max_mem.unwrap_or_else(host_memory),
         max_channels: args.channels,
+        compression: match args.compress.as_str() {
+            "none" => Features::default(),
+            "lz4" => Features::LZ4,
+            "zstd" => Features::ZSTD,
+            _ => Features::LZ4.union(Features::ZSTD),
+        },
         io_timeout: args.io_timeout,
         ..DestOptions::default()
     };

@@ -36,6 +36,10 @@ pub struct Report {
     pub ram_bytes_per_sec: Option<f64>,
     pub zero_pages: Option<u64>,
     pub plain_pages: Option<u64>,
+    /// Bytes zero pages did not put on the wire (4 KiB each).
+    pub zero_page_saved_bytes: Option<u64>,
+    /// Bytes compression took off the plain pages (source).
+    pub compression_saved_bytes: Option<u64>,
     /// Channels used (the main connection included).
     pub channels: Option<usize>,
     /// Wire bytes per channel, main connection first (source).
@@ -76,6 +80,8 @@ impl Report {
             ram_bytes_per_sec: None,
             zero_pages: None,
             plain_pages: None,
+            zero_page_saved_bytes: None,
+            compression_saved_bytes: None,
             channels: None,
             channel_bytes: None,
             source_resumed: None,
@@ -101,7 +107,9 @@ impl Report {
         }
         self.zero_pages = Some(stats.zero_pages);
         self.plain_pages = Some(stats.plain_pages);
+        self.zero_page_saved_bytes = Some(stats.zero_pages * 4096);
         if !stats.channel_bytes.is_empty() {
+            self.compression_saved_bytes = Some(stats.compression_saved);
             self.channels = Some(stats.channel_bytes.len());
             self.channel_bytes = Some(stats.channel_bytes.clone());
         }

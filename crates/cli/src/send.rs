@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::ValueEnum;
 use migration_core::source::SourceError;
 use migration_core::source::{SourceOptions, run_source};
-use migration_core::{Cancel, Channel, KernelDirtyLog, LimitAction, PrecopyConfig, TransportError};
+use migration_core::{Cancel, Channel, Compression, KernelDirtyLog, LimitAction, PrecopyConfig, TransportError};
 use migration_wire::SessionId;
 use reference_guest::{Content, GuestSpec, Pattern, SyntheticGuest};
 use std::path::PathBuf;
@@ -72,6 +72,10 @@ pub struct SendArgs {
     /// carry pages; the destination's `--channels` is the limit.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: u16,
+    /// Compression of page batches on the channel threads: none, lz4, zstd
+    /// or zstd:LEVEL (a batch that would not shrink is sent as it is).
+    #[arg(long, default_value = "none")]
+    pub compress: Compression,
     /// Longest wait for the destination's answers, and the TCP user timeout.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub io_timeout: Duration,
@@ -161,6 +165,7 @@ fn send(args: &SendArgs, report: &mut Report) -> Result<u8> {
         reply_timeout: args.io_timeout,
         cancel: Cancel::from_flag(cancel),
         channels: args.channels,
+        compression: args.compress,
         ..SourceOptions::default()
     };
     let mut progress = Progress::new("send");

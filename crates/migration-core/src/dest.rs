@@ -31,12 +31,15 @@ pub struct DestOptions {
     pub progress_interval: Duration,
     /// Most channels accepted.
     pub max_channels: u16,
+    /// Compression codecs accepted ([`Features::LZ4`], [`Features::ZSTD`]).
+    pub compression: Features,
 }
 
 impl Default for DestOptions {
     fn default() -> Self {
         Self {
             max_channels: MAX_CHANNELS,
+            compression: Features::LZ4.union(Features::ZSTD),
             max_ram: 64 << 30,
             io_timeout: Duration::from_secs(30),
             progress_interval: Duration::from_millis(200),
@@ -254,6 +257,21 @@ fn handshake(channel: &mut dyn Channel, options: &DestOptions) -> Result<(Hello,
         return Err(DestError::Limit(format!(
             "source proposes {} channels, this destination accepts at most {} (--channels)",
             hello.channels, options.max_channels
+        )));
+    }
+    let codecs = Features::LZ4.union(Features::ZSTD);
+    let asked = hello.features.intersect(codecs);
+    if !options.compression.contains(asked) {
+        let name = |f: Features| match (f.contains(Features::LZ4), f.contains(Features::ZSTD)) {
+            (true, true) => "lz4 or zstd",
+            (true, false) => "lz4",
+            (false, true) => "zstd",
+            (false, false) => "none",
+        };
+        return Err(DestError::Limit(format!(
+            "source asks for {} compression, this destination allows {} (--compress)",
+            name(asked),
+            name(options.compression)
         )));
     }
     channel.send(&Message::HelloReply(HelloReply {

@@ -11,6 +11,7 @@
 
 pub mod bitmap;
 pub mod cancel;
+pub mod compress;
 pub mod dest;
 pub mod dirty;
 pub mod engine;
@@ -23,6 +24,7 @@ pub mod verify;
 pub mod vm;
 
 pub use cancel::Cancel;
+pub use compress::Compression;
 pub use dirty::{CombinedDirtyLog, DirtyLog, DirtyLogError, KernelDirtyLog, SoftwareDirtyLog};
 pub use engine::{Action, LimitAction, PageRun, PrecopyConfig, PrecopyEngine, SourcePaused};
 pub use ram::{BlockId, Ram, RamBlock};

@@ -9,6 +9,7 @@
 //! ```
 
 use crate::cancel::Cancel;
+use crate::compress::Compression;
 use crate::dirty::{DirtyLog, DirtyLogError};
 use crate::engine::{Action, PageRun, PrecopyConfig, PrecopyEngine, SourcePaused};
 use crate::error_chain::ErrorChain;
@@ -42,6 +43,8 @@ pub struct SourceOptions {
     pub progress_interval: Duration,
     /// Set to stop the migration; honoured until the handover.
     pub cancel: Cancel,
+    /// How page batches are compressed on the channel threads.
+    pub compression: Compression,
     /// Channels to use: the main connection and `channels - 1` more, each
     /// with a thread of its own. The destination may refuse more than its
     /// limit.
@@ -57,6 +60,7 @@ impl Default for SourceOptions {
             progress_interval: Duration::from_millis(200),
             cancel: Cancel::new(),
             channels: 1,
+            compression: Compression::None,
         }
     }
 }
@@ -151,6 +155,8 @@ pub fn pause_vm(vm: &mut dyn Vm) -> Result<SourcePaused, VmError> {
 /// Counters the channel thread updates and the control loop reads.
 #[derive(Debug, Default)]
 struct Counters {
+    /// Payload bytes compression saved.
+    compression_saved: AtomicU64,
     ram_bytes: AtomicU64,
     wire_bytes: AtomicU64,
     zero_pages: AtomicU64,
@@ -283,6 +289,7 @@ impl SourceRun<'_> {
             ram_transferred: self.sum(|c| &c.ram_bytes),
             transferred_bytes: self.sum(|c| &c.wire_bytes),
             zero_pages: self.sum(|c| &c.zero_pages),
+            compression_saved: self.sum(|c| &c.compression_saved),
             plain_pages: self.sum(|c| &c.plain_pages),
             channel_bytes: self
                 .counters
@@ -349,7 +356,7 @@ impl SourceRun<'_> {
                 tx,
                 self.ram.clone(),
                 Arc::clone(&self.counters[index]),
-                self.zero_pages,
+                PageEncoder::new(self.zero_pages, self.options.compression),
             );
             link.jobs.push(jobs);
             link.channel_error.push(error);
@@ -395,6 +402,10 @@ impl SourceRun<'_> {
         outcome
     }
 
+    fn proposed_features(&self) -> Features {
+        Features::ZERO_PAGES.union(compression_feature(self.options.compression))
+    }
+
     /// The handshake on the main connection, then the extra channels.
     fn open_channels(
         &mut self,
@@ -427,7 +438,7 @@ impl SourceRun<'_> {
         channel.send(&Message::Hello(Hello {
             min_version: MIN_PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
-            features: Features::KNOWN,
+            features: self.proposed_features(),
             session: self.options.session,
             channels: self.options.channels.max(1),
         }))?;
@@ -459,6 +470,13 @@ impl SourceRun<'_> {
                     )));
                 }
                 self.zero_pages = reply.features.contains(Features::ZERO_PAGES);
+                let codec = compression_feature(self.options.compression);
+                if !reply.features.contains(codec) {
+                    return Err(SourceError::Protocol(format!(
+                        "the source asks for {} compression, the destination does not allow it (its --compress)",
+                        self.options.compression
+                    )));
+                }
             }
             Message::Error(err) => return Err(SourceError::Peer(err)),
             other => return Err(unexpected("hello-reply", &other)),
@@ -778,6 +796,15 @@ impl SourceRun<'_> {
     }
 }
 
+/// The handshake feature that allows `compression`.
+fn compression_feature(compression: Compression) -> Features {
+    match compression {
+        Compression::None => Features::default(),
+        Compression::Lz4 => Features::LZ4,
+        Compression::Zstd(_) => Features::ZSTD,
+    }
+}
+
 /// How often blocking waits look at the cancel flag.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -806,7 +833,7 @@ fn spawn_channel_thread(
     mut tx: Box<dyn ChannelTx>,
     ram: Ram,
     counters: Arc<Counters>,
-    zero_pages: bool,
+    mut encoder: PageEncoder,
 ) -> ChannelThread {
     let (jobs, queue) = bounded::<Job>(16);
     let error = Arc::new(Mutex::new(None));
@@ -814,23 +841,13 @@ fn spawn_channel_thread(
     let handle = std::thread::Builder::new()
         .name(format!("migration-channel-{index}"))
         .spawn(move || {
-            let mut entries = Vec::new();
-            let mut payload = Vec::new();
             let mut pages_in_epoch = 0u64;
             let base = tx.bytes_sent();
             let result = (|| -> Result<(), ChannelFailure> {
                 for job in queue {
                     match job {
                         Job::Pages(run) => {
-                            send_run(
-                                tx.as_mut(),
-                                &ram,
-                                run,
-                                zero_pages,
-                                &mut entries,
-                                &mut payload,
-                                &counters,
-                            )?;
+                            encoder.send_run(tx.as_mut(), &ram, run, &counters)?;
                             pages_in_epoch += run.count;
                         }
                         Job::EndEpoch { epoch, done } => {
@@ -861,52 +878,88 @@ fn spawn_channel_thread(
     (jobs, handle, error)
 }
 
-fn send_run(
-    tx: &mut dyn ChannelTx,
-    ram: &Ram,
-    run: PageRun,
+/// What a channel thread does to pages between guest memory and the wire,
+/// with the buffers it reuses: every page is copied once from guest RAM
+/// into `payload`, classified there, and (optionally) compressed from there.
+struct PageEncoder {
     zero_pages: bool,
-    entries: &mut Vec<u8>,
-    payload: &mut Vec<u8>,
-    counters: &Counters,
-) -> Result<(), ChannelFailure> {
-    let block = ram.block(run.block).expect("the engine only names announced blocks");
-    let page_size = block.page_size() as usize;
-    debug_assert_eq!(page_size, PAGE_SIZE);
-    entries.clear();
-    // The buffer keeps its length between runs, so pages are read into
-    // initialised memory without zeroing it again each time.
-    let need = run.count as usize * page_size;
-    if payload.len() < need {
-        payload.resize(need, 0);
+    compression: Compression,
+    entries: Vec<u8>,
+    payload: Vec<u8>,
+    packed: Vec<u8>,
+}
+
+impl PageEncoder {
+    fn new(zero_pages: bool, compression: Compression) -> Self {
+        Self {
+            zero_pages,
+            compression,
+            entries: Vec::new(),
+            payload: Vec::new(),
+            packed: Vec::new(),
+        }
     }
-    let mut filled = 0;
-    let mut zero = 0;
-    for page in run.first..run.first + run.count {
-        let slot = &mut payload[filled..filled + page_size];
-        block
-            .region()
-            .read(page as usize * page_size, slot)
-            .map_err(ChannelFailure::Memory)?;
-        let encoding = if zero_pages && is_zero_buf(slot) {
-            zero += 1;
-            PageEncoding::Zero
+
+    fn send_run(
+        &mut self,
+        tx: &mut dyn ChannelTx,
+        ram: &Ram,
+        run: PageRun,
+        counters: &Counters,
+    ) -> Result<(), ChannelFailure> {
+        let block = ram.block(run.block).expect("the engine only names announced blocks");
+        let page_size = block.page_size() as usize;
+        debug_assert_eq!(page_size, PAGE_SIZE);
+        self.entries.clear();
+        // The buffer keeps its length between runs, so pages are read into
+        // initialised memory without zeroing it again each time.
+        let need = run.count as usize * page_size;
+        if self.payload.len() < need {
+            self.payload.resize(need, 0);
+        }
+        let mut filled = 0;
+        let mut zero = 0;
+        for page in run.first..run.first + run.count {
+            let slot = &mut self.payload[filled..filled + page_size];
+            block
+                .region()
+                .read(page as usize * page_size, slot)
+                .map_err(ChannelFailure::Memory)?;
+            let encoding = if self.zero_pages && is_zero_buf(slot) {
+                zero += 1;
+                PageEncoding::Zero
+            } else {
+                filled += page_size;
+                PageEncoding::Plain
+            };
+            PageEntry { page, encoding }.push_to(&mut self.entries);
+        }
+        let plain = &self.payload[..filled];
+        let compressed = filled > 0 && self.compression.compress(plain, &mut self.packed);
+        let batch = if compressed {
+            counters
+                .compression_saved
+                .fetch_add((filled - self.packed.len()) as u64, Ordering::Relaxed);
+            PageBatch::with_codec(
+                run.block.0,
+                run.epoch,
+                page_size as u32,
+                self.compression.codec(),
+                &self.entries,
+                &self.packed,
+            )
         } else {
-            filled += page_size;
-            PageEncoding::Plain
-        };
-        PageEntry { page, encoding }.push_to(entries);
-    }
-    let payload = &payload[..filled];
-    let batch = PageBatch::new(run.block.0, run.epoch, page_size as u32, entries, payload)
+            PageBatch::new(run.block.0, run.epoch, page_size as u32, &self.entries, plain)
+        }
         .expect("a batch built from the engine's runs is consistent");
-    tx.send(&Message::Pages(batch))?;
-    counters
-        .ram_bytes
-        .fetch_add(run.count * page_size as u64, Ordering::Relaxed);
-    counters.zero_pages.fetch_add(zero, Ordering::Relaxed);
-    counters.plain_pages.fetch_add(run.count - zero, Ordering::Relaxed);
-    Ok(())
+        tx.send(&Message::Pages(batch))?;
+        counters
+            .ram_bytes
+            .fetch_add(run.count * page_size as u64, Ordering::Relaxed);
+        counters.zero_pages.fetch_add(zero, Ordering::Relaxed);
+        counters.plain_pages.fetch_add(run.count - zero, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// The return path: forwards what the destination says.

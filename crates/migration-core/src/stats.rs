@@ -20,6 +20,8 @@ pub struct Stats {
     pub zero_pages: u64,
     /// Pages that travelled with their bytes.
     pub plain_pages: u64,
+    /// Bytes compression took off the plain pages' payload (source).
+    pub compression_saved: u64,
     /// Passes over RAM completed.
     pub iterations: u64,
     /// Guest bytes dirtied per second (source).

@@ -51,11 +51,6 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(self.take(len)?).map_err(|_| WireError::Utf8 { what })
     }
 
-    /// Takes everything that is left.
-    pub(crate) fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.bytes)
-    }
-
     /// Fails unless every byte was consumed.
     pub(crate) fn finish(self) -> Result<(), WireError> {
         if self.bytes.is_empty() {

@@ -17,8 +17,17 @@ pub struct Features(pub u64);
 impl Features {
     /// Zero pages travel as a flag, without their bytes.
     pub const ZERO_PAGES: Features = Features(1 << 0);
+    /// Page batches may be compressed with lz4.
+    pub const LZ4: Features = Features(1 << 1);
+    /// Page batches may be compressed with zstd.
+    pub const ZSTD: Features = Features(1 << 2);
     /// Every feature this version knows.
-    pub const KNOWN: Features = Features(Self::ZERO_PAGES.0);
+    pub const KNOWN: Features = Features(Self::ZERO_PAGES.0 | Self::LZ4.0 | Self::ZSTD.0);
+
+    /// The union of both sets.
+    pub fn union(self, other: Features) -> Features {
+        Features(self.0 | other.0)
+    }
 
     /// Features in both sets.
     pub fn intersect(self, other: Features) -> Features {

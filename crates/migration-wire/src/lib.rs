@@ -68,7 +68,7 @@ pub use control::{Complete, EndOfRam, SyncMarker};
 pub use error::WireError;
 pub use frame::{FRAME_HEADER_LEN, FrameHeader, MAX_FRAME_BODY, Message, MessageKind};
 pub use handshake::{Block, BlockList, ChannelHello, Features, Hello, HelloReply, MAX_CHANNELS, SessionId};
-pub use page::{MAX_PAGES_PER_BATCH, PageBatch, PageEncoding, PageEntry};
+pub use page::{Codec, MAX_PAGES_PER_BATCH, PageBatch, PageEncoding, PageEntry};
 pub use return_path::{Ack, ErrorCode, PageRequest, PeerError, Verdict};
 
 /// Identifies a migration stream; the first bytes of every `Hello` body.

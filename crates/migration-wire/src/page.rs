@@ -3,14 +3,16 @@
 //!
 //! ```text
 //! +---------------------------+
-//! | block u32 | count u32     |  PageBatch header (24 bytes)
-//! | page_size u32 | rsvd u32  |
+//! | block u32 | count u32     |  PageBatch header (32 bytes)
+//! | page_size u32             |
+//! | codec u16 | rsvd u16      |
 //! | epoch u64                 |
+//! | payload_len u32 | rsvd u32|
 //! +---------------------------+
 //! | entry u64 × count         |  page index << 8 | encoding
 //! +---------------------------+
-//! | page bytes × plain count  |  in entry order
-//! +---------------------------+
+//! | page bytes × plain count  |  in entry order; with a codec other than
+//! +---------------------------+  `none`, those bytes compressed as one block
 //! ```
 //!
 //! The frame header's checksum covers all of it.
@@ -18,7 +20,7 @@
 use crate::codec::{Reader, cap, put, reserved_zero};
 use crate::handshake::{MAX_PAGE_SIZE, MIN_PAGE_SIZE};
 use crate::{MAX_FRAME_BODY, WireError};
-use zerocopy::little_endian::{U32, U64};
+use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Most pages one batch may carry.
@@ -33,10 +35,41 @@ struct RawBatchHeader {
     block: U32,
     count: U32,
     page_size: U32,
-    reserved: U32,
+    codec: U16,
+    reserved: U16,
     epoch: U64,
+    payload_len: U32,
+    reserved2: U32,
 }
-const _: () = assert!(size_of::<RawBatchHeader>() == 24);
+const _: () = assert!(size_of::<RawBatchHeader>() == 32);
+
+/// How the plain pages' bytes of a batch travel. `0` is invalid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum Codec {
+    /// As they are.
+    None = 1,
+    /// One lz4 block.
+    Lz4 = 2,
+    /// One zstd frame.
+    Zstd = 3,
+}
+
+impl Codec {
+    fn from_raw(raw: u16) -> Result<Self, WireError> {
+        Ok(match raw {
+            1 => Codec::None,
+            2 => Codec::Lz4,
+            3 => Codec::Zstd,
+            other => {
+                return Err(WireError::Invalid {
+                    what: "page codec",
+                    value: other.into(),
+                });
+            }
+        })
+    }
+}
 
 /// How one page travels. `0` is invalid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -98,6 +131,7 @@ pub struct PageBatch<'a> {
     pub epoch: u64,
     /// Page size of the block.
     pub page_size: u32,
+    codec: Codec,
     entries: &'a [u8],
     payload: &'a [u8],
 }
@@ -115,10 +149,25 @@ impl<'a> PageBatch<'a> {
         entries: &'a [u8],
         payload: &'a [u8],
     ) -> Result<Self, WireError> {
+        Self::with_codec(block, epoch, page_size, Codec::None, entries, payload)
+    }
+
+    /// A batch whose plain pages' bytes are compressed with `codec` into
+    /// `payload`, which must be shorter than the bytes it stands for (send
+    /// them as they are otherwise).
+    pub fn with_codec(
+        block: u32,
+        epoch: u64,
+        page_size: u32,
+        codec: Codec,
+        entries: &'a [u8],
+        payload: &'a [u8],
+    ) -> Result<Self, WireError> {
         let batch = Self {
             block,
             epoch,
             page_size,
+            codec,
             entries,
             payload,
         };
@@ -161,7 +210,13 @@ impl<'a> PageBatch<'a> {
         let want = plain * u64::from(self.page_size);
         let body = (size_of::<RawBatchHeader>() + self.entries.len()) as u64 + want;
         cap("page batch size", body, MAX_FRAME_BODY.into())?;
-        if self.payload.len() as u64 != want {
+        let fits = match self.codec {
+            Codec::None => self.payload.len() as u64 == want,
+            // Compressed: something for something, and smaller.
+            Codec::Lz4 | Codec::Zstd if want == 0 => self.payload.is_empty(),
+            Codec::Lz4 | Codec::Zstd => !self.payload.is_empty() && (self.payload.len() as u64) < want,
+        };
+        if !fits {
             return Err(WireError::Invalid {
                 what: "page payload length",
                 value: self.payload.len() as u64,
@@ -190,7 +245,22 @@ impl<'a> PageBatch<'a> {
         })
     }
 
-    /// The bytes of the plain pages, in entry order.
+    /// How the plain pages' bytes travel.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// Length of the plain pages' bytes once decompressed.
+    pub fn plain_len(&self) -> usize {
+        self.entries()
+            .flatten()
+            .filter(|e| e.encoding == PageEncoding::Plain)
+            .count()
+            * self.page_size as usize
+    }
+
+    /// The bytes of the plain pages, in entry order (compressed as one
+    /// block unless [`PageBatch::codec`] is [`Codec::None`]).
     pub fn payload(&self) -> &'a [u8] {
         self.payload
     }
@@ -203,8 +273,11 @@ impl<'a> PageBatch<'a> {
                 block: self.block.into(),
                 count: ((self.entries.len() / 8) as u32).into(),
                 page_size: self.page_size.into(),
+                codec: (self.codec as u16).into(),
                 reserved: 0.into(),
                 epoch: self.epoch.into(),
+                payload_len: (self.payload.len() as u32).into(),
+                reserved2: 0.into(),
             },
         );
         out.extend_from_slice(self.entries);
@@ -225,10 +298,20 @@ impl<'a> PageBatch<'a> {
         let mut r = Reader::new(body, "pages");
         let raw: RawBatchHeader = r.read()?;
         reserved_zero("page batch reserved field", raw.reserved.get().into())?;
+        reserved_zero("page batch reserved field", raw.reserved2.get().into())?;
         let count = raw.count.get();
         cap("pages in batch", count.into(), MAX_PAGES_PER_BATCH.into())?;
         let entries = r.take(count as usize * 8)?;
-        let payload = r.rest();
-        Self::new(raw.block.get(), raw.epoch.get(), raw.page_size.get(), entries, payload)
+        let payload = r.take(raw.payload_len.get() as usize)?;
+        r.finish()?;
+        let codec = Codec::from_raw(raw.codec.get())?;
+        Self::with_codec(
+            raw.block.get(),
+            raw.epoch.get(),
+            raw.page_size.get(),
+            codec,
+            entries,
+            payload,
+        )
     }
 }

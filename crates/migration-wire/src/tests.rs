@@ -128,10 +128,19 @@ fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
         Message::DeviceState(&blob).encode(&mut out);
         out
     });
-    let pages = batch().prop_map(|b| {
-        let batch = PageBatch::new(b.block, b.epoch, 4096, &b.entries, &b.payload).expect("consistent batch");
+    let pages = (batch(), any::<bool>()).prop_map(|(b, squeeze)| {
         let mut out = Vec::new();
-        Message::Pages(batch).encode(&mut out);
+        if squeeze && !b.payload.is_empty() {
+            // A stand-in for compressed bytes: the wire only checks that
+            // they are shorter than what they stand for.
+            let short = &b.payload[..b.payload.len() / 3];
+            let batch =
+                PageBatch::with_codec(b.block, b.epoch, 4096, Codec::Lz4, &b.entries, short).expect("consistent batch");
+            Message::Pages(batch).encode(&mut out);
+        } else {
+            let batch = PageBatch::new(b.block, b.epoch, 4096, &b.entries, &b.payload).expect("consistent batch");
+            Message::Pages(batch).encode(&mut out);
+        }
         out
     });
     prop_oneof![8 => owned, 1 => blob, 2 => pages]
@@ -233,6 +242,27 @@ fn batch_rejects_payload_mismatch() {
     assert!(PageBatch::new(0, 0, 4096, &entries, &[0; 100]).is_err());
     assert!(PageBatch::new(0, 0, 4096, &entries, &[0; 4096]).is_ok());
     assert!(PageBatch::new(0, 0, 4095, &entries, &[0; 4095]).is_err());
+}
+
+#[test]
+fn compressed_batches_must_be_smaller_than_their_pages() {
+    let mut entries = Vec::new();
+    PageEntry {
+        page: 1,
+        encoding: PageEncoding::Plain,
+    }
+    .push_to(&mut entries);
+    assert!(PageBatch::with_codec(0, 0, 4096, Codec::Zstd, &entries, &[0; 100]).is_ok());
+    assert!(PageBatch::with_codec(0, 0, 4096, Codec::Zstd, &entries, &[0; 4096]).is_err());
+    assert!(PageBatch::with_codec(0, 0, 4096, Codec::Zstd, &entries, &[]).is_err());
+    let mut zero = Vec::new();
+    PageEntry {
+        page: 1,
+        encoding: PageEncoding::Zero,
+    }
+    .push_to(&mut zero);
+    assert!(PageBatch::with_codec(0, 0, 4096, Codec::Lz4, &zero, &[]).is_ok());
+    assert!(PageBatch::with_codec(0, 0, 4096, Codec::Lz4, &zero, &[1]).is_err());
 }
 
 #[test]

@@ -3,10 +3,11 @@
 
 use super::{DestError, FreshMemory};
 use crate::bitmap::AtomicBitmap;
+use crate::compress::decompress;
 use crate::ram::Ram;
 use crate::stats::Stats;
 use crate::verify::{block_digest, page_hash};
-use migration_wire::{PageBatch, PageEncoding};
+use migration_wire::{Codec, PageBatch, PageEncoding};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -209,11 +210,22 @@ impl Placer {
                 )));
             }
         }
+        // Compressed pages are expanded here, once, into a buffer the
+        // placement owns; plain ones are placed from the frame body.
+        let mut owned = None;
+        let payload = if batch.codec() == Codec::None {
+            payload
+        } else {
+            let mut expanded = vec![0u8; batch.plain_len()];
+            decompress(batch.codec(), payload, &mut expanded).map_err(|e| DestError::Protocol(e.to_string()))?;
+            &*owned.insert(expanded)
+        };
         let mut placement = Placement {
             region: Arc::clone(block.region()),
             page_size,
             payload_at: batch.payload_offset(),
             writes: Vec::new(),
+            owned: None,
         };
         let mut data_at = 0usize;
         let (mut zero, mut plain) = (0, 0);
@@ -242,6 +254,7 @@ impl Placer {
         self.zero_pages.fetch_add(zero, Ordering::Relaxed);
         self.plain_pages.fetch_add(plain, Ordering::Relaxed);
         self.placed.fetch_add(zero + plain, Ordering::Relaxed);
+        placement.owned = owned;
         Ok(placement)
     }
 }
@@ -262,6 +275,8 @@ pub(crate) struct Placement {
     /// Where the payload starts in the frame body.
     payload_at: usize,
     writes: Vec<Write>,
+    /// The expanded bytes of a compressed batch, placed instead of the body.
+    owned: Option<Vec<u8>>,
 }
 
 impl Placement {
@@ -284,7 +299,10 @@ impl Placement {
 
     /// Performs the writes; `body` is the frame body the plan was made from.
     fn apply(&self, body: &[u8], zero_page: &[u8]) -> Result<(), migration_sys::SysError> {
-        let payload = &body[self.payload_at..];
+        let payload = match &self.owned {
+            Some(owned) => owned.as_slice(),
+            None => &body[self.payload_at..],
+        };
         for write in &self.writes {
             match *write {
                 Write::Run { page, at, count } => {
