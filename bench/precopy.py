@@ -42,17 +42,18 @@ def listen(cmd):
     raise RuntimeError(f"{cmd[0]} did not listen: {proc.wait()}")
 
 
-def baseline(nbytes, fresh=False):
+def baseline(nbytes, streams, fresh=False):
     extra = ["--into-memfd", str(nbytes)] if fresh else []
-    recv, addr = listen([BASE, "recv", "--listen", "127.0.0.1:0"] + extra)
-    subprocess.run([BASE, "send", "--to", addr, "--bytes", str(nbytes)], check=True, capture_output=True)
+    streams = ["--streams", str(streams)]
+    recv, addr = listen([BASE, "recv", "--listen", "127.0.0.1:0"] + extra + streams)
+    subprocess.run([BASE, "send", "--to", addr, "--bytes", str(nbytes)] + streams, check=True, capture_output=True)
     out, _ = recv.communicate(timeout=300)
     received, _, secs = out.split()[1:4]
     assert int(received) == nbytes, out
     return nbytes / float(secs)
 
 
-def migrate(mem, content, populated=False):
+def migrate(mem, content, channels, populated=False, compress="none"):
     extra = []
     path = f"/dev/shm/precopy-bench-{os.getpid()}.ram"
     if populated:
@@ -64,7 +65,8 @@ def migrate(mem, content, populated=False):
         extra = ["--mem-file", path]
     recv, addr = listen([CLI, "recv", "--listen", "127.0.0.1:0", "--json", "--quiet", "--run-for", "0s"] + extra)
     send = subprocess.Popen(
-        [CLI, "send", "--to", addr, "--mem-size", str(mem), "--content", content, "--json"],
+        [CLI, "send", "--to", addr, "--mem-size", str(mem), "--content", content, "--json",
+         "--channels", str(channels), "--compress", compress],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = None
     for line in send.stderr:
@@ -88,37 +90,60 @@ def migrate(mem, content, populated=False):
     }
 
 
+CASES = {
+    # name: (content, populated destination, compression)
+    "random": ("random", False, "none"),
+    "zero-heavy": ("zero-heavy", False, "none"),
+    "random, populated destination": ("random", True, "none"),
+    "zero-heavy, populated destination": ("zero-heavy", True, "none"),
+    "text + lz4, populated destination": ("text", True, "lz4"),
+}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--mem-size", default="2G")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--cases", default="random,zero-heavy,random, populated destination",
+                        help="comma-separated names from: " + "; ".join(CASES))
     args = parser.parse_args()
     mem = size(args.mem_size)
+    names = [c.strip() for c in args.cases.split(",")]
+    # Case names hold commas: rejoin the pieces that are not names alone.
+    cases, piece = [], ""
+    for name in names:
+        piece = f"{piece}, {name}" if piece else name
+        if piece in CASES:
+            cases.append(piece)
+            piece = ""
+    if piece:
+        parser.error(f"unknown case {piece!r}")
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "migrate-cli", "-p", "migration-bench"],
                    cwd=ROOT, check=True)
-    results = {"tcp": [], "tcp-fresh": [], "random": [], "zero-heavy": [], "random, populated destination": []}
+    results = {"tcp": [], "tcp-fresh": []} | {case: [] for case in cases}
     for rep in range(args.reps):
-        results["tcp"].append(baseline(mem))
-        results["tcp-fresh"].append(baseline(mem, fresh=True))
-        results["random"].append(migrate(mem, "random"))
-        results["zero-heavy"].append(migrate(mem, "zero-heavy"))
-        results["random, populated destination"].append(migrate(mem, "random", populated=True))
-        print(f"rep {rep + 1}: tcp {results['tcp'][-1] / 1e9:.2f} GB/s, "
-              f"random {results['random'][-1]['json'] / 1e9:.2f} GB/s, "
-              f"zero-heavy {results['zero-heavy'][-1]['json'] / 1e9:.2f} GB/s", file=sys.stderr)
+        results["tcp"].append(baseline(mem, args.channels))
+        results["tcp-fresh"].append(baseline(mem, args.channels, fresh=True))
+        for case in cases:
+            content, populated, compress = CASES[case]
+            results[case].append(migrate(mem, content, args.channels, populated=populated, compress=compress))
+        print(f"rep {rep + 1}: tcp {results['tcp'][-1] / 1e9:.2f} GB/s, " + ", ".join(
+            f"{case} {results[case][-1]['json'] / 1e9:.2f} GB/s" for case in cases), file=sys.stderr)
     tcp = statistics.median(results["tcp"])
-    print(f"| case ({args.mem_size} guest, median of {args.reps}) | GB/s (JSON) | ratio to TCP | GB/s (outside) | ratio (outside) | downtime ms | wire bytes / RAM |")
+    streams = f"{args.channels} stream" + ("s" if args.channels > 1 else "")
+    print(f"| case ({args.mem_size} guest, {args.channels} channel(s), median of {args.reps}) | GB/s (JSON) | ratio to TCP | GB/s (outside) | ratio (outside) | downtime ms | wire bytes / RAM |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| raw TCP, 1 MiB writes | {tcp / 1e9:.2f} | 1.00 | | | | |")
+    print(f"| raw TCP, {streams}, 1 MiB writes | {tcp / 1e9:.2f} | 1.00 | | | | |")
     fresh = statistics.median(results["tcp-fresh"])
-    print(f"| raw TCP into fresh memory (memfd) | {fresh / 1e9:.2f} | {fresh / tcp:.2f} | | | | |")
-    for case in ("random", "zero-heavy", "random, populated destination"):
+    print(f"| raw TCP, {streams}, into fresh memory | {fresh / 1e9:.2f} | {fresh / tcp:.2f} | | | | |")
+    for case in cases:
         runs = results[case]
         rate = statistics.median(r["json"] for r in runs)
         outside = statistics.median(r["outside"] for r in runs)
         downtime = statistics.median(r["downtime_ms"] for r in runs)
         wire = statistics.median(r["wire"] for r in runs) / mem
-        print(f"| {case} guest | {rate / 1e9:.2f} | {rate / tcp:.2f} | {outside / 1e9:.2f} | {outside / tcp:.2f} | {downtime:.1f} | {wire:.3f} |")
+        print(f"| {case} | {rate / 1e9:.2f} | {rate / tcp:.2f} | {outside / 1e9:.2f} | {outside / tcp:.2f} | {downtime:.1f} | {wire:.3f} |")
 
 
 if __name__ == "__main__":
