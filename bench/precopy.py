@@ -105,20 +105,14 @@ def main():
     parser.add_argument("--mem-size", default="2G")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--channels", type=int, default=1)
-    parser.add_argument("--cases", default="random,zero-heavy,random, populated destination",
-                        help="comma-separated names from: " + "; ".join(CASES))
+    parser.add_argument("--cases", default="random;zero-heavy;random, populated destination",
+                        help="names separated by ';', from: " + "; ".join(CASES))
     args = parser.parse_args()
     mem = size(args.mem_size)
-    names = [c.strip() for c in args.cases.split(",")]
-    # Case names hold commas: rejoin the pieces that are not names alone.
-    cases, piece = [], ""
-    for name in names:
-        piece = f"{piece}, {name}" if piece else name
-        if piece in CASES:
-            cases.append(piece)
-            piece = ""
-    if piece:
-        parser.error(f"unknown case {piece!r}")
+    cases = [c.strip() for c in args.cases.split(";")]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}")
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "migrate-cli", "-p", "migration-bench"],
                    cwd=ROOT, check=True)
     results = {"tcp": [], "tcp-fresh": []} | {case: [] for case in cases}
