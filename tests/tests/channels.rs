@@ -155,6 +155,28 @@ fn stray_and_duplicate_channels_are_refused_while_the_migration_waits() {
 }
 
 #[test]
+fn plain_system_calls_work_as_well_as_io_uring() {
+    let _lock = lock();
+    let (recv, addr) = spawn_recv(&["--io", "plain", "--json"]);
+    let send = spawn_send(
+        addr,
+        &[
+            "--mem-size",
+            "32M",
+            "--dirty-rate",
+            "8M",
+            "--channels",
+            "3",
+            "--io",
+            "plain",
+            "--json",
+        ],
+    );
+    let (send_json, _) = assert_pair_completed(send, recv);
+    assert_eq!(field(&send_json, "channels"), 3, "{send_json:#}");
+}
+
+#[test]
 fn one_channel_still_works() {
     let _lock = lock();
     let (recv, addr) = spawn_recv(&["--json"]);

@@ -37,6 +37,10 @@ pub struct RecvArgs {
     /// Compression a source may use: any, none, lz4 or zstd.
     #[arg(long, default_value = "any", value_parser = ["any", "none", "lz4", "zstd"])]
     pub compress: String,
+    /// How channel threads move bytes: io_uring (a ring per thread; plain
+    /// calls where the kernel refuses it) or plain system calls.
+    #[arg(long, default_value = "uring", value_parser = ["uring", "plain"])]
+    pub io: String,
     /// Print no progress lines (errors and the result still print).
     #[arg(long)]
     pub quiet: bool,
@@ -72,6 +76,7 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
     };
     let tcp = TcpOptions {
         io_timeout: args.io_timeout,
+        io_uring: args.io == "uring",
         ..TcpOptions::default()
     };
     let listener = TcpListener::bind(&args.listen, tcp).with_context(|| format!("listening on {}", args.listen))?;

@@ -79,6 +79,10 @@ pub struct SendArgs {
     /// Longest wait for the destination's answers, and the TCP user timeout.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub io_timeout: Duration,
+    /// How channel threads move bytes: io_uring (a ring per thread; plain
+    /// calls where the kernel refuses it) or plain system calls.
+    #[arg(long, default_value = "uring", value_parser = ["uring", "plain"])]
+    pub io: String,
     /// How long to keep retrying the connection.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub connect_timeout: Duration,
@@ -133,6 +137,7 @@ fn send(args: &SendArgs, report: &mut Report) -> Result<u8> {
     let tcp = TcpOptions {
         connect_timeout: args.connect_timeout,
         io_timeout: args.io_timeout,
+        io_uring: args.io == "uring",
         ..TcpOptions::default()
     };
     let channel = match transport_tcp::connect(&args.to, &tcp) {

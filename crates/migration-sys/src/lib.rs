@@ -15,6 +15,7 @@ pub mod pagemap;
 pub mod region;
 pub mod tracker;
 pub mod uffd;
+pub mod uring;
 mod volatile;
 
 pub use region::GuestRegion;

@@ -9,6 +9,7 @@
 
 use migration_core::transport::{ChannelHalves, Closer};
 use migration_core::{Channel, ChannelRx, ChannelTx, TransportError};
+use migration_sys::uring::UringSocket;
 use migration_wire::{FRAME_HEADER_LEN, FrameHeader, MAX_FRAME_BODY, Message, MessageKind};
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 use std::io::{self, IoSlice, Read, Write};
@@ -25,6 +26,10 @@ pub struct TcpOptions {
     pub io_timeout: Duration,
     /// Socket send and receive buffer size.
     pub buffer_size: usize,
+    /// Send and receive through io_uring (a ring per channel half, used by
+    /// the one thread that owns the half); plain system calls when false or
+    /// when the kernel refuses io_uring.
+    pub io_uring: bool,
 }
 
 impl Default for TcpOptions {
@@ -33,6 +38,7 @@ impl Default for TcpOptions {
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
             buffer_size: 4 << 20,
+            io_uring: true,
         }
     }
 }
@@ -90,7 +96,7 @@ pub fn connect(addr: &str, options: &TcpOptions) -> Result<TcpChannel, Transport
             match TcpStream::connect_timeout(target, remaining) {
                 Ok(stream) => {
                     configure(&stream, options).map_err(|e| io_error("configuring the socket", e))?;
-                    return TcpChannel::new(stream);
+                    return TcpChannel::new(stream, options);
                 }
                 Err(err) => last = Some(err),
             }
@@ -160,7 +166,7 @@ impl TcpListener {
             _ => io_error("accepting a connection", e),
         })?;
         configure(&stream, &self.options).map_err(|e| io_error("configuring the socket", e))?;
-        TcpChannel::new(stream)
+        TcpChannel::new(stream, &self.options)
     }
 }
 
@@ -168,6 +174,7 @@ impl TcpListener {
 #[derive(Debug)]
 pub struct TcpTx {
     stream: TcpStream,
+    uring: Option<UringSocket>,
     head: Vec<u8>,
     sent: u64,
 }
@@ -195,8 +202,11 @@ impl ChannelTx for TcpTx {
                 &[]
             }
         };
-        write_all_vectored(&mut self.stream, &mut [IoSlice::new(&self.head), IoSlice::new(payload)])
-            .map_err(|e| io_error(format!("sending {}", message.kind().name()), e))?;
+        match &mut self.uring {
+            Some(ring) => ring.send_all(&[&self.head, payload]),
+            None => write_all_vectored(&mut self.stream, &mut [IoSlice::new(&self.head), IoSlice::new(payload)]),
+        }
+        .map_err(|e| io_error(format!("sending {}", message.kind().name()), e))?;
         self.sent += (self.head.len() + payload.len()) as u64;
         Ok(())
     }
@@ -228,6 +238,7 @@ fn write_all_vectored(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> i
 #[derive(Debug)]
 pub struct TcpRx {
     stream: TcpStream,
+    uring: Option<UringSocket>,
     body: Vec<u8>,
     received: u64,
     timeout: Option<Duration>,
@@ -237,7 +248,11 @@ impl TcpRx {
     fn read_exact(&mut self, what: &str, at_frame_start: bool, len: usize) -> Result<(), TransportError> {
         let mut filled = 0;
         while filled < len {
-            match self.stream.read(&mut self.body[filled..len]) {
+            let read = match &mut self.uring {
+                Some(ring) => ring.recv(&mut self.body[filled..len]),
+                None => self.stream.read(&mut self.body[filled..len]),
+            };
+            match read {
                 Ok(0) if filled == 0 && at_frame_start => return Err(TransportError::Closed),
                 Ok(0) => {
                     return Err(io_error(
@@ -288,6 +303,9 @@ impl ChannelRx for TcpRx {
         self.stream
             .set_read_timeout(timeout)
             .map_err(|e| io_error("setting the receive timeout", e))?;
+        if let Some(ring) = &mut self.uring {
+            ring.set_timeout(timeout);
+        }
         self.timeout = timeout;
         Ok(())
     }
@@ -306,19 +324,29 @@ pub struct TcpChannel {
 }
 
 impl TcpChannel {
-    fn new(stream: TcpStream) -> Result<Self, TransportError> {
+    fn new(stream: TcpStream, options: &TcpOptions) -> Result<Self, TransportError> {
         let peer = stream
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "unknown peer".into());
         let reader = stream.try_clone().map_err(|e| io_error("cloning the socket", e))?;
+        // A ring each for the sending and the receiving half, which two
+        // threads may own; no ring where the kernel refuses io_uring.
+        let ring = |s: &TcpStream| options.io_uring.then(|| UringSocket::new(s).ok()).flatten();
+        let mut send_ring = ring(&stream);
+        if let Some(r) = &mut send_ring {
+            r.set_timeout(Some(options.io_timeout));
+        }
+        let recv_ring = send_ring.as_ref().and_then(|_| ring(&reader));
         Ok(Self {
             tx: TcpTx {
+                uring: send_ring,
                 stream,
                 head: Vec::new(),
                 sent: 0,
             },
             rx: TcpRx {
+                uring: recv_ring,
                 stream: reader,
                 body: Vec::new(),
                 received: 0,
@@ -326,6 +354,15 @@ impl TcpChannel {
             },
             peer,
         })
+    }
+
+    /// `io_uring` or `plain`: how this channel moves bytes.
+    pub fn backend(&self) -> &'static str {
+        if self.tx.uring.is_some() && self.rx.uring.is_some() {
+            "io_uring"
+        } else {
+            "plain"
+        }
     }
 }
 
@@ -389,16 +426,33 @@ mod tests {
     use migration_wire::{PageBatch, PageEncoding, PageEntry, SyncMarker};
 
     fn pair() -> (TcpChannel, TcpChannel) {
-        let listener = TcpListener::bind("127.0.0.1:0", TcpOptions::default()).expect("bind");
+        pair_with(true)
+    }
+
+    fn pair_with(io_uring: bool) -> (TcpChannel, TcpChannel) {
+        let options = TcpOptions {
+            io_uring,
+            ..TcpOptions::default()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0", options.clone()).expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
-        let client = std::thread::spawn(move || connect(&addr, &TcpOptions::default()).expect("connect"));
+        let client = std::thread::spawn(move || connect(&addr, &options).expect("connect"));
         let server = listener.accept().expect("accept");
         (client.join().expect("join"), server)
     }
 
     #[test]
-    fn frames_cross_a_real_socket_both_ways() {
-        let (mut a, mut b) = pair();
+    fn frames_cross_a_real_socket_both_ways_with_either_backend() {
+        for io_uring in [true, false] {
+            let (a, b) = pair_with(io_uring);
+            let want = if io_uring { "io_uring" } else { "plain" };
+            assert_eq!(a.backend(), want);
+            assert_eq!(b.backend(), want);
+            exchange_frames(a, b);
+        }
+    }
+
+    fn exchange_frames(mut a: TcpChannel, mut b: TcpChannel) {
         let mut entries = Vec::new();
         PageEntry {
             page: 9,
