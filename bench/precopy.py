@@ -53,6 +53,9 @@ def baseline(nbytes, streams, fresh=False):
     return nbytes / float(secs)
 
 
+IO = ["--io", "uring"]
+
+
 def migrate(mem, content, channels, populated=False, compress="none"):
     extra = []
     path = f"/dev/shm/precopy-bench-{os.getpid()}.ram"
@@ -63,10 +66,10 @@ def migrate(mem, content, channels, populated=False, compress="none"):
         os.posix_fallocate(fd, 0, mem)
         os.close(fd)
         extra = ["--mem-file", path]
-    recv, addr = listen([CLI, "recv", "--listen", "127.0.0.1:0", "--json", "--quiet", "--run-for", "0s"] + extra)
+    recv, addr = listen([CLI, "recv", "--listen", "127.0.0.1:0", "--json", "--quiet", "--run-for", "0s"] + extra + IO)
     send = subprocess.Popen(
         [CLI, "send", "--to", addr, "--mem-size", str(mem), "--content", content, "--json",
-         "--channels", str(channels), "--compress", compress],
+         "--channels", str(channels), "--compress", compress] + IO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = None
     for line in send.stderr:
@@ -105,10 +108,12 @@ def main():
     parser.add_argument("--mem-size", default="2G")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--io", choices=["uring", "plain"], default="uring")
     parser.add_argument("--cases", default="random;zero-heavy;random, populated destination",
                         help="names separated by ';', from: " + "; ".join(CASES))
     args = parser.parse_args()
     mem = size(args.mem_size)
+    IO[1] = args.io
     cases = [c.strip() for c in args.cases.split(";")]
     unknown = [c for c in cases if c not in CASES]
     if unknown:

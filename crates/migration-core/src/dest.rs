@@ -78,6 +78,15 @@ pub enum DestError {
     /// Guest memory could not be written.
     #[error("guest memory access failed")]
     Memory(#[from] migration_sys::SysError),
+    /// A channel's connection failed or carried a malformed frame.
+    #[error("channel {index}")]
+    OnChannel {
+        /// The channel (0 is the main connection).
+        index: usize,
+        /// What happened on it.
+        #[source]
+        source: TransportError,
+    },
     /// Another channel failed first (its error is the one reported).
     #[error("another channel failed")]
     OtherChannelFailed,
@@ -86,13 +95,20 @@ pub enum DestError {
 impl DestError {
     fn code(&self) -> ErrorCode {
         match self {
-            DestError::Protocol(_) | DestError::Transport(TransportError::Malformed(_)) => ErrorCode::Protocol,
+            DestError::Protocol(_)
+            | DestError::Transport(TransportError::Malformed(_))
+            | DestError::OnChannel {
+                source: TransportError::Malformed(_),
+                ..
+            } => ErrorCode::Protocol,
             DestError::Version { .. } => ErrorCode::Version,
             DestError::Limit(_) => ErrorCode::Limit,
             DestError::Aborted(_) => ErrorCode::Cancelled,
-            DestError::Transport(_) | DestError::Vm(_) | DestError::Memory(_) | DestError::OtherChannelFailed => {
-                ErrorCode::Internal
-            }
+            DestError::Transport(_)
+            | DestError::OnChannel { .. }
+            | DestError::Vm(_)
+            | DestError::Memory(_)
+            | DestError::OtherChannelFailed => ErrorCode::Internal,
         }
     }
 }

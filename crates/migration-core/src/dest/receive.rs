@@ -113,7 +113,10 @@ pub(crate) fn receive(index: usize, channel: &mut dyn Channel, shared: &Shared) 
     loop {
         let mut placement = None;
         let mut ack = None;
-        match channel.recv()? {
+        let message = channel
+            .recv()
+            .map_err(|source| DestError::OnChannel { index, source })?;
+        match message {
             Message::Pages(batch) => {
                 if batch.epoch != epoch {
                     return Err(DestError::Protocol(format!(

@@ -19,6 +19,8 @@ struct Scripted {
     taken: usize,
     /// Before handing out this frame, wait (bounded) for this log entry.
     wait_for: Option<(usize, (usize, usize))>,
+    /// Fail instead of handing out this frame, as a corrupt frame would.
+    corrupt_at: Option<usize>,
 }
 
 impl Scripted {
@@ -40,6 +42,7 @@ impl Scripted {
             log,
             taken: 0,
             wait_for: None,
+            corrupt_at: None,
         }
     }
 }
@@ -65,6 +68,13 @@ impl ChannelRx for Scripted {
             while Instant::now() < deadline && !self.log.lock().expect("log").contains(&entry) {
                 std::thread::yield_now();
             }
+        }
+        if self.corrupt_at == Some(self.taken) {
+            return Err(TransportError::Malformed(migration_wire::WireError::Checksum {
+                kind: "pages",
+                expected: 1,
+                actual: 2,
+            }));
         }
         let frame = self.frames.pop_front().ok_or(TransportError::Closed)?;
         self.log.lock().expect("log").push((self.index, self.taken));
@@ -203,4 +213,23 @@ fn a_bad_batch_on_one_channel_stops_the_others() {
     let err = second.expect_err("page outside the block");
     assert!(err.to_string().contains("outside block"), "{err}");
     assert!(matches!(first, Err(DestError::OtherChannelFailed)), "{first:?}");
+}
+
+#[test]
+fn a_corrupt_frame_is_named_with_its_channel() {
+    let region = Arc::new(GuestRegion::anonymous(4 * 4096).expect("mmap"));
+    let ram = Ram::new(vec![RamBlock::new("ram", region)]);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut one = Scripted::new(1, vec![], Arc::clone(&log));
+    one.corrupt_at = Some(0);
+    let shared = Shared {
+        placer: Placer::new(&ram, FreshMemory::Zeroed),
+        barrier: EpochBarrier::new(2),
+        prefault: Prefault::start(&ram),
+        io_timeout: Duration::from_secs(30),
+    };
+    let err = receive(1, &mut one, &shared).expect_err("corrupt frame");
+    let text = ErrorChain(&err).to_string();
+    assert!(text.starts_with("channel 1: malformed frame"), "{text}");
+    assert!(text.contains("checksum mismatch in pages frame"), "{text}");
 }
