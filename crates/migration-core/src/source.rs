@@ -8,6 +8,8 @@
 //!  pause / READY / GO / verify     sync markers, control     (acks, errors)
 //! ```
 
+mod threads;
+
 use crate::cancel::Cancel;
 use crate::compress::Compression;
 use crate::dirty::{DirtyLog, DirtyLogError};
@@ -15,19 +17,18 @@ use crate::engine::{Action, PageRun, PrecopyConfig, PrecopyEngine, SourcePaused}
 use crate::error_chain::ErrorChain;
 use crate::ram::Ram;
 use crate::stats::{Event, Stats};
-use crate::transport::{Channel, ChannelRx, ChannelTx, Closer, TransportError};
+use crate::transport::{Channel, Closer, TransportError};
 use crate::verify::ram_digests;
 use crate::vm::{Vm, VmError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
-use migration_sys::{PAGE_SIZE, is_zero_buf};
 use migration_wire::{
     BlockList, ChannelHello, Complete, EndOfRam, Features, Hello, MAX_FRAME_BODY, MIN_PROTOCOL_VERSION, Message,
-    PROTOCOL_VERSION, PageBatch, PageEncoding, PageEntry, PeerError, SessionId, SyncMarker, Verdict,
+    PROTOCOL_VERSION, PeerError, SessionId, Verdict,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use threads::{ChannelFailure, Counters, PageEncoder, spawn_channel_thread, spawn_reader_thread};
 
 /// Settings of an outgoing migration.
 #[derive(Debug, Clone)]
@@ -152,18 +153,7 @@ pub fn pause_vm(vm: &mut dyn Vm) -> Result<SourcePaused, VmError> {
     Ok(SourcePaused { at: Instant::now() })
 }
 
-/// Counters the channel thread updates and the control loop reads.
-#[derive(Debug, Default)]
-struct Counters {
-    /// Payload bytes compression saved.
-    compression_saved: AtomicU64,
-    ram_bytes: AtomicU64,
-    wire_bytes: AtomicU64,
-    zero_pages: AtomicU64,
-    plain_pages: AtomicU64,
-}
-
-enum Job {
+pub(super) enum Job {
     Pages(PageRun),
     EndEpoch { epoch: u64, done: Sender<()> },
     Control(Message<'static>),
@@ -172,7 +162,7 @@ enum Job {
 }
 
 /// What the reader thread forwards from the return path.
-enum Returned {
+pub(super) enum Returned {
     Ack(u64),
     Ready,
     Resumed,
@@ -810,185 +800,4 @@ const TICK: Duration = Duration::from_millis(100);
 
 fn unexpected(wanted: &str, got: &Message<'_>) -> SourceError {
     SourceError::Protocol(format!("expected {wanted}, got {}", got.kind().name()))
-}
-
-/// Why the channel thread stopped.
-enum ChannelFailure {
-    Transport(TransportError),
-    Memory(migration_sys::SysError),
-}
-
-impl From<TransportError> for ChannelFailure {
-    fn from(err: TransportError) -> Self {
-        ChannelFailure::Transport(err)
-    }
-}
-
-type ChannelThread = (Sender<Job>, JoinHandle<()>, Arc<Mutex<Option<ChannelFailure>>>);
-
-/// The data path: reads pages from guest RAM into its own buffer once,
-/// classifies them, and sends batches.
-fn spawn_channel_thread(
-    index: usize,
-    mut tx: Box<dyn ChannelTx>,
-    ram: Ram,
-    counters: Arc<Counters>,
-    mut encoder: PageEncoder,
-) -> ChannelThread {
-    let (jobs, queue) = bounded::<Job>(16);
-    let error = Arc::new(Mutex::new(None));
-    let slot = Arc::clone(&error);
-    let handle = std::thread::Builder::new()
-        .name(format!("migration-channel-{index}"))
-        .spawn(move || {
-            let mut pages_in_epoch = 0u64;
-            let base = tx.bytes_sent();
-            let result = (|| -> Result<(), ChannelFailure> {
-                for job in queue {
-                    match job {
-                        Job::Pages(run) => {
-                            encoder.send_run(tx.as_mut(), &ram, run, &counters)?;
-                            pages_in_epoch += run.count;
-                        }
-                        Job::EndEpoch { epoch, done } => {
-                            tx.send(&Message::SyncMarker(SyncMarker {
-                                epoch,
-                                pages: pages_in_epoch,
-                            }))?;
-                            pages_in_epoch = 0;
-                            let _ = done.send(());
-                        }
-                        Job::Control(message) => tx.send(&message)?,
-                        Job::DeviceState(state) => tx.send(&Message::DeviceState(&state))?,
-                        Job::Flush(done) => {
-                            let _ = done.send(());
-                        }
-                    }
-                    counters.wire_bytes.store(tx.bytes_sent() - base, Ordering::Relaxed);
-                }
-                Ok(())
-            })();
-            counters.wire_bytes.store(tx.bytes_sent() - base, Ordering::Relaxed);
-            if let Err(err) = result {
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
-            }
-            tx.shutdown();
-        })
-        .expect("spawning the channel thread");
-    (jobs, handle, error)
-}
-
-/// What a channel thread does to pages between guest memory and the wire,
-/// with the buffers it reuses: every page is copied once from guest RAM
-/// into `payload`, classified there, and (optionally) compressed from there.
-struct PageEncoder {
-    zero_pages: bool,
-    compression: Compression,
-    entries: Vec<u8>,
-    payload: Vec<u8>,
-    packed: Vec<u8>,
-}
-
-impl PageEncoder {
-    fn new(zero_pages: bool, compression: Compression) -> Self {
-        Self {
-            zero_pages,
-            compression,
-            entries: Vec::new(),
-            payload: Vec::new(),
-            packed: Vec::new(),
-        }
-    }
-
-    fn send_run(
-        &mut self,
-        tx: &mut dyn ChannelTx,
-        ram: &Ram,
-        run: PageRun,
-        counters: &Counters,
-    ) -> Result<(), ChannelFailure> {
-        let block = ram.block(run.block).expect("the engine only names announced blocks");
-        let page_size = block.page_size() as usize;
-        debug_assert_eq!(page_size, PAGE_SIZE);
-        self.entries.clear();
-        // The buffer keeps its length between runs, so pages are read into
-        // initialised memory without zeroing it again each time.
-        let need = run.count as usize * page_size;
-        if self.payload.len() < need {
-            self.payload.resize(need, 0);
-        }
-        let mut filled = 0;
-        let mut zero = 0;
-        for page in run.first..run.first + run.count {
-            let slot = &mut self.payload[filled..filled + page_size];
-            block
-                .region()
-                .read(page as usize * page_size, slot)
-                .map_err(ChannelFailure::Memory)?;
-            let encoding = if self.zero_pages && is_zero_buf(slot) {
-                zero += 1;
-                PageEncoding::Zero
-            } else {
-                filled += page_size;
-                PageEncoding::Plain
-            };
-            PageEntry { page, encoding }.push_to(&mut self.entries);
-        }
-        let plain = &self.payload[..filled];
-        let compressed = filled > 0 && self.compression.compress(plain, &mut self.packed);
-        let batch = if compressed {
-            counters
-                .compression_saved
-                .fetch_add((filled - self.packed.len()) as u64, Ordering::Relaxed);
-            PageBatch::with_codec(
-                run.block.0,
-                run.epoch,
-                page_size as u32,
-                self.compression.codec(),
-                &self.entries,
-                &self.packed,
-            )
-        } else {
-            PageBatch::new(run.block.0, run.epoch, page_size as u32, &self.entries, plain)
-        }
-        .expect("a batch built from the engine's runs is consistent");
-        tx.send(&Message::Pages(batch))?;
-        counters
-            .ram_bytes
-            .fetch_add(run.count * page_size as u64, Ordering::Relaxed);
-        counters.zero_pages.fetch_add(zero, Ordering::Relaxed);
-        counters.plain_pages.fetch_add(run.count - zero, Ordering::Relaxed);
-        Ok(())
-    }
-}
-
-/// The return path: forwards what the destination says.
-fn spawn_reader_thread(mut rx: Box<dyn ChannelRx>) -> Receiver<Returned> {
-    let (forward, returned) = bounded(1024);
-    std::thread::Builder::new()
-        .name("migration-return-path".into())
-        .spawn(move || {
-            // The destination may be quiet for long stretches (a long pass).
-            if let Err(err) = rx.set_timeout(None) {
-                let _ = forward.send(Returned::Failed(err));
-                return;
-            }
-            loop {
-                let message = match rx.recv() {
-                    Ok(Message::Ack(ack)) => Returned::Ack(ack.epoch),
-                    Ok(Message::Ready) => Returned::Ready,
-                    Ok(Message::Resumed) => Returned::Resumed,
-                    Ok(Message::Verdict(v)) => Returned::Verdict(v),
-                    Ok(Message::Error(e)) => Returned::Error(e),
-                    Ok(other) => Returned::Unexpected(other.kind().name()),
-                    Err(err) => Returned::Failed(err),
-                };
-                let last = matches!(message, Returned::Failed(_) | Returned::Error(_) | Returned::Verdict(_));
-                if forward.send(message).is_err() || last {
-                    return;
-                }
-            }
-        })
-        .expect("spawning the return-path thread");
-    returned
 }
