@@ -589,8 +589,10 @@ impl DestRun {
                         received.fetch_add(c.bytes_received(), std::sync::atomic::Ordering::Relaxed);
                         if let Err(err) = result {
                             fail(err);
-                            // Unblock every channel still receiving.
-                            closers.iter().for_each(|close| close());
+                            // Unblock the other data channels. The main one
+                            // stays open: it may still carry the source's
+                            // reason (an abort), read below.
+                            closers.iter().skip(1).for_each(|close| close());
                         }
                     })
                     .expect("spawning a channel thread");
@@ -605,12 +607,32 @@ impl DestRun {
         });
         self.received_bytes = received.into_inner();
         let first = first_error.into_inner().unwrap_or_else(|e| e.into_inner());
-        match (main, first) {
+        let result = match (main, first) {
+            // The source's own reason wins over what its leaving broke.
+            (Err(DestError::Aborted(reason)), _) => Err(DestError::Aborted(reason)),
             (_, Some(err)) => Err(err),
             (Ok(end), None) => Ok(end),
             (Err(err), None) => Err(err),
+        };
+        match result {
+            Err(err) if !matches!(err, DestError::Aborted(_)) => Err(abort_reason(channel).unwrap_or(err)),
+            other => other,
         }
     }
+}
+
+/// After a failure on a data channel: whether the source said why on the
+/// main connection (it aborts there before closing the others). Bounded.
+fn abort_reason(channel: &mut dyn Channel) -> Option<DestError> {
+    channel.set_timeout(Some(Duration::from_millis(500))).ok()?;
+    for _ in 0..64 {
+        match channel.recv() {
+            Ok(Message::Abort(reason)) => return Some(DestError::Aborted(reason)),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 /// Keeps a copy of an error for the shared slot (errors are not `Clone`:

@@ -371,7 +371,14 @@ impl SourceRun<'_> {
                     if self.source_resumed {
                         observer(&Event::SourceResumed);
                     }
-                    let _ = link.jobs[0].try_send(Job::Control(Message::Abort(ErrorChain(&err).to_string())));
+                    // Let the abort reach the wire before the data channels
+                    // close, so the destination reports the reason rather
+                    // than a closed channel (bounded: the link may be dead).
+                    let (done, flushed) = bounded(1);
+                    let abort = Job::Control(Message::Abort(ErrorChain(&err).to_string()));
+                    if link.jobs[0].try_send(abort).is_ok() && link.jobs[0].try_send(Job::Flush(done)).is_ok() {
+                        let _ = flushed.recv_timeout(Duration::from_secs(1));
+                    }
                 }
                 // Unblock the data channels' threads; the main one still
                 // carries the abort.
