@@ -13,10 +13,13 @@ from outside (the script's own clock from the sender's "handshake done" line
 to the sender's exit, which includes hashing the frozen source RAM for the
 verification after the handover). A second baseline writes the received
 bytes into fresh memory, the cost any destination pays on this machine.
+The "QEMU:" cases run QEMU (Debian's qemu-system-x86, 7.2; install it first)
+on the same memory, in the same repetitions.
 """
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -93,6 +96,89 @@ def migrate(mem, content, channels, populated=False, compress="none"):
     }
 
 
+def qmp(path):
+    """A QMP client on a unix socket: returns a function that runs commands."""
+    sock = socket.socket(socket.AF_UNIX)
+    for _ in range(200):
+        try:
+            sock.connect(path)
+            break
+        except OSError:
+            time.sleep(0.05)
+    stream = sock.makefile("rw")
+    json.loads(stream.readline())
+
+    def run(name, **args):
+        stream.write(json.dumps({"execute": name, "arguments": args}) + "\n")
+        stream.flush()
+        while True:
+            reply = json.loads(stream.readline())
+            if "error" in reply:
+                raise RuntimeError(f"QMP {name}: {reply['error']}")
+            if "return" in reply:
+                return reply["return"]
+
+    run("qmp_capabilities")
+    return run
+
+
+def qemu_migrate(mem, content, channels, populated=False, compress="none"):
+    """The same case with QEMU (7.2 from Debian): a paused guest whose RAM
+    is a shared tmpfs file of random bytes, migrated to a second QEMU whose
+    RAM is fresh anonymous memory, or preallocated when `populated`."""
+    assert content == "random" and compress == "none", "QEMU runs the random cases only"
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    src_ram = f"/dev/shm/qemu-bench-{tag}.ram"
+    with open(src_ram, "wb") as out:
+        left = mem
+        while left:
+            n = min(left, 64 << 20)
+            out.write(os.urandom(n))
+            left -= n
+    base = ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-nodefaults", "-nographic", "-display", "none",
+            "-S", "-m", str(mem >> 20), "-machine", "memory-backend=ram"]
+    prealloc = ",prealloc=on" if populated else ""
+    src = subprocess.Popen(base + ["-object", f"memory-backend-file,id=ram,size={mem},mem-path={src_ram},share=on",
+                                   "-qmp", f"unix:/tmp/qemu-bench-{tag}-src.sock,server=on,wait=off"])
+    dst = subprocess.Popen(base + ["-object", f"memory-backend-ram,id=ram,size={mem}{prealloc}",
+                                   "-incoming", "defer",
+                                   "-qmp", f"unix:/tmp/qemu-bench-{tag}-dst.sock,server=on,wait=off"])
+    try:
+        s = qmp(f"/tmp/qemu-bench-{tag}-src.sock")
+        d = qmp(f"/tmp/qemu-bench-{tag}-dst.sock")
+        if channels > 1:
+            for side in (s, d):
+                side("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+                side("migrate-set-parameters", **{"multifd-channels": channels})
+        s("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 300})
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        d("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        started = time.monotonic()
+        s("migrate", uri=f"tcp:127.0.0.1:{port}")
+        while True:
+            info = s("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.01)
+        finished = time.monotonic()
+        if info["status"] != "completed":
+            raise RuntimeError(f"QEMU migration {info['status']}: {info}")
+        return {
+            "json": mem / (info["total-time"] / 1000.0),
+            "outside": mem / (finished - started),
+            "downtime_ms": info["downtime"],
+            "wire": info["ram"]["transferred"],
+            "setup_ms": info.get("setup-time", 0),
+        }
+    finally:
+        for proc in (src, dst):
+            proc.kill()
+            proc.wait()
+        os.unlink(src_ram)
+
+
 CASES = {
     # name: (content, populated destination, compression)
     "random": ("random", False, "none"),
@@ -100,6 +186,9 @@ CASES = {
     "random, populated destination": ("random", True, "none"),
     "zero-heavy, populated destination": ("zero-heavy", True, "none"),
     "text + lz4, populated destination": ("text", True, "lz4"),
+    # QEMU's stop-and-copy of a paused guest (its RAM is never dirtied).
+    "QEMU: random": ("qemu", False, "none"),
+    "QEMU: random, populated destination": ("qemu", True, "none"),
 }
 
 
@@ -126,7 +215,10 @@ def main():
         results["tcp-fresh"].append(baseline(mem, args.channels, fresh=True))
         for case in cases:
             content, populated, compress = CASES[case]
-            results[case].append(migrate(mem, content, args.channels, populated=populated, compress=compress))
+            if content == "qemu":
+                results[case].append(qemu_migrate(mem, "random", args.channels, populated=populated))
+            else:
+                results[case].append(migrate(mem, content, args.channels, populated=populated, compress=compress))
         print(f"rep {rep + 1}: tcp {results['tcp'][-1] / 1e9:.2f} GB/s, " + ", ".join(
             f"{case} {results[case][-1]['json'] / 1e9:.2f} GB/s" for case in cases), file=sys.stderr)
     tcp = statistics.median(results["tcp"])
