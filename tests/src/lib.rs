@@ -471,3 +471,79 @@ pub fn assert_pair_completed(send: Proc, recv: Proc) -> (Value, Value) {
     }
     (assert_completed(&send_out, "send"), assert_completed(&recv_out, "recv"))
 }
+
+/// A forwarding proxy on loopback, outside the product, that cuts one of
+/// the connections through it after a number of bytes from the client:
+/// connection `cut_connection` (0 is the first accepted) is shut down both
+/// ways once `cut_after` bytes went through it towards the server.
+#[derive(Debug)]
+pub struct CutProxy {
+    pub addr: SocketAddr,
+    /// Becomes true once the cut happened.
+    pub cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CutProxy {
+    pub fn start(server: SocketAddr, cut_connection: usize, cut_after: u64) -> Self {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        let addr = listener.local_addr().expect("proxy addr");
+        let cut = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&cut);
+        std::thread::spawn(move || {
+            for (index, client) in listener.incoming().enumerate() {
+                let Ok(client) = client else { return };
+                let Ok(upstream) = TcpStream::connect(server) else {
+                    return;
+                };
+                let limit = (index == cut_connection).then_some(cut_after);
+                let flag = Arc::clone(&flag);
+                // Client to server, counting and maybe cutting.
+                let (mut from, mut to) = (client.try_clone().expect("clone"), upstream.try_clone().expect("clone"));
+                let (c2, u2) = (client.try_clone().expect("clone"), upstream.try_clone().expect("clone"));
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut total = 0u64;
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if let Some(limit) = limit
+                            && total + n as u64 >= limit
+                        {
+                            flag.store(true, Ordering::SeqCst);
+                            let _ = c2.shutdown(Shutdown::Both);
+                            let _ = u2.shutdown(Shutdown::Both);
+                            return;
+                        }
+                        total += n as u64;
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+                // Server to client, as is.
+                let (mut from, mut to) = (upstream, client);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+}

@@ -5,7 +5,9 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
-use migration_tests::{MIGRATION_WAIT, WAIT, assert_pair_completed, error_text, field, lock, spawn_recv, spawn_send};
+use migration_tests::{
+    MIGRATION_WAIT, WAIT, assert_pair_completed, error_text, field, lock, num, spawn_recv, spawn_send,
+};
 use migration_wire::frame::decode_frame;
 use migration_wire::{
     Block, BlockList, ChannelHello, ErrorCode, Features, Hello, Message, PROTOCOL_VERSION, SessionId,
@@ -186,4 +188,37 @@ fn one_channel_still_works() {
     );
     let (send_json, _) = assert_pair_completed(send, recv);
     assert_eq!(field(&send_json, "channels"), 1, "{send_json:#}");
+}
+
+#[test]
+fn one_channel_dropping_fails_cleanly_and_the_source_runs_on() {
+    let _lock = lock();
+    let (recv, addr) = spawn_recv(&["--json"]);
+    // Connection 1 is the first extra channel: cut it 2 MiB into the bulk pass.
+    let proxy = migration_tests::CutProxy::start(addr, 1, 2 << 20);
+    let send = spawn_send(
+        proxy.addr,
+        &[
+            "--mem-size",
+            "64M",
+            "--dirty-rate",
+            "16M",
+            "--max-bandwidth",
+            "16M",
+            "--channels",
+            "2",
+            "--json",
+        ],
+    );
+    let out = send.wait(MIGRATION_WAIT);
+    assert!(
+        proxy.cut.load(std::sync::atomic::Ordering::SeqCst),
+        "the proxy cut the channel"
+    );
+    let json = migration_tests::assert_send_failed_resumed(&out);
+    assert!(num(&json, "writes_after_resume") > 0, "the guest runs on: {json:#}");
+    let recv_out = recv.wait(MIGRATION_WAIT);
+    assert_eq!(recv_out.code, Some(1), "{}", recv_out.describe());
+    let recv_json = recv_out.json();
+    assert_eq!(field(&recv_json, "status"), "failed", "{recv_json:#}");
 }
