@@ -9,12 +9,11 @@
 
 use crate::ram::Ram;
 use migration_sys::SysError;
-use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+use xxhash_rust::xxh3::Xxh3;
 
-/// Hash of one page's bytes.
-pub fn page_hash(bytes: &[u8]) -> u64 {
-    xxh3_64(bytes)
-}
+/// Hash of one page's bytes: the wire's, so hashes a transport took while
+/// checking a frame serve the digest comparison too.
+pub use migration_wire::page::page_hash;
 
 /// The digest of a block from its page hashes.
 pub fn block_digest(page_hashes: &[u64]) -> u64 {

@@ -168,8 +168,17 @@ impl FrameHeader {
         out
     }
 
-    /// Checks `body` against the header's checksum.
+    /// Checks `body` against the header's checksum, whatever the kind.
     pub fn verify(&self, body: &[u8]) -> Result<(), WireError> {
+        if self.kind == MessageKind::Pages {
+            return crate::page::verify_pages(self, body, &mut Vec::new());
+        }
+        self.verify_plain(body)
+    }
+
+    /// Checks `body` against the header's checksum as xxh3-64 of the body
+    /// (every kind but a pages frame sent as is).
+    fn verify_plain(&self, body: &[u8]) -> Result<(), WireError> {
         let actual = checksum(&[body]);
         if actual == self.checksum {
             Ok(())
@@ -295,7 +304,10 @@ impl<'a> Message<'a> {
         let header = FrameHeader {
             kind: self.kind(),
             len: body.len() as u32,
-            checksum: checksum(&[body]),
+            checksum: match self {
+                Message::Pages(batch) => batch.frame_checksum(),
+                _ => checksum(&[body]),
+            },
         };
         out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header.encode());
     }

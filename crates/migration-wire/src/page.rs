@@ -15,11 +15,17 @@
 //! +---------------------------+  `none`, those bytes compressed as one block
 //! ```
 //!
-//! The frame header's checksum covers all of it.
+//! The frame header's checksum covers all of it. For a batch sent as is
+//! ([`Codec::None`]) the checksum is xxh3-64 over the batch header and entry
+//! table followed by the little-endian xxh3-64 of every plain page, so the
+//! receiver hashes each page once and keeps the hash (the destination
+//! needs it anyway, to compare digests); a compressed batch's checksum is
+//! xxh3-64 of its whole body, like any other frame.
 
 use crate::codec::{Reader, cap, put, reserved_zero};
 use crate::handshake::{MAX_PAGE_SIZE, MIN_PAGE_SIZE};
 use crate::{MAX_FRAME_BODY, WireError};
+use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -123,7 +129,7 @@ impl PageEntry {
 
 /// A batch of pages of one block, borrowed from a decode buffer or from the
 /// sender's buffers. Page indices strictly increase within a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Eq)]
 pub struct PageBatch<'a> {
     /// Index of the block in the block list.
     pub block: u32,
@@ -134,6 +140,22 @@ pub struct PageBatch<'a> {
     codec: Codec,
     entries: &'a [u8],
     payload: &'a [u8],
+    /// xxh3-64 of every plain page, when known (computed by the sender, or
+    /// verified by the receiving transport).
+    hashes: Option<&'a [u64]>,
+}
+
+/// Two batches are equal when they carry the same pages; attached hashes
+/// are derived data and do not count.
+impl PartialEq for PageBatch<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.block == other.block
+            && self.epoch == other.epoch
+            && self.page_size == other.page_size
+            && self.codec == other.codec
+            && self.entries == other.entries
+            && self.payload == other.payload
+    }
 }
 
 impl<'a> PageBatch<'a> {
@@ -170,6 +192,7 @@ impl<'a> PageBatch<'a> {
             codec,
             entries,
             payload,
+            hashes: None,
         };
         batch.validate()?;
         Ok(batch)
@@ -245,6 +268,39 @@ impl<'a> PageBatch<'a> {
         })
     }
 
+    /// The same batch with the xxh3-64 of each plain page attached, in
+    /// order (a batch sent as is only; the count must match).
+    pub fn with_hashes(mut self, hashes: &'a [u64]) -> Self {
+        debug_assert_eq!(self.codec, Codec::None);
+        debug_assert_eq!(hashes.len() * self.page_size as usize, self.payload.len());
+        self.hashes = Some(hashes);
+        self
+    }
+
+    /// The xxh3-64 of each plain page, when attached.
+    pub fn page_hashes(&self) -> Option<&'a [u64]> {
+        self.hashes
+    }
+
+    /// The checksum its frame header carries (see the module docs).
+    pub fn frame_checksum(&self) -> u64 {
+        let mut head = Vec::with_capacity(self.payload_offset());
+        self.encode_head(&mut head);
+        if self.codec != Codec::None {
+            return crate::frame::checksum(&[&head, self.payload]);
+        }
+        let mut hasher = Xxh3::new();
+        hasher.update(&head);
+        match self.hashes {
+            Some(hashes) => hashes.iter().for_each(|h| hasher.update(&h.to_le_bytes())),
+            None => self
+                .payload
+                .chunks_exact(self.page_size as usize)
+                .for_each(|page| hasher.update(&page_hash(page).to_le_bytes())),
+        }
+        hasher.digest()
+    }
+
     /// How the plain pages' bytes travel.
     pub fn codec(&self) -> Codec {
         self.codec
@@ -313,5 +369,42 @@ impl<'a> PageBatch<'a> {
             entries,
             payload,
         )
+    }
+}
+
+/// The hash of one page's bytes (xxh3-64): what a pages frame's checksum
+/// is built from, and what the destination keeps to compare digests.
+pub fn page_hash(bytes: &[u8]) -> u64 {
+    xxh3_64(bytes)
+}
+
+/// Checks a pages frame against its header's checksum (see the module
+/// docs). For a batch sent as is, `hashes` is left holding the xxh3-64 of
+/// every plain page, in order, for [`PageBatch::with_hashes`]; it is
+/// cleared otherwise.
+pub fn verify_pages(header: &crate::FrameHeader, body: &[u8], hashes: &mut Vec<u64>) -> Result<(), WireError> {
+    hashes.clear();
+    let batch = PageBatch::decode(body)?;
+    let actual = if batch.codec == Codec::None {
+        let mut hasher = Xxh3::new();
+        hasher.update(&body[..batch.payload_offset()]);
+        for page in batch.payload.chunks_exact(batch.page_size as usize) {
+            let hash = page_hash(page);
+            hasher.update(&hash.to_le_bytes());
+            hashes.push(hash);
+        }
+        hasher.digest()
+    } else {
+        crate::frame::checksum(&[body])
+    };
+    if actual == header.checksum {
+        Ok(())
+    } else {
+        hashes.clear();
+        Err(WireError::Checksum {
+            kind: header.kind.name(),
+            expected: header.checksum,
+            actual,
+        })
     }
 }

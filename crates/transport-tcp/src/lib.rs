@@ -191,7 +191,7 @@ impl ChannelTx for TcpTx {
                 let header = FrameHeader {
                     kind: MessageKind::Pages,
                     len: batch.body_len() as u32,
-                    checksum: migration_wire::frame::checksum(&[&body_head, batch.payload()]),
+                    checksum: batch.frame_checksum(),
                 };
                 self.head.extend_from_slice(&header.encode());
                 self.head.extend_from_slice(&body_head);
@@ -239,6 +239,8 @@ fn write_all_vectored(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> i
 pub struct TcpRx {
     stream: TcpStream,
     uring: Option<UringSocket>,
+    /// The page hashes of the last pages frame, verified.
+    hashes: Vec<u64>,
     body: Vec<u8>,
     received: u64,
     timeout: Option<Duration>,
@@ -291,6 +293,14 @@ impl ChannelRx for TcpRx {
         }
         self.read_exact(header.kind.name(), false, len)?;
         let body = &self.body[..len];
+        if header.kind == MessageKind::Pages {
+            // Hashes every page once; the hashes travel with the batch.
+            migration_wire::page::verify_pages(&header, body, &mut self.hashes)?;
+            return Ok(match Message::decode_body(header.kind, body)? {
+                Message::Pages(batch) if !self.hashes.is_empty() => Message::Pages(batch.with_hashes(&self.hashes)),
+                other => other,
+            });
+        }
         header.verify(body)?;
         Ok(Message::decode_body(header.kind, body)?)
     }
@@ -347,6 +357,7 @@ impl TcpChannel {
             },
             rx: TcpRx {
                 uring: recv_ring,
+                hashes: Vec::new(),
                 stream: reader,
                 body: Vec::new(),
                 received: 0,
@@ -469,7 +480,17 @@ mod tests {
         a.send(&Message::Pages(batch.clone())).expect("send");
         a.send(&Message::SyncMarker(SyncMarker { epoch: 3, pages: 2 }))
             .expect("send");
-        assert_eq!(b.recv().expect("recv"), Message::Pages(batch));
+        match b.recv().expect("recv") {
+            Message::Pages(got) => {
+                assert_eq!(got, batch);
+                // The receiver hashed the plain page while checking the frame.
+                assert_eq!(
+                    got.page_hashes(),
+                    Some(&[migration_wire::page::page_hash(&payload)][..])
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             b.recv().expect("recv"),
             Message::SyncMarker(SyncMarker { epoch: 3, pages: 2 })

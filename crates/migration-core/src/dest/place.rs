@@ -229,6 +229,8 @@ impl Placer {
         };
         let mut data_at = 0usize;
         let (mut zero, mut plain) = (0, 0);
+        // The transport hashed each page when it checked the frame.
+        let known = batch.page_hashes();
         for entry in batch.entries().flatten() {
             let hash = match entry.encoding {
                 PageEncoding::Plain => {
@@ -236,8 +238,9 @@ impl Placer {
                     placement.push_plain(entry.page, data_at);
                     data_at += page_size;
                     self.zeroed[index].test_and_clear(entry.page);
+                    let hash = known.and_then(|h| h.get(plain as usize).copied());
                     plain += 1;
-                    page_hash(bytes)
+                    hash.unwrap_or_else(|| page_hash(bytes))
                 }
                 PageEncoding::Zero => {
                     if !self.zeroed[index].get(entry.page) {

@@ -100,6 +100,9 @@ pub(super) struct PageEncoder {
     entries: Vec<u8>,
     payload: Vec<u8>,
     packed: Vec<u8>,
+    /// xxh3-64 of each plain page, taken while it is in cache: the frame
+    /// checksum of a batch sent as is is built from them.
+    hashes: Vec<u64>,
 }
 
 impl PageEncoder {
@@ -110,6 +113,7 @@ impl PageEncoder {
             entries: Vec::new(),
             payload: Vec::new(),
             packed: Vec::new(),
+            hashes: Vec::new(),
         }
     }
 
@@ -124,6 +128,7 @@ impl PageEncoder {
         let page_size = block.page_size() as usize;
         debug_assert_eq!(page_size, PAGE_SIZE);
         self.entries.clear();
+        self.hashes.clear();
         // The buffer keeps its length between runs, so pages are read into
         // initialised memory without zeroing it again each time.
         let need = run.count as usize * page_size;
@@ -142,6 +147,9 @@ impl PageEncoder {
                 zero += 1;
                 PageEncoding::Zero
             } else {
+                if self.compression == Compression::None {
+                    self.hashes.push(migration_wire::page::page_hash(slot));
+                }
                 filled += page_size;
                 PageEncoding::Plain
             };
@@ -162,7 +170,13 @@ impl PageEncoder {
                 &self.packed,
             )
         } else {
-            PageBatch::new(run.block.0, run.epoch, page_size as u32, &self.entries, plain)
+            PageBatch::new(run.block.0, run.epoch, page_size as u32, &self.entries, plain).map(|batch| {
+                if self.hashes.len() * page_size == filled {
+                    batch.with_hashes(&self.hashes)
+                } else {
+                    batch
+                }
+            })
         }
         .expect("a batch built from the engine's runs is consistent");
         tx.send(&Message::Pages(batch))?;
