@@ -1,8 +1,10 @@
 //! Wire formats of the live-migration stream.
 //!
 //! Everything that crosses a connection between a source and a destination is
-//! a *frame*: a 16-byte header (body length, message kind, checksum of the
-//! body) followed by the body. This crate encodes and decodes frames and
+//! a *frame*: a 16-byte header (body length, message kind, xxh3-64 checksum
+//! of the body; for a page batch sent as is, of its header and the hash of
+//! each page, see [`page`]) followed by the body. This crate encodes and
+//! decodes frames and
 //! nothing else: no I/O, no threads, no `unsafe`. Encoding cannot fail;
 //! every decoder is total: any bytes give `Ok` or a [`WireError`], never a
 //! panic, and every count and length is capped before it is used.
