@@ -6,7 +6,7 @@ as a ratio to raw single-stream TCP (1 MiB writes) measured in the same run.
 
 Each repetition runs the baselines, then a random-content guest, a zero-heavy
 guest (half its pages zero), and a random guest into a destination whose RAM
-is already populated (a tmpfs file with every page allocated), interleaved so
+is allocated before the migration (`recv --prealloc`), interleaved so
 drift in the machine's speed hits all cases alike. Figures are medians. Migration rates come from
 the JSON report (guest RAM / total_ms, first handshake byte to handover) and
 from outside (the script's own clock from the sender's "handshake done" line
@@ -61,14 +61,10 @@ IO = ["--io", "uring"]
 
 def migrate(mem, content, channels, populated=False, compress="none"):
     extra = []
-    path = f"/dev/shm/precopy-bench-{os.getpid()}.ram"
     if populated:
-        # A destination whose RAM is already populated (a tmpfs file with
-        # every page allocated), as when a VMM prepared it ahead.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.posix_fallocate(fd, 0, mem)
-        os.close(fd)
-        extra = ["--mem-file", path]
+        # A destination whose RAM is allocated before the migration, as when
+        # a VMM preallocates guest memory (QEMU's prealloc=on).
+        extra = ["--prealloc", str(mem)]
     recv, addr = listen([CLI, "recv", "--listen", "127.0.0.1:0", "--json", "--quiet", "--run-for", "0s"] + extra + IO)
     send = subprocess.Popen(
         [CLI, "send", "--to", addr, "--mem-size", str(mem), "--content", content, "--json",
@@ -83,8 +79,6 @@ def migrate(mem, content, channels, populated=False, compress="none"):
     finished = time.monotonic()
     recv_out, _ = recv.communicate(timeout=300)
     received = json.loads(recv_out.strip().splitlines()[-1])
-    if populated:
-        os.unlink(path)
     if sent["status"] != "completed" or not sent["verified"] or not received["verified"]:
         raise RuntimeError(f"migration failed: {sent} {received}")
     return {

@@ -154,3 +154,22 @@ fn mem_file_on_both_sides_ends_byte_equal() {
         );
     }
 }
+
+#[test]
+fn preallocated_destination_receives_a_guest_of_its_size_and_refuses_others() {
+    let _lock = lock();
+    let (mut recv, addr) = migration_tests::spawn_recv(&["--prealloc", "32M", "--json"]);
+    // A guest of another size is refused, and the receiver keeps waiting.
+    let wrong = migration_tests::spawn_send(addr, &["--mem-size", "16M", "--json"]);
+    let out = wrong.wait(migration_tests::MIGRATION_WAIT);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    let json = out.json();
+    assert!(
+        migration_tests::error_text(&json).contains("prealloc"),
+        "the refusal names --prealloc: {json:#}"
+    );
+    recv.wait_stderr_prefix("refused connection from ");
+    let send = migration_tests::spawn_send(addr, &["--mem-size", "32M", "--dirty-rate", "8M", "--json"]);
+    let (_send_json, recv_json) = migration_tests::assert_pair_completed(send, recv);
+    assert_eq!(migration_tests::num(&recv_json, "ram_bytes"), 32 << 20, "{recv_json:#}");
+}

@@ -99,10 +99,63 @@ pub fn source_file(path: &Path) -> Result<GuestMemory> {
     map_file(&file, path, &layout)
 }
 
-/// The destination's RAM for an announced block list, in a file (created or
-/// resized to fit) or in anonymous memory.
-pub fn destination(blocks: &BlockList, mem_file: Option<&Path>) -> Result<GuestMemory> {
+/// Shared memory of a given size, every page allocated ahead of a
+/// migration (as a VMM that preallocates guest RAM at start): an unlinked
+/// file in /dev/shm, populated on two threads.
+pub struct Preallocated {
+    file: File,
+    size: u64,
+}
+
+impl Preallocated {
+    pub fn new(size: u64) -> Result<Self> {
+        let path = std::path::PathBuf::from(format!("/dev/shm/migrate-prealloc-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        std::fs::remove_file(&path)?;
+        let len = usize::try_from(size)?;
+        file.set_len(size)?;
+        let whole = GuestRegion::shared_file(&file, len).context("mapping preallocated memory")?;
+        let half = (len / 2).next_multiple_of(PAGE_SIZE).min(len);
+        std::thread::scope(|scope| -> Result<()> {
+            let second = scope.spawn(|| whole.populate_write(half, len - half));
+            whole.populate_write(0, half)?;
+            second.join().expect("populating thread")?;
+            Ok(())
+        })
+        .context("populating preallocated memory")?;
+        Ok(Self { file, size })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// The destination's RAM for an announced block list: in preallocated
+/// memory, in a file (created or resized to fit), or in fresh shared memory.
+pub fn destination(
+    blocks: &BlockList,
+    mem_file: Option<&Path>,
+    prealloc: Option<&Preallocated>,
+) -> Result<GuestMemory> {
     let layout: Vec<(String, u64)> = blocks.blocks.iter().map(|b| (b.name.clone(), b.length)).collect();
+    if let Some(memory) = prealloc {
+        anyhow::ensure!(
+            blocks.total_bytes() == memory.size,
+            "source RAM of {} bytes, this destination preallocated {} (--prealloc)",
+            blocks.total_bytes(),
+            memory.size
+        );
+        let mut mapped = map_file(&memory.file, Path::new("preallocated memory"), &layout)?;
+        // Fresh: every page reads as zero.
+        mapped.fresh = FreshMemory::Zeroed;
+        return Ok(mapped);
+    }
     let Some(path) = mem_file else {
         return shared_anonymous(&layout);
     };

@@ -22,6 +22,11 @@ pub struct RecvArgs {
     /// migrated RAM afterwards.
     #[arg(long)]
     pub mem_file: Option<PathBuf>,
+    /// Allocate this much guest RAM (e.g. 2G) before listening, as a VMM
+    /// that preallocates its memory; a source whose RAM is another size is
+    /// refused.
+    #[arg(long, value_parser = parse_size, conflicts_with = "mem_file")]
+    pub prealloc: Option<u64>,
     /// Largest guest RAM accepted (e.g. 8G; default: this host's memory).
     #[arg(long, value_parser = parse_size)]
     pub max_mem: Option<u64>,
@@ -79,6 +84,11 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
         io_uring: args.io == "uring",
         ..TcpOptions::default()
     };
+    let prealloc = args
+        .prealloc
+        .map(memory::Preallocated::new)
+        .transpose()
+        .context("preallocating guest RAM (--prealloc)")?;
     let listener = TcpListener::bind(&args.listen, tcp).with_context(|| format!("listening on {}", args.listen))?;
     eprintln!("listening on {}", listener.local_addr()?);
 
@@ -94,13 +104,24 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
         };
         let peer = migration_core::Channel::peer(&channel);
         match dest::accept(Box::new(channel), &options) {
-            Ok(incoming) => break incoming,
+            Ok(incoming) => match &prealloc {
+                Some(memory) if incoming.blocks().total_bytes() != memory.size() => {
+                    let reason = format!(
+                        "source RAM of {} bytes, this destination preallocated {} (--prealloc)",
+                        incoming.blocks().total_bytes(),
+                        memory.size()
+                    );
+                    incoming.refuse(ErrorCode::Limit, &reason);
+                    eprintln!("refused connection from {peer}: {reason}");
+                }
+                _ => break incoming,
+            },
             Err(err) => eprintln!("refused connection from {peer}: {}", crate::chain(&err.into())),
         }
     };
 
     let setup_start = Instant::now();
-    let memory = match memory::destination(incoming.blocks(), args.mem_file.as_deref()) {
+    let memory = match memory::destination(incoming.blocks(), args.mem_file.as_deref(), prealloc.as_ref()) {
         Ok(memory) => memory,
         Err(err) => {
             incoming.refuse(
