@@ -192,6 +192,9 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--io", choices=["uring", "plain"], default="uring")
+    parser.add_argument("--cold", type=float, default=0.0,
+                        help="seconds to wait before each case, so memory freed by the previous one "
+                             "has gone back to the host (fresh memory is then host-cold)")
     parser.add_argument("--cases", default="random;zero-heavy;random, populated destination",
                         help="names separated by ';', from: " + "; ".join(CASES))
     args = parser.parse_args()
@@ -208,6 +211,7 @@ def main():
         results["tcp"].append(baseline(mem, args.channels))
         results["tcp-fresh"].append(baseline(mem, args.channels, fresh=True))
         for case in cases:
+            time.sleep(args.cold)
             content, populated, compress = CASES[case]
             if content == "qemu":
                 results[case].append(qemu_migrate(mem, "random", args.channels, populated=populated))
