@@ -383,6 +383,7 @@ pub fn run_destination(
     options: &DestOptions,
     observer: &mut dyn FnMut(&Event),
 ) -> Result<DestReport, Box<DestFailure>> {
+    let agreed_codecs = incoming.hello.features.intersect(options.compression);
     let gathered = gather_channels(&mut incoming, ram, accept, observer);
     let Incoming {
         mut channel,
@@ -403,6 +404,7 @@ pub fn run_destination(
         barrier: EpochBarrier::new(1 + extra.len()),
         prefault: Prefault::start(ram),
         io_timeout: options.io_timeout,
+        codecs: agreed_codecs,
     };
     let result = match (gathered, extra.into_iter().collect::<Option<Vec<_>>>()) {
         (Err(err), _) => Err(err),
@@ -599,24 +601,38 @@ impl DestRun {
             }
             let progress = ProgressTicker::new(options.progress_interval);
             let result = progress.around(observer, shared, self.started, || receive::receive(0, channel, shared));
-            if let Err(err) = &result {
-                fail(clone_for_report(err));
+            if result.is_err() {
+                // Main's own error is returned as it is (below); the slot
+                // holds only what a data channel hit first.
+                shared.barrier.fail();
                 closers.iter().skip(1).for_each(|close| close());
             }
             result
         });
         self.received_bytes = received.into_inner();
         let first = first_error.into_inner().unwrap_or_else(|e| e.into_inner());
-        let result = match (main, first) {
-            // The source's own reason wins over what its leaving broke.
-            (Err(DestError::Aborted(reason)), _) => Err(DestError::Aborted(reason)),
-            (_, Some(err)) => Err(err),
-            (Ok(end), None) => Ok(end),
-            (Err(err), None) => Err(err),
+        // A fault found here (a corrupt frame, a full disk, a broken
+        // protocol) is the cause; a closed or reset channel may only be the
+        // source leaving, whose abort then says why.
+        let is_consequence = |err: &DestError| {
+            matches!(
+                err,
+                DestError::OtherChannelFailed
+                    | DestError::Transport(TransportError::Closed | TransportError::Io { .. })
+                    | DestError::OnChannel {
+                        source: TransportError::Closed | TransportError::Io { .. },
+                        ..
+                    }
+            )
         };
-        match result {
-            Err(err) if !matches!(err, DestError::Aborted(_)) => Err(abort_reason(channel).unwrap_or(err)),
-            other => other,
+        match (main, first) {
+            (Ok(end), None) => Ok(end),
+            (_, Some(err)) if !is_consequence(&err) => Err(err),
+            (Err(err), _) if !is_consequence(&err) => Err(err),
+            (main, first) => {
+                let err = first.or(main.err()).unwrap_or(DestError::OtherChannelFailed);
+                Err(abort_reason(channel).unwrap_or(err))
+            }
         }
     }
 }
@@ -633,15 +649,6 @@ fn abort_reason(channel: &mut dyn Channel) -> Option<DestError> {
         }
     }
     None
-}
-
-/// Keeps a copy of an error for the shared slot (errors are not `Clone`:
-/// the copy carries the message).
-fn clone_for_report(err: &DestError) -> DestError {
-    match err {
-        DestError::OtherChannelFailed => DestError::OtherChannelFailed,
-        other => DestError::Protocol(ErrorChain(other).to_string()),
-    }
 }
 
 /// Emits progress events from a ticker thread while the main channel

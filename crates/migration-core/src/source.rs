@@ -209,6 +209,7 @@ pub fn run_source(
         early: std::collections::VecDeque::new(),
         acked: None,
         zero_pages: true,
+        abandon: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     };
     let result = run.run(channel, connect, vm, dirty_log, observer);
     let stats = run.stats();
@@ -267,6 +268,8 @@ struct SourceRun<'a> {
     acked: Option<u64>,
     /// Whether zero pages may travel as a flag (agreed in the handshake).
     zero_pages: bool,
+    /// Set on failure: channel threads drop the page jobs still queued.
+    abandon: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SourceRun<'_> {
@@ -345,6 +348,7 @@ impl SourceRun<'_> {
                 index,
                 tx,
                 self.ram.clone(),
+                Arc::clone(&self.abandon),
                 Arc::clone(&self.counters[index]),
                 PageEncoder::new(self.zero_pages, self.options.compression),
             );
@@ -374,10 +378,15 @@ impl SourceRun<'_> {
                     // Let the abort reach the wire before the data channels
                     // close, so the destination reports the reason rather
                     // than a closed channel (bounded: the link may be dead).
+                    // Queued pages are dropped, not sent: the guest runs again.
+                    self.abandon.store(true, Ordering::Release);
                     let (done, flushed) = bounded(1);
                     let abort = Job::Control(Message::Abort(ErrorChain(&err).to_string()));
-                    if link.jobs[0].try_send(abort).is_ok() && link.jobs[0].try_send(Job::Flush(done)).is_ok() {
-                        let _ = flushed.recv_timeout(Duration::from_secs(1));
+                    let wait = Duration::from_secs(1);
+                    if link.jobs[0].send_timeout(abort, wait).is_ok()
+                        && link.jobs[0].send_timeout(Job::Flush(done), wait).is_ok()
+                    {
+                        let _ = flushed.recv_timeout(wait);
                     }
                 }
                 // Unblock the data channels' threads; the main one still
@@ -391,6 +400,10 @@ impl SourceRun<'_> {
         let mut panicked = false;
         for thread in threads {
             panicked |= thread.join().is_err();
+        }
+        // The main connection last: that also ends the return-path reader.
+        if let Some(close) = closers.first() {
+            close();
         }
         drop(closers);
         if panicked {

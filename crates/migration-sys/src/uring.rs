@@ -21,7 +21,9 @@ const TIMEOUT: u64 = 2;
 
 /// A socket driven through a ring of its own.
 pub struct UringSocket {
-    ring: IoUring,
+    /// `None` after a ring had to be dropped with entries the kernel never
+    /// took and no new one could be made: every call then fails.
+    ring: Option<IoUring>,
     fd: OwnedFd,
     timeout: Option<Duration>,
 }
@@ -42,7 +44,7 @@ impl UringSocket {
         let ring = IoUring::new(4)?;
         let fd = socket.as_fd().try_clone_to_owned()?;
         Ok(Self {
-            ring,
+            ring: Some(ring),
             fd,
             timeout: None,
         })
@@ -63,8 +65,11 @@ impl UringSocket {
     unsafe fn run(&mut self, entry: squeue::Entry) -> io::Result<usize> {
         let timespec = self.timeout.map(types::Timespec::from);
         let mut expected = 1;
+        let Some(ring) = self.ring.as_mut() else {
+            return Err(io::Error::other("io_uring ring lost after an earlier failure"));
+        };
         {
-            let mut sq = self.ring.submission();
+            let mut sq = ring.submission();
             let entry = entry.user_data(OP);
             // SAFETY: the caller keeps the buffers valid until we return, and
             // we return only after the kernel completed this entry (below).
@@ -88,19 +93,21 @@ impl UringSocket {
         let mut result = None;
         let mut seen = 0;
         while seen < expected {
-            match self.ring.submit_and_wait(expected - seen) {
+            match ring.submit_and_wait(expected - seen) {
                 Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => continue,
-                Err(e) if self.unsubmitted() => {
+                Err(e) if !ring.submission().is_empty() && !matches!(e.raw_os_error(), Some(libc::EINTR)) => {
                     // The kernel never took the entries, so it never saw the
-                    // buffers: drop the ring with them and report.
-                    self.ring = IoUring::new(4)?;
+                    // buffers: drop the ring with them before anything else
+                    // (so no later call can submit them), then try a new one.
+                    self.ring = None;
+                    self.ring = IoUring::new(4).ok();
                     return Err(e);
                 }
-                // Taken and in flight: keep waiting for the completions.
+                // Interrupted, or taken and in flight: keep waiting for the
+                // completions, which the kernel always delivers.
                 Err(_) => continue,
             }
-            for cqe in self.ring.completion() {
+            for cqe in ring.completion() {
                 seen += 1;
                 if cqe.user_data() == OP {
                     result = Some(cqe.result());
@@ -116,12 +123,6 @@ impl UringSocket {
             Some(n) => Err(io::Error::from_raw_os_error(-n)),
             None => Err(io::Error::other("io_uring lost a completion")),
         }
-    }
-
-    /// Whether entries wait in the submission queue, not yet taken by the
-    /// kernel.
-    fn unsubmitted(&mut self) -> bool {
-        !self.ring.submission().is_empty()
     }
 
     /// Sends every byte of `parts`, in order, resuming short sends.

@@ -41,7 +41,7 @@ impl EpochBarrier {
 
     /// Reports that this channel placed every page of `epoch`, and waits
     /// (at most `timeout`) until every channel did.
-    pub(crate) fn arrive(&self, epoch: u64, timeout: Duration) -> Result<(), DestError> {
+    pub(crate) fn arrive(&self, epoch: u64, timeout: Duration, progress: &dyn Fn() -> u64) -> Result<(), DestError> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.failed {
             return Err(DestError::OtherChannelFailed);
@@ -59,11 +59,21 @@ impl EpochBarrier {
             self.moved.notify_all();
             return Ok(());
         }
-        let deadline = Instant::now() + timeout;
+        // Wait as long as the other channels make progress; only a
+        // `timeout` without any is a failure (theirs, mostly, which their own
+        // receive timeouts report first).
+        let mut deadline = Instant::now() + timeout;
+        let mut seen = progress();
         while state.epoch == epoch && !state.failed {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(DestError::Transport(TransportError::TimedOut(timeout)));
+                let now = progress();
+                if now == seen {
+                    return Err(DestError::Transport(TransportError::TimedOut(timeout)));
+                }
+                seen = now;
+                deadline = Instant::now() + timeout;
+                continue;
             }
             state = self
                 .moved
@@ -91,6 +101,8 @@ pub(crate) struct Shared {
     pub(crate) barrier: EpochBarrier,
     pub(crate) prefault: Prefault,
     pub(crate) io_timeout: Duration,
+    /// Compression codecs agreed in the handshake.
+    pub(crate) codecs: migration_wire::Features,
 }
 
 /// How a channel's stream ended.
@@ -124,6 +136,17 @@ pub(crate) fn receive(index: usize, channel: &mut dyn Channel, shared: &Shared) 
                         batch.epoch
                     )));
                 }
+                let agreed = match batch.codec() {
+                    migration_wire::Codec::None => true,
+                    migration_wire::Codec::Lz4 => shared.codecs.contains(migration_wire::Features::LZ4),
+                    migration_wire::Codec::Zstd => shared.codecs.contains(migration_wire::Features::ZSTD),
+                };
+                if !agreed {
+                    return Err(DestError::Protocol(format!(
+                        "channel {index}: a {:?} batch, a codec the handshake did not agree",
+                        batch.codec()
+                    )));
+                }
                 placement = Some(shared.placer.plan(&batch)?);
                 pages_in_epoch += batch.len() as u64;
                 shared.prefault.advance(shared.placer.placed_bytes());
@@ -144,7 +167,9 @@ pub(crate) fn receive(index: usize, channel: &mut dyn Channel, shared: &Shared) 
                 // This channel's share of the epoch is in guest RAM; wait
                 // for the others before taking pages of the next epoch.
                 worker.flush()?;
-                shared.barrier.arrive(epoch, shared.io_timeout)?;
+                shared
+                    .barrier
+                    .arrive(epoch, shared.io_timeout, &|| shared.placer.placed_bytes())?;
                 if index == 0 {
                     ack = Some(Ack {
                         epoch,
@@ -202,26 +227,49 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let other = Arc::clone(&barrier);
         let waiter = std::thread::spawn(move || {
-            let result = other.arrive(0, Duration::from_secs(30));
+            let result = other.arrive(0, Duration::from_secs(30), &|| 0);
             tx.send(()).expect("send");
             result
         });
         // The first arrival waits: nothing is released yet.
         assert!(rx.recv_timeout(Duration::from_millis(20)).is_err());
         barrier
-            .arrive(0, Duration::from_secs(30))
+            .arrive(0, Duration::from_secs(30), &|| 0)
             .expect("second arrival releases");
         rx.recv_timeout(Duration::from_secs(30)).expect("released");
         waiter.join().expect("join").expect("ok");
         // The next epoch works the same way, and a wrong epoch is an error.
-        assert!(barrier.arrive(0, Duration::from_secs(1)).is_err());
+        assert!(barrier.arrive(0, Duration::from_secs(1), &|| 0).is_err());
+    }
+
+    #[test]
+    fn a_waiting_channel_waits_on_while_the_others_make_progress() {
+        let barrier = EpochBarrier::new(2);
+        let ticks = std::sync::atomic::AtomicU64::new(0);
+        // Progress for the first few checks, then none: the wait outlasts
+        // several timeouts, then ends.
+        let progress = || {
+            let n = ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            n.min(4)
+        };
+        let err = barrier
+            .arrive(0, Duration::from_millis(5), &progress)
+            .expect_err("no progress at last");
+        assert!(
+            matches!(err, DestError::Transport(TransportError::TimedOut(_))),
+            "{err}"
+        );
+        assert!(
+            ticks.load(std::sync::atomic::Ordering::Relaxed) >= 5,
+            "waited through the progress"
+        );
     }
 
     #[test]
     fn failure_wakes_waiters_and_timeouts_are_bounded() {
         let barrier = Arc::new(EpochBarrier::new(3));
         let other = Arc::clone(&barrier);
-        let waiter = std::thread::spawn(move || other.arrive(0, Duration::from_secs(30)));
+        let waiter = std::thread::spawn(move || other.arrive(0, Duration::from_secs(30), &|| 0));
         barrier.fail();
         assert!(matches!(
             waiter.join().expect("join"),
@@ -229,7 +277,7 @@ mod tests {
         ));
         let lonely = EpochBarrier::new(2);
         assert!(matches!(
-            lonely.arrive(0, Duration::from_millis(10)),
+            lonely.arrive(0, Duration::from_millis(10), &|| 0),
             Err(DestError::Transport(TransportError::TimedOut(_)))
         ));
     }

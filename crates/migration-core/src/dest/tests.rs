@@ -162,6 +162,7 @@ fn a_page_resent_on_another_channel_never_lands_before_its_older_copy() {
         barrier: EpochBarrier::new(2),
         prefault: Prefault::start(&ram),
         io_timeout: Duration::from_secs(30),
+        codecs: migration_wire::Features::default(),
     };
     std::thread::scope(|scope| {
         let other = scope.spawn(|| receive(1, &mut one, &shared));
@@ -198,6 +199,7 @@ fn a_bad_batch_on_one_channel_stops_the_others() {
         barrier: EpochBarrier::new(2),
         prefault: Prefault::start(&ram),
         io_timeout: Duration::from_secs(30),
+        codecs: migration_wire::Features::default(),
     };
     let (first, second) = std::thread::scope(|scope| {
         let other = scope.spawn(|| {
@@ -227,6 +229,7 @@ fn a_corrupt_frame_is_named_with_its_channel() {
         barrier: EpochBarrier::new(2),
         prefault: Prefault::start(&ram),
         io_timeout: Duration::from_secs(30),
+        codecs: migration_wire::Features::default(),
     };
     let err = receive(1, &mut one, &shared).expect_err("corrupt frame");
     let text = ErrorChain(&err).to_string();

@@ -45,6 +45,7 @@ pub(super) fn spawn_channel_thread(
     index: usize,
     mut tx: Box<dyn ChannelTx>,
     ram: Ram,
+    abandon: Arc<std::sync::atomic::AtomicBool>,
     counters: Arc<Counters>,
     mut encoder: PageEncoder,
 ) -> ChannelThread {
@@ -59,6 +60,7 @@ pub(super) fn spawn_channel_thread(
             let result = (|| -> Result<(), ChannelFailure> {
                 for job in queue {
                     match job {
+                        Job::Pages(_) | Job::EndEpoch { .. } if abandon.load(Ordering::Acquire) => {}
                         Job::Pages(run) => {
                             encoder.send_run(tx.as_mut(), &ram, run, &counters)?;
                             pages_in_epoch += run.count;
