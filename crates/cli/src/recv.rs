@@ -57,13 +57,8 @@ pub struct RecvArgs {
 pub fn run(args: RecvArgs) -> u8 {
     let mut report = Report::new("recv");
     report.guest_check = Some(None);
-    let code = recv(&args, &mut report).unwrap_or_else(|err| {
-        report.status = Status::Failed;
-        report.error = Some(crate::chain(&err));
-        exit::FAILED
-    });
-    report.print(args.json);
-    code
+    let outcome = recv(&args, &mut report);
+    crate::report::finish(report, args.json, outcome)
 }
 
 fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {

@@ -166,6 +166,18 @@ impl Report {
     }
 }
 
+/// Ends a command: a failure before the migration could report itself
+/// becomes the report's error and exit code 1; then the report is printed.
+pub fn finish(mut report: Report, json: bool, outcome: anyhow::Result<u8>) -> u8 {
+    let code = outcome.unwrap_or_else(|err| {
+        report.status = Status::Failed;
+        report.error = Some(crate::chain(&err));
+        crate::exit::FAILED
+    });
+    report.print(json);
+    code
+}
+
 /// Renders events on stderr: a progress bar on a terminal, plain
 /// `progress ...` lines otherwise (so scripts and tests can follow along).
 pub struct Progress {

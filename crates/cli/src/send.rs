@@ -95,13 +95,8 @@ pub fn run(args: SendArgs) -> u8 {
     let mut report = Report::new("send");
     report.writes_after_resume = Some(None);
     report.source_resumed = Some(false);
-    let code = send(&args, &mut report).unwrap_or_else(|err| {
-        report.status = Status::Failed;
-        report.error = Some(crate::chain(&err));
-        exit::FAILED
-    });
-    report.print(args.json);
-    code
+    let outcome = send(&args, &mut report);
+    crate::report::finish(report, args.json, outcome)
 }
 
 fn session_id() -> SessionId {

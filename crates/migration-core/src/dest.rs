@@ -169,12 +169,7 @@ impl Incoming {
             channel.set_timeout(Some(self.io_timeout))?;
             let hello = match channel.recv()? {
                 Message::ChannelHello(hello) => hello,
-                other => {
-                    return Err(DestError::Protocol(format!(
-                        "expected channel-hello, got {}",
-                        other.kind().name()
-                    )));
-                }
+                other => return Err(unexpected("channel-hello", &other)),
             };
             if hello.session != self.hello.session {
                 return Err(DestError::Protocol(format!(
@@ -255,12 +250,7 @@ fn handshake(channel: &mut dyn Channel, options: &DestOptions) -> Result<(Hello,
     channel.set_timeout(Some(options.io_timeout))?;
     let hello = match channel.recv()? {
         Message::Hello(hello) => hello,
-        other => {
-            return Err(DestError::Protocol(format!(
-                "expected hello, got {}",
-                other.kind().name()
-            )));
-        }
+        other => return Err(unexpected("hello", &other)),
     };
     let version = hello.max_version.min(PROTOCOL_VERSION);
     if version < hello.min_version || version < MIN_PROTOCOL_VERSION {
@@ -298,12 +288,7 @@ fn handshake(channel: &mut dyn Channel, options: &DestOptions) -> Result<(Hello,
     }))?;
     let blocks = match channel.recv()? {
         Message::BlockList(blocks) => blocks,
-        other => {
-            return Err(DestError::Protocol(format!(
-                "expected block-list, got {}",
-                other.kind().name()
-            )));
-        }
+        other => return Err(unexpected("block-list", &other)),
     };
     let total = blocks.total_bytes();
     if total > options.max_ram {
@@ -512,7 +497,7 @@ impl DestRun {
         match go {
             Message::Go => {}
             Message::Abort(reason) => return Err(DestError::Aborted(reason)),
-            other => return Err(DestError::Protocol(format!("expected go, got {}", other.kind().name()))),
+            other => return Err(unexpected("go", &other)),
         }
         self.handover = Some(self.started.elapsed());
         vm.resume()?;
@@ -526,12 +511,7 @@ impl DestRun {
         channel.set_timeout(Some(options.io_timeout + hashing))?;
         let digests = match channel.recv()? {
             Message::Complete(complete) => complete.digests,
-            other => {
-                return Err(DestError::Protocol(format!(
-                    "expected complete, got {}",
-                    other.kind().name()
-                )));
-            }
+            other => return Err(unexpected("complete", &other)),
         };
         let placed = shared.placer.digests();
         if digests.len() != placed.len() {
@@ -635,6 +615,11 @@ impl DestRun {
             }
         }
     }
+}
+
+/// The error for a message that is not the one the protocol expects next.
+fn unexpected(wanted: &str, got: &Message<'_>) -> DestError {
+    DestError::Protocol(format!("expected {wanted}, got {}", got.kind().name()))
 }
 
 /// After a failure on a data channel: whether the source said why on the

@@ -109,6 +109,17 @@ impl Channel for Scripted {
     }
 }
 
+/// What the channel threads share, for `channels` channels into `ram`.
+fn shared_for(ram: &Ram, channels: usize) -> Shared {
+    Shared {
+        placer: Placer::new(ram, FreshMemory::Zeroed),
+        barrier: EpochBarrier::new(channels),
+        prefault: Prefault::start(ram),
+        io_timeout: Duration::from_secs(30),
+        codecs: migration_wire::Features::default(),
+    }
+}
+
 /// The entry table and payload of a batch holding one plain page.
 fn one_page(page: u64, fill: u8) -> (Vec<u8>, Vec<u8>) {
     let mut entries = Vec::new();
@@ -157,13 +168,7 @@ fn a_page_resent_on_another_channel_never_lands_before_its_older_copy() {
         Arc::clone(&log),
     );
     one.wait_for = Some((0, (0, 1)));
-    let shared = Shared {
-        placer: Placer::new(&ram, FreshMemory::Zeroed),
-        barrier: EpochBarrier::new(2),
-        prefault: Prefault::start(&ram),
-        io_timeout: Duration::from_secs(30),
-        codecs: migration_wire::Features::default(),
-    };
+    let shared = shared_for(&ram, 2);
     std::thread::scope(|scope| {
         let other = scope.spawn(|| receive(1, &mut one, &shared));
         receive(0, &mut zero, &shared).expect("channel 0");
@@ -194,13 +199,7 @@ fn a_bad_batch_on_one_channel_stops_the_others() {
         Arc::clone(&log),
     );
     let mut one = Scripted::new(1, vec![Message::Pages(bad)], Arc::clone(&log));
-    let shared = Shared {
-        placer: Placer::new(&ram, FreshMemory::Zeroed),
-        barrier: EpochBarrier::new(2),
-        prefault: Prefault::start(&ram),
-        io_timeout: Duration::from_secs(30),
-        codecs: migration_wire::Features::default(),
-    };
+    let shared = shared_for(&ram, 2);
     let (first, second) = std::thread::scope(|scope| {
         let other = scope.spawn(|| {
             let result = receive(1, &mut one, &shared);
@@ -224,13 +223,7 @@ fn a_corrupt_frame_is_named_with_its_channel() {
     let log = Arc::new(Mutex::new(Vec::new()));
     let mut one = Scripted::new(1, vec![], Arc::clone(&log));
     one.corrupt_at = Some(0);
-    let shared = Shared {
-        placer: Placer::new(&ram, FreshMemory::Zeroed),
-        barrier: EpochBarrier::new(2),
-        prefault: Prefault::start(&ram),
-        io_timeout: Duration::from_secs(30),
-        codecs: migration_wire::Features::default(),
-    };
+    let shared = shared_for(&ram, 2);
     let err = receive(1, &mut one, &shared).expect_err("corrupt frame");
     let text = ErrorChain(&err).to_string();
     assert!(text.starts_with("channel 1: malformed frame"), "{text}");
