@@ -99,27 +99,19 @@ pub fn source_file(path: &Path) -> Result<GuestMemory> {
     map_file(&file, path, &layout)
 }
 
-/// Shared memory of a given size, every page allocated ahead of a
-/// migration (as a VMM that preallocates guest RAM at start): an unlinked
-/// file in /dev/shm, populated on two threads.
+/// Guest RAM of a given size, every page allocated and mapped ahead of a
+/// migration (as a VMM that preallocates guest RAM at start, like QEMU's
+/// `prealloc=on`): anonymous memory (transparent huge pages where the
+/// kernel gives them), populated on two threads, handed out as RAM blocks
+/// once the source announces them.
 pub struct Preallocated {
-    file: File,
-    size: u64,
+    whole: Arc<GuestRegion>,
 }
 
 impl Preallocated {
     pub fn new(size: u64) -> Result<Self> {
-        let path = std::path::PathBuf::from(format!("/dev/shm/migrate-prealloc-{}", std::process::id()));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
-        std::fs::remove_file(&path)?;
         let len = usize::try_from(size)?;
-        file.set_len(size)?;
-        let whole = GuestRegion::shared_file(&file, len).context("mapping preallocated memory")?;
+        let whole = GuestRegion::anonymous(len).context("mapping preallocated memory")?;
         let half = (len / 2).next_multiple_of(PAGE_SIZE).min(len);
         std::thread::scope(|scope| -> Result<()> {
             let second = scope.spawn(|| whole.populate_write(half, len - half));
@@ -128,11 +120,28 @@ impl Preallocated {
             Ok(())
         })
         .context("populating preallocated memory")?;
-        Ok(Self { file, size })
+        Ok(Self { whole: Arc::new(whole) })
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.whole.len() as u64
+    }
+
+    /// The blocks of `layout`, back to back.
+    fn blocks(&self, layout: &[(String, u64)]) -> Result<GuestMemory> {
+        let mut offset = 0;
+        let mut blocks = Vec::new();
+        for (name, len) in layout {
+            let len = usize::try_from(*len)?;
+            let region = GuestRegion::part(&self.whole, offset, len)
+                .with_context(|| format!("placing {name} in preallocated memory at offset {offset}"))?;
+            blocks.push(RamBlock::new(name.clone(), Arc::new(region)));
+            offset += len;
+        }
+        Ok(GuestMemory {
+            ram: Ram::new(blocks),
+            fresh: FreshMemory::Preallocated,
+        })
     }
 }
 
@@ -146,15 +155,12 @@ pub fn destination(
     let layout: Vec<(String, u64)> = blocks.blocks.iter().map(|b| (b.name.clone(), b.length)).collect();
     if let Some(memory) = prealloc {
         anyhow::ensure!(
-            blocks.total_bytes() == memory.size,
+            blocks.total_bytes() == memory.size(),
             "source RAM of {} bytes, this destination preallocated {} (--prealloc)",
             blocks.total_bytes(),
-            memory.size
+            memory.size()
         );
-        let mut mapped = map_file(&memory.file, Path::new("preallocated memory"), &layout)?;
-        // Fresh: every page reads as zero.
-        mapped.fresh = FreshMemory::Zeroed;
-        return Ok(mapped);
+        return memory.blocks(&layout);
     }
     let Some(path) = mem_file else {
         return shared_anonymous(&layout);

@@ -16,7 +16,7 @@ use migration_wire::{
     BlockList, ErrorCode, Features, Hello, HelloReply, MAX_CHANNELS, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION,
     PeerError, SessionId, Verdict,
 };
-use place::{Placer, Prefault};
+use place::{Placer, Prefault, RamTargets};
 use receive::{EpochBarrier, Shared};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,14 @@ pub struct DestOptions {
     pub max_channels: u16,
     /// Compression codecs accepted ([`Features::LZ4`], [`Features::ZSTD`]).
     pub compression: Features,
+    /// Let transports that can read the bytes of uncompressed pages
+    /// straight into guest memory do so (see
+    /// [`ChannelRx::place_directly`](crate::ChannelRx::place_directly)):
+    /// one copy instead of two. It applies to anonymous memory (populated
+    /// ahead of the stream) and to preallocated memory
+    /// ([`FreshMemory::Preallocated`]); other file-backed memory is filled
+    /// through its file, which spares the kernel zeroing fresh pages.
+    pub direct_placement: bool,
 }
 
 impl Default for DestOptions {
@@ -43,6 +51,7 @@ impl Default for DestOptions {
             max_ram: 64 << 30,
             io_timeout: Duration::from_secs(30),
             progress_interval: Duration::from_millis(200),
+            direct_placement: true,
         }
     }
 }
@@ -346,9 +355,15 @@ pub struct DestFailure {
 /// How a page is known to hold zeros before it is placed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FreshMemory {
-    /// Fresh anonymous memory: every page is zero until written, so a zero
-    /// page needs no write.
+    /// Fresh memory: every page is zero until written, so a zero page needs
+    /// no write. Fresh anonymous memory is populated ahead of the incoming
+    /// pages; fresh file-backed memory is filled through its file, so the
+    /// kernel allocates each page without zeroing it first.
     Zeroed,
+    /// Zero like [`FreshMemory::Zeroed`], and every page already allocated
+    /// and mapped (guest RAM preallocated when the VMM started): incoming
+    /// page bytes go straight into it.
+    Preallocated,
     /// Reused memory (a file): every page is overwritten.
     Unknown,
 }
@@ -387,7 +402,10 @@ pub fn run_destination(
     let shared = Shared {
         placer: Placer::new(ram, fresh),
         barrier: EpochBarrier::new(1 + extra.len()),
-        prefault: Prefault::start(ram),
+        prefault: Prefault::start(ram, fresh),
+        direct: options
+            .direct_placement
+            .then(|| std::sync::Arc::new(RamTargets::new(ram, fresh))),
         io_timeout: options.io_timeout,
         codecs: agreed_codecs,
     };

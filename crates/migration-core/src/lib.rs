@@ -29,5 +29,5 @@ pub use dirty::{CombinedDirtyLog, DirtyLog, DirtyLogError, KernelDirtyLog, Softw
 pub use engine::{Action, LimitAction, PageRun, PrecopyConfig, PrecopyEngine, SourcePaused};
 pub use ram::{BlockId, Ram, RamBlock};
 pub use stats::{Event, Stats};
-pub use transport::{Channel, ChannelRx, ChannelTx, TransportError};
+pub use transport::{Channel, ChannelRx, ChannelTx, DirectPlacement, GuestRun, TransportError};
 pub use vm::{Vm, VmError};

@@ -6,7 +6,9 @@
 //! transport would write it into the peer's registered memory. The runtime
 //! only ever sees `Box<dyn Channel>`.
 
-use migration_wire::{Message, WireError};
+use migration_sys::GuestRegion;
+use migration_wire::{Message, PageBatch, WireError};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Why a channel failed.
@@ -45,6 +47,30 @@ pub trait ChannelTx: Send {
     fn shutdown(&mut self);
 }
 
+/// A stretch of guest memory that consecutive page bytes of a batch go to.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestRun<'a> {
+    /// The memory.
+    pub region: &'a GuestRegion,
+    /// Byte offset in `region`.
+    pub offset: usize,
+    /// Length in bytes, whole pages.
+    pub len: usize,
+}
+
+/// Where the plain pages of incoming batches belong in guest memory, for a
+/// receiving transport that reads page bytes straight into place (one copy,
+/// by the kernel) instead of into its buffer.
+pub trait DirectPlacement: Send + Sync {
+    /// For the head of a batch sent as is, whose payload is not read yet:
+    /// appends to `runs` where its plain pages go, in payload order, and
+    /// returns true. Returns false when the batch does not fit the announced
+    /// memory (a block, page size or page it does not have): the transport
+    /// then reads the payload into its buffer as usual, and the receiver's
+    /// own checks report the error before anything is written.
+    fn runs<'a>(&'a self, batch: &PageBatch<'_>, runs: &mut Vec<GuestRun<'a>>) -> bool;
+}
+
 /// The receiving half of a channel.
 pub trait ChannelRx: Send {
     /// Receives the next message, borrowed from the channel's buffer until
@@ -56,6 +82,20 @@ pub trait ChannelRx: Send {
     /// (a page batch's payload, say, so another thread can place it without
     /// a copy), and takes `replacement` to receive into from now on.
     fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8>;
+
+    /// Asks the transport to read the page bytes of batches sent as is
+    /// straight into guest memory, as `target` says. A transport that can
+    /// returns true and from then on returns such batches from
+    /// [`ChannelRx::recv`] with their pages already in place
+    /// ([`PageBatch::is_placed`], checked against the frame's checksum, page
+    /// hashes attached). The bytes land before the frame's checksum is
+    /// checked: a corrupt frame still fails the migration, but may leave
+    /// corrupt bytes in memory that is discarded with it. The default keeps
+    /// receiving into the buffer.
+    fn place_directly(&mut self, target: Arc<dyn DirectPlacement>) -> bool {
+        let _ = target;
+        false
+    }
 
     /// Sets the receive timeout (`None`: wait forever).
     fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError>;

@@ -27,10 +27,14 @@ pub struct GuestRegion {
     /// The backing file and the offset the mapping starts at, for writes through the page
     /// cache ([`GuestRegion::place`]).
     backing: Option<(File, u64)>,
+    /// For a part of a larger region ([`GuestRegion::part`]): the region that owns the
+    /// mapping, kept alive (and mapped) while this part lives.
+    owner: Option<std::sync::Arc<GuestRegion>>,
 }
 
-// SAFETY: `GuestRegion` owns its mapping (it is unmapped only in `drop`, which needs ownership)
-// and never gives out references to the bytes: every access is a volatile copy that tolerates
+// SAFETY: `GuestRegion` owns its mapping (it is unmapped only in `drop`, which needs ownership),
+// or, as a part, holds the `Arc` of the region that owns it, and never gives out references to
+// the bytes: every access is a volatile copy that tolerates
 // concurrent access from other threads (the `VolatileSlice` contract). Moving the owner to
 // another thread changes none of this.
 unsafe impl Send for GuestRegion {}
@@ -158,6 +162,41 @@ impl GuestRegion {
             len,
             shared: backing.is_some(),
             backing,
+            owner: None,
+        })
+    }
+
+    /// The bytes `[offset, offset + len)` of `whole` as a region of their own, sharing its
+    /// mapping (which stays mapped while any part lives): how memory mapped and populated once
+    /// for all of guest RAM is handed out as RAM blocks. `offset` and `len` must be multiples
+    /// of [`PAGE_SIZE`], `len` non-zero, and the range inside `whole`.
+    pub fn part(whole: &std::sync::Arc<GuestRegion>, offset: usize, len: usize) -> Result<Self, SysError> {
+        check_len(len)?;
+        if offset % PAGE_SIZE != 0 {
+            return Err(SysError::InvalidLength {
+                len: offset,
+                reason: "the offset of a part is not a multiple of the page size",
+            });
+        }
+        let start = whole.range(offset, len)?;
+        let backing = match &whole.backing {
+            Some((file, base)) => Some((
+                file.try_clone().map_err(|source| SysError::Os { op: "dup", source })?,
+                base + offset as u64,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            // `range` returned a pointer inside the (non-null) mapping.
+            ptr: NonNull::new(start).ok_or(SysError::OutOfBounds {
+                offset,
+                len,
+                size: whole.len,
+            })?,
+            len,
+            shared: whole.shared,
+            backing,
+            owner: Some(std::sync::Arc::clone(whole)),
         })
     }
 
@@ -245,6 +284,27 @@ impl GuestRegion {
         }
     }
 
+    /// Receives up to `len` bytes from the stream socket `socket` (one `recv(2)`) straight into
+    /// guest memory at `offset`, so incoming page bytes are copied once, by the kernel. Returns
+    /// the bytes received; 0 means the peer closed. The socket's receive timeout applies.
+    pub fn recv_from(&self, socket: std::os::fd::BorrowedFd<'_>, offset: usize, len: usize) -> std::io::Result<usize> {
+        let dst = self.range(offset, len).map_err(std::io::Error::other)?;
+        // SAFETY: `range` checked that the bytes lie inside our read-write mapping, which
+        // lives while `&self` does. The kernel writes them as any other writer of guest
+        // memory would; nothing here holds a Rust reference to guest memory.
+        let n = unsafe { libc::recv(std::os::fd::AsRawFd::as_raw_fd(&socket), dst.cast(), len, 0) };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Start of `[offset, offset + len)` for the kernel to write into (io_uring receives).
+    pub(crate) fn kernel_target(&self, offset: usize, len: usize) -> Result<*mut u8, SysError> {
+        self.range(offset, len)
+    }
+
     /// Volatile fill of `[offset, offset + len)` with `byte`.
     #[inline]
     pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), SysError> {
@@ -302,6 +362,10 @@ impl GuestRegion {
 
 impl Drop for GuestRegion {
     fn drop(&mut self) {
+        if self.owner.is_some() {
+            // A part: the owner unmaps the whole when its last part is gone.
+            return;
+        }
         // SAFETY: we own the mapping `ptr..ptr + len` and nothing else can use it: every
         // access goes through `&self`, and `drop` has `&mut self`. munmap of our own mapping
         // cannot fail; if it did, leaking the mapping is the safe outcome.
@@ -462,5 +526,41 @@ mod tests {
         high.place(PAGE_SIZE, b"at offset").unwrap();
         let contents = std::fs::read(&shm.path).unwrap();
         assert_eq!(&contents[3 * PAGE_SIZE..][..9], b"at offset");
+    }
+
+    #[test]
+    fn parts_share_the_mapping_and_outlive_the_whole() {
+        let whole = std::sync::Arc::new(GuestRegion::anonymous(4 * PAGE_SIZE).unwrap());
+        whole.fill(PAGE_SIZE, PAGE_SIZE, 0x11).unwrap();
+        let part = GuestRegion::part(&whole, PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+        assert_eq!(part.len(), 2 * PAGE_SIZE);
+        let mut page = vec![0u8; PAGE_SIZE];
+        part.read(0, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0x11));
+        part.fill(PAGE_SIZE, PAGE_SIZE, 0x22).unwrap();
+        whole.read(2 * PAGE_SIZE, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0x22));
+        // Bounded by the part, not the whole.
+        assert!(part.read(2 * PAGE_SIZE, &mut page).is_err());
+        assert!(GuestRegion::part(&whole, 3 * PAGE_SIZE, 2 * PAGE_SIZE).is_err());
+        assert!(GuestRegion::part(&whole, 1, PAGE_SIZE).is_err());
+        // The mapping stays while a part lives.
+        drop(whole);
+        part.read(PAGE_SIZE, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0x22));
+    }
+
+    #[test]
+    fn a_part_of_a_file_places_through_the_file_at_its_offset() {
+        let shm = ShmFile::new(4 * PAGE_SIZE as u64);
+        let whole = std::sync::Arc::new(GuestRegion::shared_file(&shm.file, 4 * PAGE_SIZE).unwrap());
+        let part = GuestRegion::part(&whole, 2 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        assert!(part.is_shared());
+        part.place(0, &[0x33; PAGE_SIZE]).unwrap();
+        let mut page = vec![0u8; PAGE_SIZE];
+        whole.read(2 * PAGE_SIZE, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0x33));
+        let contents = std::fs::read(&shm.path).unwrap();
+        assert!(contents[2 * PAGE_SIZE..3 * PAGE_SIZE].iter().all(|&b| b == 0x33));
     }
 }

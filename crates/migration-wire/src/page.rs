@@ -21,6 +21,12 @@
 //! receiver hashes each page once and keeps the hash (the destination
 //! needs it anyway, to compare digests); a compressed batch's checksum is
 //! xxh3-64 of its whole body, like any other frame.
+//!
+//! Because the checksum of a batch sent as is covers its pages only
+//! through their hashes, a receiver may read the header and entry table
+//! first ([`batch_lengths`], [`PageBatch::decode_head`]), read the page
+//! bytes straight into their place, hash them there, and check the frame
+//! with [`pages_checksum`] afterwards.
 
 use crate::codec::{Reader, cap, put, reserved_zero};
 use crate::handshake::{MAX_PAGE_SIZE, MIN_PAGE_SIZE};
@@ -35,6 +41,9 @@ pub const MAX_PAGES_PER_BATCH: u32 = 4096;
 /// Largest page index an entry can carry (56 bits).
 pub const MAX_PAGE_INDEX: u64 = (1 << 56) - 1;
 
+/// Length of the batch header that opens a pages frame's body.
+pub const BATCH_HEADER_LEN: usize = 32;
+
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 struct RawBatchHeader {
@@ -47,7 +56,7 @@ struct RawBatchHeader {
     payload_len: U32,
     reserved2: U32,
 }
-const _: () = assert!(size_of::<RawBatchHeader>() == 32);
+const _: () = assert!(size_of::<RawBatchHeader>() == BATCH_HEADER_LEN);
 
 /// How the plain pages' bytes of a batch travel. `0` is invalid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -143,6 +152,9 @@ pub struct PageBatch<'a> {
     /// xxh3-64 of every plain page, when known (computed by the sender, or
     /// verified by the receiving transport).
     hashes: Option<&'a [u64]>,
+    /// The receiving transport wrote the plain pages to their place: the
+    /// batch holds no payload (see [`PageBatch::decode_head`]).
+    placed: bool,
 }
 
 /// Two batches are equal when they carry the same pages; attached hashes
@@ -155,6 +167,7 @@ impl PartialEq for PageBatch<'_> {
             && self.codec == other.codec
             && self.entries == other.entries
             && self.payload == other.payload
+            && self.placed == other.placed
     }
 }
 
@@ -193,12 +206,15 @@ impl<'a> PageBatch<'a> {
             entries,
             payload,
             hashes: None,
+            placed: false,
         };
-        batch.validate()?;
+        batch.validate(payload.len())?;
         Ok(batch)
     }
 
-    fn validate(&self) -> Result<(), WireError> {
+    /// Checks the batch; `payload_len` is the payload's length (declared
+    /// by the header, for a placed batch that holds none).
+    fn validate(&self, payload_len: usize) -> Result<(), WireError> {
         if !self.page_size.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&self.page_size) {
             return Err(WireError::Invalid {
                 what: "batch page size",
@@ -233,16 +249,17 @@ impl<'a> PageBatch<'a> {
         let want = plain * u64::from(self.page_size);
         let body = (size_of::<RawBatchHeader>() + self.entries.len()) as u64 + want;
         cap("page batch size", body, MAX_FRAME_BODY.into())?;
+        let len = payload_len as u64;
         let fits = match self.codec {
-            Codec::None => self.payload.len() as u64 == want,
+            Codec::None => len == want,
             // Compressed: something for something, and smaller.
-            Codec::Lz4 | Codec::Zstd if want == 0 => self.payload.is_empty(),
-            Codec::Lz4 | Codec::Zstd => !self.payload.is_empty() && (self.payload.len() as u64) < want,
+            Codec::Lz4 | Codec::Zstd if want == 0 => len == 0,
+            Codec::Lz4 | Codec::Zstd => len != 0 && len < want,
         };
         if !fits {
             return Err(WireError::Invalid {
                 what: "page payload length",
-                value: self.payload.len() as u64,
+                value: len,
             });
         }
         Ok(())
@@ -272,7 +289,7 @@ impl<'a> PageBatch<'a> {
     /// order (a batch sent as is only; the count must match).
     pub fn with_hashes(mut self, hashes: &'a [u64]) -> Self {
         debug_assert_eq!(self.codec, Codec::None);
-        debug_assert_eq!(hashes.len() * self.page_size as usize, self.payload.len());
+        debug_assert!(self.placed || hashes.len() * self.page_size as usize == self.payload.len());
         self.hashes = Some(hashes);
         self
     }
@@ -282,6 +299,12 @@ impl<'a> PageBatch<'a> {
         self.hashes
     }
 
+    /// Whether the receiving transport already wrote the plain pages to
+    /// their place, so the batch carries hashes but no payload.
+    pub fn is_placed(&self) -> bool {
+        self.placed
+    }
+
     /// The checksum its frame header carries (see the module docs).
     pub fn frame_checksum(&self) -> u64 {
         let mut head = Vec::with_capacity(self.payload_offset());
@@ -289,16 +312,17 @@ impl<'a> PageBatch<'a> {
         if self.codec != Codec::None {
             return crate::frame::checksum(&[&head, self.payload]);
         }
-        let mut hasher = Xxh3::new();
-        hasher.update(&head);
         match self.hashes {
-            Some(hashes) => hashes.iter().for_each(|h| hasher.update(&h.to_le_bytes())),
-            None => self
-                .payload
-                .chunks_exact(self.page_size as usize)
-                .for_each(|page| hasher.update(&page_hash(page).to_le_bytes())),
+            Some(hashes) => pages_checksum(&head, hashes),
+            None => {
+                let hashes: Vec<u64> = self
+                    .payload
+                    .chunks_exact(self.page_size as usize)
+                    .map(page_hash)
+                    .collect();
+                pages_checksum(&head, &hashes)
+            }
         }
-        hasher.digest()
     }
 
     /// How the plain pages' bytes travel.
@@ -332,7 +356,7 @@ impl<'a> PageBatch<'a> {
                 codec: (self.codec as u16).into(),
                 reserved: 0.into(),
                 epoch: self.epoch.into(),
-                payload_len: (self.payload.len() as u32).into(),
+                payload_len: (self.declared_payload_len() as u32).into(),
                 reserved2: 0.into(),
             },
         );
@@ -347,18 +371,35 @@ impl<'a> PageBatch<'a> {
 
     /// Length of the frame body this batch encodes to.
     pub fn body_len(&self) -> usize {
-        size_of::<RawBatchHeader>() + self.entries.len() + self.payload.len()
+        size_of::<RawBatchHeader>() + self.entries.len() + self.declared_payload_len()
     }
 
-    pub(crate) fn decode(body: &'a [u8]) -> Result<Self, WireError> {
-        let mut r = Reader::new(body, "pages");
+    /// The payload's length on the wire (a placed batch holds none).
+    fn declared_payload_len(&self) -> usize {
+        if self.placed {
+            self.plain_len()
+        } else {
+            self.payload.len()
+        }
+    }
+
+    /// Reads the batch header: the raw header, the entry table's length and
+    /// the payload's length.
+    fn read_header(r: &mut Reader<'a>) -> Result<(RawBatchHeader, usize, usize), WireError> {
         let raw: RawBatchHeader = r.read()?;
         reserved_zero("page batch reserved field", raw.reserved.get().into())?;
         reserved_zero("page batch reserved field", raw.reserved2.get().into())?;
         let count = raw.count.get();
         cap("pages in batch", count.into(), MAX_PAGES_PER_BATCH.into())?;
-        let entries = r.take(count as usize * 8)?;
-        let payload = r.take(raw.payload_len.get() as usize)?;
+        let (entries, payload) = (count as usize * 8, raw.payload_len.get() as usize);
+        Ok((raw, entries, payload))
+    }
+
+    pub(crate) fn decode(body: &'a [u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(body, "pages");
+        let (raw, entries, payload) = Self::read_header(&mut r)?;
+        let entries = r.take(entries)?;
+        let payload = r.take(payload)?;
         r.finish()?;
         let codec = Codec::from_raw(raw.codec.get())?;
         Self::with_codec(
@@ -370,6 +411,60 @@ impl<'a> PageBatch<'a> {
             payload,
         )
     }
+
+    /// Decodes a batch sent as is from its header and entry table alone
+    /// (`head`, exactly [`BATCH_HEADER_LEN`] plus the entry table's length
+    /// from [`batch_lengths`]), for a receiver that reads the payload
+    /// straight into place. The batch holds no payload and reports
+    /// [`PageBatch::is_placed`]; attach the pages' hashes with
+    /// [`PageBatch::with_hashes`] once they are read and checked. A
+    /// compressed batch is an error here: its payload must be read whole.
+    pub fn decode_head(head: &'a [u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(head, "pages head");
+        let (raw, entries, payload) = Self::read_header(&mut r)?;
+        let entries = r.take(entries)?;
+        r.finish()?;
+        let codec = Codec::from_raw(raw.codec.get())?;
+        if codec != Codec::None {
+            return Err(WireError::Invalid {
+                what: "codec of a batch placed as it arrives",
+                value: codec as u64,
+            });
+        }
+        let batch = Self {
+            block: raw.block.get(),
+            epoch: raw.epoch.get(),
+            page_size: raw.page_size.get(),
+            codec,
+            entries,
+            payload: &[],
+            hashes: None,
+            placed: true,
+        };
+        batch.validate(payload)?;
+        Ok(batch)
+    }
+}
+
+/// From the first [`BATCH_HEADER_LEN`] bytes of a pages frame's body: the
+/// length of the entry table and of the payload that follow (checked
+/// against the caps, not yet against each other).
+pub fn batch_lengths(header: &[u8]) -> Result<(usize, usize), WireError> {
+    let mut r = Reader::new(header, "page batch header");
+    let (_, entries, payload) = PageBatch::read_header(&mut r)?;
+    r.finish()?;
+    Ok((entries, payload))
+}
+
+/// The checksum of a pages frame sent as is, from its batch header and
+/// entry table (`head`) and the xxh3-64 of each plain page, in order.
+pub fn pages_checksum(head: &[u8], hashes: &[u64]) -> u64 {
+    let mut hasher = Xxh3::new();
+    hasher.update(head);
+    for hash in hashes {
+        hasher.update(&hash.to_le_bytes());
+    }
+    hasher.digest()
 }
 
 /// The hash of one page's bytes (xxh3-64): what a pages frame's checksum
@@ -386,14 +481,8 @@ pub fn verify_pages(header: &crate::FrameHeader, body: &[u8], hashes: &mut Vec<u
     hashes.clear();
     let batch = PageBatch::decode(body)?;
     let actual = if batch.codec == Codec::None {
-        let mut hasher = Xxh3::new();
-        hasher.update(&body[..batch.payload_offset()]);
-        for page in batch.payload.chunks_exact(batch.page_size as usize) {
-            let hash = page_hash(page);
-            hasher.update(&hash.to_le_bytes());
-            hashes.push(hash);
-        }
-        hasher.digest()
+        hashes.extend(batch.payload.chunks_exact(batch.page_size as usize).map(page_hash));
+        pages_checksum(&body[..batch.payload_offset()], hashes)
     } else {
         crate::frame::checksum(&[body])
     };

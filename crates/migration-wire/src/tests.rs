@@ -188,6 +188,35 @@ proptest! {
     }
 
     #[test]
+    fn head_first_decoding_agrees_with_whole_frames(b in batch()) {
+        // What a receiver that places page bytes as they arrive sees: the
+        // lengths, then the head alone, then the checksum over page hashes.
+        let whole = PageBatch::new(b.block, b.epoch, 4096, &b.entries, &b.payload).expect("valid");
+        let mut frame = Vec::new();
+        Message::Pages(whole.clone()).encode(&mut frame);
+        let header = FrameHeader::decode(frame[..FRAME_HEADER_LEN].try_into().unwrap(), MAX_FRAME_BODY).unwrap();
+        let body = &frame[FRAME_HEADER_LEN..];
+        let (entries, payload) = page::batch_lengths(&body[..page::BATCH_HEADER_LEN]).expect("lengths");
+        prop_assert_eq!(page::BATCH_HEADER_LEN + entries + payload, body.len());
+        let head = &body[..page::BATCH_HEADER_LEN + entries];
+        let placed = PageBatch::decode_head(head).expect("head decodes");
+        prop_assert!(placed.is_placed());
+        prop_assert!(placed.payload().is_empty());
+        prop_assert_eq!(placed.len(), whole.len());
+        prop_assert_eq!(placed.body_len(), body.len());
+        prop_assert_eq!(placed.entries().collect::<Vec<_>>(), whole.entries().collect::<Vec<_>>());
+        let hashes: Vec<u64> = b.payload.chunks_exact(4096).map(page::page_hash).collect();
+        prop_assert_eq!(page::pages_checksum(head, &hashes), header.checksum);
+        prop_assert_eq!(placed.with_hashes(&hashes).frame_checksum(), header.checksum);
+    }
+
+    #[test]
+    fn head_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+        let _ = page::batch_lengths(&bytes);
+        let _ = PageBatch::decode_head(&bytes);
+    }
+
+    #[test]
     fn flipped_bit_is_detected(frame in encoded_message(), bit in any::<usize>()) {
         let mut bad = frame.clone();
         let bit = bit % (bad.len() * 8);
@@ -199,6 +228,26 @@ proptest! {
             prop_assert_ne!(again, frame);
         }
     }
+}
+
+#[test]
+fn a_compressed_batch_cannot_be_decoded_head_first() {
+    let mut entries = Vec::new();
+    PageEntry {
+        page: 0,
+        encoding: PageEncoding::Plain,
+    }
+    .push_to(&mut entries);
+    let batch = PageBatch::with_codec(0, 0, 4096, Codec::Lz4, &entries, &[1, 2, 3]).expect("valid");
+    let mut head = Vec::new();
+    batch.encode_head(&mut head);
+    assert!(PageBatch::decode_head(&head).is_err());
+    // A head whose declared payload does not match its entries is refused too.
+    let plain = PageBatch::new(0, 0, 4096, &entries, &[7; 4096]).expect("valid");
+    let mut head = Vec::new();
+    plain.encode_head(&mut head);
+    head[24] ^= 1;
+    assert!(PageBatch::decode_head(&head).is_err());
 }
 
 #[test]

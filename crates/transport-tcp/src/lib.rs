@@ -8,12 +8,15 @@
 #![forbid(unsafe_code)]
 
 use migration_core::transport::{ChannelHalves, Closer};
-use migration_core::{Channel, ChannelRx, ChannelTx, TransportError};
+use migration_core::{Channel, ChannelRx, ChannelTx, DirectPlacement, TransportError};
 use migration_sys::uring::UringSocket;
-use migration_wire::{FRAME_HEADER_LEN, FrameHeader, MAX_FRAME_BODY, Message, MessageKind};
+use migration_wire::page::BATCH_HEADER_LEN;
+use migration_wire::{FRAME_HEADER_LEN, FrameHeader, MAX_FRAME_BODY, Message, MessageKind, PageBatch};
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Socket settings.
@@ -235,7 +238,6 @@ fn write_all_vectored(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> i
 }
 
 /// The receiving half of a TCP channel.
-#[derive(Debug)]
 pub struct TcpRx {
     stream: TcpStream,
     uring: Option<UringSocket>,
@@ -244,37 +246,120 @@ pub struct TcpRx {
     body: Vec<u8>,
     received: u64,
     timeout: Option<Duration>,
+    /// Where page bytes of batches sent as is go, when set.
+    direct: Option<Arc<dyn DirectPlacement>>,
+    /// One page read back from guest memory, to hash it.
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for TcpRx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpRx")
+            .field("stream", &self.stream)
+            .field("uring", &self.uring)
+            .field("received", &self.received)
+            .field("direct", &self.direct.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads exactly `len` bytes through `read`, which reads what it can at the
+/// given count of bytes already read and returns how many it read.
+fn read_fully(
+    what: &str,
+    at_frame_start: bool,
+    len: usize,
+    timeout: Option<Duration>,
+    mut read: impl FnMut(usize) -> io::Result<usize>,
+) -> Result<(), TransportError> {
+    let mut filled = 0;
+    while filled < len {
+        match read(filled) {
+            Ok(0) if filled == 0 && at_frame_start => return Err(TransportError::Closed),
+            Ok(0) => {
+                return Err(io_error(
+                    format!("reading {what}"),
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("stream ended after {filled} of {len} bytes"),
+                    ),
+                ));
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(TransportError::TimedOut(timeout.unwrap_or_default()));
+            }
+            Err(e) => return Err(io_error(format!("reading {what}"), e)),
+        }
+    }
+    Ok(())
 }
 
 impl TcpRx {
-    fn read_exact(&mut self, what: &str, at_frame_start: bool, len: usize) -> Result<(), TransportError> {
-        let mut filled = 0;
-        while filled < len {
-            let read = match &mut self.uring {
-                Some(ring) => ring.recv(&mut self.body[filled..len]),
-                None => self.stream.read(&mut self.body[filled..len]),
-            };
-            match read {
-                Ok(0) if filled == 0 && at_frame_start => return Err(TransportError::Closed),
-                Ok(0) => {
-                    return Err(io_error(
-                        format!("reading {what}"),
-                        io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("stream ended after {filled} of {len} bytes"),
-                        ),
-                    ));
-                }
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                    return Err(TransportError::TimedOut(self.timeout.unwrap_or_default()));
-                }
-                Err(e) => return Err(io_error(format!("reading {what}"), e)),
-            }
-        }
-        self.received += len as u64;
+    /// Reads body bytes `[from, to)` into the buffer.
+    fn read_exact(&mut self, what: &str, at_frame_start: bool, from: usize, to: usize) -> Result<(), TransportError> {
+        let (uring, stream, body) = (&mut self.uring, &self.stream, &mut self.body[from..to]);
+        read_fully(what, at_frame_start, to - from, self.timeout, |filled| match uring {
+            Some(ring) => ring.recv(&mut body[filled..]),
+            None => (&*stream).read(&mut body[filled..]),
+        })?;
+        self.received += (to - from) as u64;
         Ok(())
+    }
+
+    /// For a pages frame whose batch header and entry table (`head_len`
+    /// bytes) are in the buffer: reads the payload straight into guest
+    /// memory where the direct placement says, hashing each page as it
+    /// completes, and checks the frame's checksum. Returns false, having
+    /// read nothing more, when the batch is not one to place this way.
+    fn place_payload(&mut self, header: &FrameHeader, head_len: usize) -> Result<bool, TransportError> {
+        let Some(direct) = self.direct.clone() else {
+            return Ok(false);
+        };
+        let head = &self.body[..head_len];
+        let Ok(batch) = PageBatch::decode_head(head) else {
+            return Ok(false);
+        };
+        let mut runs = Vec::new();
+        let payload = header.len as usize - head_len;
+        if !direct.runs(&batch, &mut runs) || runs.iter().map(|r| r.len).sum::<usize>() != payload {
+            return Ok(false);
+        }
+        let page_size = batch.page_size as usize;
+        self.scratch.resize(page_size, 0);
+        self.hashes.clear();
+        let (uring, stream, hashes, scratch) = (&mut self.uring, &self.stream, &mut self.hashes, &mut self.scratch);
+        for run in &runs {
+            let mut hashed = 0;
+            read_fully("page bytes", false, run.len, self.timeout, |filled| {
+                let at = run.offset + filled;
+                let n = match uring {
+                    Some(ring) => ring.recv_into(run.region, at, run.len - filled)?,
+                    None => run.region.recv_from(stream.as_fd(), at, run.len - filled)?,
+                };
+                // Hash the pages completed by this read while they are warm.
+                while hashed + page_size <= filled + n {
+                    run.region
+                        .read(run.offset + hashed, scratch)
+                        .map_err(io::Error::other)?;
+                    hashes.push(migration_wire::page::page_hash(scratch));
+                    hashed += page_size;
+                }
+                Ok(n)
+            })?;
+        }
+        self.received += payload as u64;
+        let actual = migration_wire::page::pages_checksum(head, &self.hashes);
+        if actual != header.checksum {
+            self.hashes.clear();
+            return Err(TransportError::Malformed(migration_wire::WireError::Checksum {
+                kind: header.kind.name(),
+                expected: header.checksum,
+                actual,
+            }));
+        }
+        Ok(true)
     }
 }
 
@@ -283,7 +368,7 @@ impl ChannelRx for TcpRx {
         if self.body.len() < FRAME_HEADER_LEN {
             self.body.resize(FRAME_HEADER_LEN, 0);
         }
-        self.read_exact("a frame header", true, FRAME_HEADER_LEN)?;
+        self.read_exact("a frame header", true, 0, FRAME_HEADER_LEN)?;
         let mut raw = [0u8; FRAME_HEADER_LEN];
         raw.copy_from_slice(&self.body[..FRAME_HEADER_LEN]);
         let header = FrameHeader::decode(&raw, MAX_FRAME_BODY)?;
@@ -291,7 +376,26 @@ impl ChannelRx for TcpRx {
         if self.body.len() < len {
             self.body.resize(len, 0);
         }
-        self.read_exact(header.kind.name(), false, len)?;
+        let mut have = 0;
+        if header.kind == MessageKind::Pages && self.direct.is_some() && len >= BATCH_HEADER_LEN {
+            // Head first: the batch header says how long the entry table is,
+            // and the entries say where the page bytes go.
+            self.read_exact("a page batch header", false, 0, BATCH_HEADER_LEN)?;
+            have = BATCH_HEADER_LEN;
+            if let Ok((entries, payload)) = migration_wire::page::batch_lengths(&self.body[..BATCH_HEADER_LEN])
+                && BATCH_HEADER_LEN + entries + payload == len
+                && payload > 0
+            {
+                let head_len = BATCH_HEADER_LEN + entries;
+                self.read_exact("a page batch's entries", false, have, head_len)?;
+                have = head_len;
+                if self.place_payload(&header, head_len)? {
+                    let batch = PageBatch::decode_head(&self.body[..head_len])?;
+                    return Ok(Message::Pages(batch.with_hashes(&self.hashes)));
+                }
+            }
+        }
+        self.read_exact(header.kind.name(), false, have, len)?;
         let body = &self.body[..len];
         if header.kind == MessageKind::Pages {
             // Hashes every page once; the hashes travel with the batch.
@@ -307,6 +411,11 @@ impl ChannelRx for TcpRx {
 
     fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
         std::mem::replace(&mut self.body, replacement)
+    }
+
+    fn place_directly(&mut self, target: Arc<dyn DirectPlacement>) -> bool {
+        self.direct = Some(target);
+        true
     }
 
     fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
@@ -362,6 +471,8 @@ impl TcpChannel {
                 body: Vec::new(),
                 received: 0,
                 timeout: None,
+                direct: None,
+                scratch: Vec::new(),
             },
             peer,
         })
@@ -398,6 +509,10 @@ impl ChannelRx for TcpChannel {
 
     fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
         self.rx.take_body(replacement)
+    }
+
+    fn place_directly(&mut self, target: Arc<dyn DirectPlacement>) -> bool {
+        self.rx.place_directly(target)
     }
 
     fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
@@ -500,6 +615,106 @@ mod tests {
         assert_eq!(a.recv().expect("recv"), Message::Ready);
         a.shutdown();
         assert!(matches!(b.recv(), Err(TransportError::Closed)));
+    }
+
+    /// Block 0 is `region`; nothing else exists.
+    struct OneRegion(migration_sys::GuestRegion);
+
+    impl DirectPlacement for OneRegion {
+        fn runs<'a>(&'a self, batch: &PageBatch<'_>, runs: &mut Vec<migration_core::GuestRun<'a>>) -> bool {
+            if batch.block != 0 {
+                return false;
+            }
+            for entry in batch.entries().flatten() {
+                if entry.encoding == PageEncoding::Plain {
+                    runs.push(migration_core::GuestRun {
+                        region: &self.0,
+                        offset: entry.page as usize * 4096,
+                        len: 4096,
+                    });
+                }
+            }
+            true
+        }
+    }
+
+    fn plain_batch(entries: &mut Vec<u8>, pages: &[(u64, bool)]) {
+        for &(page, zero) in pages {
+            let encoding = if zero { PageEncoding::Zero } else { PageEncoding::Plain };
+            PageEntry { page, encoding }.push_to(entries);
+        }
+    }
+
+    #[test]
+    fn page_bytes_land_straight_in_guest_memory_with_either_backend() {
+        for io_uring in [true, false] {
+            let (mut a, mut b) = pair_with(io_uring);
+            let target = Arc::new(OneRegion(
+                migration_sys::GuestRegion::anonymous(8 * 4096).expect("region"),
+            ));
+            assert!(b.place_directly(Arc::clone(&target) as _));
+            let mut entries = Vec::new();
+            plain_batch(&mut entries, &[(1, false), (2, true), (5, false)]);
+            let payload: Vec<u8> = (0..2 * 4096).map(|i| (i % 251) as u8).collect();
+            let batch = PageBatch::new(0, 0, 4096, &entries, &payload).expect("batch");
+            a.send(&Message::Pages(batch.clone())).expect("send");
+            // A batch for a block the target does not have arrives as usual.
+            let other = PageBatch::new(3, 0, 4096, &entries, &payload).expect("batch");
+            a.send(&Message::Pages(other.clone())).expect("send");
+            match b.recv().expect("recv") {
+                Message::Pages(got) => {
+                    assert!(got.is_placed());
+                    assert!(got.payload().is_empty());
+                    assert_eq!(got.entries().collect::<Vec<_>>(), batch.entries().collect::<Vec<_>>());
+                    let want: Vec<u64> = payload.chunks(4096).map(migration_wire::page::page_hash).collect();
+                    assert_eq!(got.page_hashes(), Some(&want[..]));
+                }
+                other => panic!("{other:?}"),
+            }
+            let mut page = vec![0u8; 4096];
+            target.0.read(4096, &mut page).expect("read");
+            assert_eq!(page, payload[..4096]);
+            target.0.read(5 * 4096, &mut page).expect("read");
+            assert_eq!(page, payload[4096..]);
+            assert!(target.0.is_zero(2 * 4096, 3 * 4096).expect("zero"));
+            match b.recv().expect("recv") {
+                Message::Pages(got) => {
+                    assert!(!got.is_placed());
+                    assert_eq!(got, other);
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(a.bytes_sent(), b.bytes_received());
+        }
+    }
+
+    #[test]
+    fn a_corrupt_page_placed_directly_fails_the_frame_checksum() {
+        let listener = TcpListener::bind("127.0.0.1:0", TcpOptions::default()).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let writer = std::thread::spawn(move || {
+            let mut stream = TcpStream::connect(addr).expect("connect");
+            let mut entries = Vec::new();
+            plain_batch(&mut entries, &[(0, false)]);
+            let payload = vec![3u8; 4096];
+            let mut frame = Vec::new();
+            Message::Pages(PageBatch::new(0, 0, 4096, &entries, &payload).expect("batch")).encode(&mut frame);
+            let last = frame.len() - 1;
+            frame[last] ^= 1;
+            stream.write_all(&frame).expect("write");
+        });
+        let mut server = listener.accept().expect("accept");
+        let target = Arc::new(OneRegion(migration_sys::GuestRegion::anonymous(4096).expect("region")));
+        server.place_directly(target);
+        let err = server.recv().expect_err("corrupt page");
+        assert!(
+            matches!(
+                err,
+                TransportError::Malformed(migration_wire::WireError::Checksum { .. })
+            ),
+            "{err}"
+        );
+        writer.join().expect("join");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use crate::bitmap::AtomicBitmap;
 use crate::compress::decompress;
 use crate::ram::Ram;
 use crate::stats::Stats;
+use crate::transport::{DirectPlacement, GuestRun};
 use crate::verify::{block_digest, page_hash};
 use migration_wire::{Codec, PageBatch, PageEncoding};
 use std::sync::Arc;
@@ -34,16 +35,16 @@ impl Prefault {
     const CHUNK: usize = 2 << 20;
     const WINDOW: u64 = 256 << 20;
 
-    pub(crate) fn start(ram: &Ram) -> Self {
+    pub(crate) fn start(ram: &Ram, fresh: FreshMemory) -> Self {
         let shared = std::sync::Arc::new(PrefaultState::default());
         // File-backed memory is filled through the page cache by the
         // placement thread (see `GuestRegion::place`), without zeroing and
         // without touching pages that stay zero: only anonymous memory is
-        // populated ahead.
+        // populated ahead, unless it is preallocated already.
         let regions: Vec<_> = ram
             .blocks()
             .iter()
-            .filter(|b| !b.region().is_shared())
+            .filter(|b| !b.region().is_shared() && fresh != FreshMemory::Preallocated)
             .map(|b| std::sync::Arc::clone(b.region()))
             .collect();
         let state = std::sync::Arc::clone(&shared);
@@ -95,6 +96,63 @@ impl Drop for Prefault {
     }
 }
 
+/// Where incoming pages go, for a transport that reads page bytes straight
+/// into guest memory (see [`DirectPlacement`]).
+pub(crate) struct RamTargets {
+    ram: Ram,
+    /// Per block: whether its pages are placed by the transport. Fresh
+    /// file-backed memory is not: written through its file, the kernel
+    /// allocates a page without zeroing it first.
+    direct: Vec<bool>,
+}
+
+impl RamTargets {
+    pub(crate) fn new(ram: &Ram, fresh: FreshMemory) -> Self {
+        let direct = ram
+            .blocks()
+            .iter()
+            .map(|b| !b.region().is_shared() || fresh == FreshMemory::Preallocated)
+            .collect();
+        Self {
+            ram: ram.clone(),
+            direct,
+        }
+    }
+}
+
+impl DirectPlacement for RamTargets {
+    fn runs<'a>(&'a self, batch: &PageBatch<'_>, runs: &mut Vec<GuestRun<'a>>) -> bool {
+        let Some(block) = self.ram.blocks().get(batch.block as usize) else {
+            return false;
+        };
+        if !self.direct[batch.block as usize] || batch.page_size != block.page_size() {
+            return false;
+        }
+        let page_size = block.page_size() as usize;
+        for entry in batch.entries() {
+            let Ok(entry) = entry else {
+                return false;
+            };
+            if entry.page >= block.pages() {
+                return false;
+            }
+            if entry.encoding != PageEncoding::Plain {
+                continue;
+            }
+            let offset = entry.page as usize * page_size;
+            match runs.last_mut() {
+                Some(run) if run.offset + run.len == offset => run.len += page_size,
+                _ => runs.push(GuestRun {
+                    region: block.region(),
+                    offset,
+                    len: page_size,
+                }),
+            }
+        }
+        true
+    }
+}
+
 /// Places pages into guest RAM and keeps the hash of every page placed.
 /// Shared by every channel's thread: within an epoch each page arrives at
 /// most once, and the epoch barrier orders one epoch's updates before the
@@ -126,7 +184,7 @@ impl Placer {
                 .iter()
                 .map(|b| {
                     let map = AtomicBitmap::new(b.pages());
-                    if fresh == FreshMemory::Zeroed {
+                    if fresh != FreshMemory::Unknown {
                         map.fill();
                     }
                     map
@@ -211,7 +269,9 @@ impl Placer {
             }
         }
         // Compressed pages are expanded here, once, into a buffer the
-        // placement owns; plain ones are placed from the frame body.
+        // placement owns; plain ones are placed from the frame body, unless
+        // the transport placed them already.
+        let placed = batch.is_placed();
         let mut owned = None;
         let payload = if batch.codec() == Codec::None {
             payload
@@ -234,13 +294,18 @@ impl Placer {
         for entry in batch.entries().flatten() {
             let hash = match entry.encoding {
                 PageEncoding::Plain => {
-                    let bytes = &payload[data_at..data_at + page_size];
-                    placement.push_plain(entry.page, data_at);
-                    data_at += page_size;
-                    self.zeroed[index].test_and_clear(entry.page);
-                    let hash = known.and_then(|h| h.get(plain as usize).copied());
+                    let known = known.and_then(|h| h.get(plain as usize).copied());
                     plain += 1;
-                    hash.unwrap_or_else(|| page_hash(bytes))
+                    self.zeroed[index].test_and_clear(entry.page);
+                    if placed {
+                        // The transport hashed the page where it landed.
+                        known.ok_or_else(|| DestError::Protocol("a placed batch without its page hashes".into()))?
+                    } else {
+                        let bytes = &payload[data_at..data_at + page_size];
+                        placement.push_plain(entry.page, data_at);
+                        data_at += page_size;
+                        known.unwrap_or_else(|| page_hash(bytes))
+                    }
                 }
                 PageEncoding::Zero => {
                     if !self.zeroed[index].get(entry.page) {
@@ -283,6 +348,12 @@ pub(crate) struct Placement {
 }
 
 impl Placement {
+    /// Whether there is nothing to write (every page placed by the
+    /// transport, or zero already).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
     /// Adds a plain page, joining it to the previous run when adjacent in
     /// memory and in the payload, so a run is placed with one write.
     fn push_plain(&mut self, page: u64, at: usize) {

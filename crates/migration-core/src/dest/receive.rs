@@ -3,7 +3,7 @@
 //! a newer one sent on another channel.
 
 use super::DestError;
-use super::place::{PlaceWorker, Placer, Prefault};
+use super::place::{PlaceWorker, Placer, Prefault, RamTargets};
 use crate::transport::{Channel, TransportError};
 use migration_wire::{Ack, Message};
 use std::sync::{Condvar, Mutex};
@@ -100,6 +100,9 @@ pub(crate) struct Shared {
     pub(crate) placer: Placer,
     pub(crate) barrier: EpochBarrier,
     pub(crate) prefault: Prefault,
+    /// Where a transport may read page bytes straight into guest memory
+    /// (`None`: every batch goes through the placement thread).
+    pub(crate) direct: Option<std::sync::Arc<RamTargets>>,
     pub(crate) io_timeout: Duration,
     /// Compression codecs agreed in the handshake.
     pub(crate) codecs: migration_wire::Features,
@@ -119,6 +122,9 @@ pub(crate) struct ChannelEnd {
 /// epoch once all channels placed it.
 pub(crate) fn receive(index: usize, channel: &mut dyn Channel, shared: &Shared) -> Result<ChannelEnd, DestError> {
     let worker = PlaceWorker::start();
+    if let Some(direct) = &shared.direct {
+        channel.place_directly(std::sync::Arc::clone(direct) as _);
+    }
     let mut end = ChannelEnd::default();
     let mut epoch = 0u64;
     let mut pages_in_epoch = 0u64;
@@ -205,7 +211,7 @@ pub(crate) fn receive(index: usize, channel: &mut dyn Channel, shared: &Shared) 
                 )));
             }
         }
-        if let Some(placement) = placement {
+        if let Some(placement) = placement.filter(|p| !p.is_empty()) {
             // The body moves to the placement thread; receive into a spare.
             let body = channel.take_body(worker.spare());
             worker.submit(placement, body)?;

@@ -1,10 +1,11 @@
 //! The destination runtime driven over scripted in-memory channels.
 
-use super::place::{Placer, Prefault};
+use super::place::{Placer, Prefault, RamTargets};
 use super::receive::{EpochBarrier, Shared, receive};
 use super::*;
 use crate::ram::RamBlock;
 use crate::transport::{ChannelHalves, ChannelRx, ChannelTx};
+use crate::transport::{DirectPlacement, GuestRun};
 use migration_sys::GuestRegion;
 use migration_wire::{EndOfRam, MessageKind, PageBatch, PageEncoding, PageEntry, SyncMarker};
 use std::collections::VecDeque;
@@ -114,7 +115,8 @@ fn shared_for(ram: &Ram, channels: usize) -> Shared {
     Shared {
         placer: Placer::new(ram, FreshMemory::Zeroed),
         barrier: EpochBarrier::new(channels),
-        prefault: Prefault::start(ram),
+        prefault: Prefault::start(ram, FreshMemory::Zeroed),
+        direct: None,
         io_timeout: Duration::from_secs(30),
         codecs: migration_wire::Features::default(),
     }
@@ -228,4 +230,81 @@ fn a_corrupt_frame_is_named_with_its_channel() {
     let text = ErrorChain(&err).to_string();
     assert!(text.starts_with("channel 1: malformed frame"), "{text}");
     assert!(text.contains("checksum mismatch in pages frame"), "{text}");
+}
+
+/// The head of a batch with `pages` (index, zero?), decoded the way a
+/// transport that places page bytes itself decodes it.
+fn head_of(pages: &[(u64, bool)], block: u32, page_size: u32) -> Vec<u8> {
+    let mut entries = Vec::new();
+    let mut plain = 0;
+    for &(page, zero) in pages {
+        let encoding = if zero { PageEncoding::Zero } else { PageEncoding::Plain };
+        PageEntry { page, encoding }.push_to(&mut entries);
+        plain += usize::from(!zero);
+    }
+    let payload = vec![1u8; plain * page_size as usize];
+    let batch = PageBatch::new(block, 0, page_size, &entries, &payload).expect("batch");
+    let mut head = Vec::new();
+    batch.encode_head(&mut head);
+    head
+}
+
+#[test]
+fn direct_targets_join_adjacent_pages_and_refuse_what_the_ram_lacks() {
+    let region = Arc::new(GuestRegion::anonymous(8 * 4096).expect("mmap"));
+    let ram = Ram::new(vec![RamBlock::new("ram", Arc::clone(&region))]);
+    let targets = RamTargets::new(&ram, FreshMemory::Zeroed);
+    let head = head_of(&[(1, false), (2, false), (3, true), (4, false), (5, false)], 0, 4096);
+    let mut runs: Vec<GuestRun<'_>> = Vec::new();
+    assert!(targets.runs(&PageBatch::decode_head(&head).expect("head"), &mut runs));
+    let got: Vec<(usize, usize)> = runs.iter().map(|r| (r.offset, r.len)).collect();
+    assert_eq!(got, vec![(4096, 2 * 4096), (4 * 4096, 2 * 4096)]);
+    for refused in [
+        head_of(&[(8, false)], 0, 4096), // past the block's end
+        head_of(&[(0, false)], 1, 4096), // no such block
+        head_of(&[(0, false)], 0, 8192), // another page size
+    ] {
+        let mut runs = Vec::new();
+        assert!(!targets.runs(&PageBatch::decode_head(&refused).expect("head"), &mut runs));
+    }
+}
+
+#[test]
+fn fresh_file_backed_memory_is_filled_through_its_file_and_preallocated_memory_directly() {
+    let shm = memfd_region(4 * 4096);
+    let ram = Ram::new(vec![RamBlock::new("ram", shm)]);
+    let head = head_of(&[(0, false)], 0, 4096);
+    let batch = PageBatch::decode_head(&head).expect("head");
+    for (fresh, direct) in [
+        (FreshMemory::Zeroed, false),
+        (FreshMemory::Unknown, false),
+        (FreshMemory::Preallocated, true),
+    ] {
+        let targets = RamTargets::new(&ram, fresh);
+        let mut runs = Vec::new();
+        assert_eq!(targets.runs(&batch, &mut runs), direct, "{fresh:?}");
+        assert_eq!(runs.len(), usize::from(direct));
+    }
+}
+
+fn memfd_region(len: usize) -> Arc<GuestRegion> {
+    Arc::new(GuestRegion::memfd("dest-test", len).expect("memfd"))
+}
+
+#[test]
+fn a_placed_batch_is_recorded_from_its_hashes_and_needs_them() {
+    let region = Arc::new(GuestRegion::anonymous(4 * 4096).expect("mmap"));
+    let ram = Ram::new(vec![RamBlock::new("ram", Arc::clone(&region))]);
+    let placer = Placer::new(&ram, FreshMemory::Zeroed);
+    let head = head_of(&[(0, true), (2, false)], 0, 4096);
+    let batch = PageBatch::decode_head(&head).expect("head");
+    let err = placer.plan(&batch).err().expect("no hashes");
+    assert!(err.to_string().contains("without its page hashes"), "{err}");
+    // The transport wrote page 2 and hashed it there.
+    region.fill(2 * 4096, 4096, 0x5a).expect("fill");
+    let hash = crate::verify::page_hash(&[0x5a; 4096]);
+    let placement = placer.plan(&batch.with_hashes(&[hash])).expect("plan");
+    assert!(placement.is_empty(), "nothing left to write");
+    let zero = crate::verify::page_hash(&[0; 4096]);
+    assert_eq!(placer.digests(), vec![crate::verify::block_digest(&[zero, 0, hash, 0])]);
 }
