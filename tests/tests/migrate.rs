@@ -169,7 +169,20 @@ fn preallocated_destination_receives_a_guest_of_its_size_and_refuses_others() {
         "the refusal names --prealloc: {json:#}"
     );
     recv.wait_stderr_prefix("refused connection from ");
-    let send = migration_tests::spawn_send(addr, &["--mem-size", "32M", "--dirty-rate", "8M", "--json"]);
+    let send = migration_tests::spawn_send(
+        addr,
+        &[
+            "--mem-size",
+            "32M",
+            "--dirty-rate",
+            "8M",
+            "--channels",
+            "2",
+            "--content",
+            "zero-heavy",
+            "--json",
+        ],
+    );
     let (_send_json, recv_json) = migration_tests::assert_pair_completed(send, recv);
     assert_eq!(migration_tests::num(&recv_json, "ram_bytes"), 32 << 20, "{recv_json:#}");
 }
