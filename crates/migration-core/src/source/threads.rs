@@ -140,12 +140,20 @@ impl PageEncoder {
         let mut filled = 0;
         let mut zero = 0;
         for page in run.first..run.first + run.count {
+            let offset = page as usize * page_size;
+            // A zero page is recognised where it lies (a read at several
+            // times the speed of a copy) and never copied. A write racing
+            // with the check is in the dirty log, so the page goes again.
+            let zero_in_place = self.zero_pages
+                && block
+                    .region()
+                    .is_zero(offset, page_size)
+                    .map_err(ChannelFailure::Memory)?;
             let slot = &mut self.payload[filled..filled + page_size];
-            block
-                .region()
-                .read(page as usize * page_size, slot)
-                .map_err(ChannelFailure::Memory)?;
-            let encoding = if self.zero_pages && is_zero_buf(slot) {
+            if !zero_in_place {
+                block.region().read(offset, slot).map_err(ChannelFailure::Memory)?;
+            }
+            let encoding = if zero_in_place || (self.zero_pages && is_zero_buf(slot)) {
                 zero += 1;
                 PageEncoding::Zero
             } else {
