@@ -4,7 +4,10 @@
 //! never hands out `&[u8]` or `&mut [u8]` of it (that would be a data race, undefined
 //! behaviour). All access goes through the volatile copies of the private `volatile` module,
 //! the same contract as vm-memory's `VolatileSlice`: what is read is a snapshot copied once
-//! into a private buffer, and the zero check, checksum and compression work on that copy.
+//! into a private buffer, and the checksum and compression work on that copy. Two reads stay
+//! in place: [`GuestRegion::is_zero`] (a page found zero is sent as a flag, never copied; a
+//! write racing with the check is caught by dirty tracking, which sends the page again), and
+//! the kernel's own writes of received bytes ([`GuestRegion::recv_from`]).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
