@@ -5,6 +5,7 @@ mod memory;
 mod recv;
 mod report;
 mod send;
+mod snapshot;
 mod units;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +47,12 @@ enum Command {
     Recv(recv::RecvArgs),
     /// Run a receiver and a sender on loopback with a synthetic guest.
     Demo(demo::DemoArgs),
+    /// Save a running guest to a snapshot file (live: pages dirtied meanwhile are rewritten in place).
+    Save(snapshot::SaveArgs),
+    /// Restore a guest from a snapshot file and run it.
+    Restore(snapshot::RestoreArgs),
+    /// Describe a snapshot file: format, blocks, pages stored, digests, complete or not.
+    Inspect(snapshot::InspectArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +67,9 @@ fn main() -> ExitCode {
         Command::Send(args) => send::run(args),
         Command::Recv(args) => recv::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Save(args) => snapshot::save(args),
+        Command::Restore(args) => snapshot::restore(args),
+        Command::Inspect(args) => snapshot::inspect(args),
     };
     ExitCode::from(code)
 }

@@ -126,22 +126,42 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
             return Err(err.context("preparing guest RAM"));
         }
     };
-    report.ram_bytes = Some(memory.ram.total_bytes());
-    let mut guest = SyntheticGuest::destination(memory.regions());
     report.setup(setup_start.elapsed());
-
-    let mut progress = Progress::new("recv");
-    let quiet = args.quiet;
     let io_timeout = args.io_timeout;
     let mut accept =
         || -> Result<Box<dyn Channel>, TransportError> { Ok(Box::new(listener.accept_within(Some(io_timeout))?)) };
-    let result = run_destination(
+    receive(
         incoming,
         &mut accept,
+        memory,
+        &options,
+        args.quiet,
+        args.run_for,
+        report,
+    )
+}
+
+/// Receives an accepted migration into `memory`, runs the guest for
+/// `run_for` once it resumed and reports; shared by `recv` and `restore`.
+pub fn receive(
+    incoming: dest::Incoming,
+    accept: &mut dyn FnMut() -> Result<Box<dyn Channel>, TransportError>,
+    memory: memory::GuestMemory,
+    options: &DestOptions,
+    quiet: bool,
+    run_for: Duration,
+    report: &mut Report,
+) -> Result<u8> {
+    report.ram_bytes = Some(memory.ram.total_bytes());
+    let mut guest = SyntheticGuest::destination(memory.regions());
+    let mut progress = Progress::new(report.role);
+    let result = run_destination(
+        incoming,
+        accept,
         &memory.ram,
         memory.fresh,
         &mut guest,
-        &options,
+        options,
         &mut |event| match event {
             Event::ChannelRefused { peer, reason } => eprintln!("refused connection from {peer}: {reason}"),
             _ if !quiet => progress.event(event),
@@ -192,7 +212,7 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
         report.error = Some(report.error.take().map_or(text.clone(), |e| format!("{e}; {text}")));
     }
     // Let the guest run for a moment, as a VMM would keep it running.
-    std::thread::sleep(args.run_for);
+    std::thread::sleep(run_for);
     let guest_ok = check.is_some_and(|c| c.is_ok());
     Ok(if verified && guest_ok { exit::OK } else { exit::MISMATCH })
 }

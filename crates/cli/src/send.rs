@@ -29,6 +29,24 @@ pub struct SendArgs {
     /// Destination address (HOST:PORT) where `migrate-cli recv` listens.
     #[arg(long)]
     pub to: String,
+    /// Compression of page batches on the channel threads: none, lz4, zstd
+    /// or zstd:LEVEL (a batch that would not shrink is sent as it is).
+    #[arg(long, default_value = "none")]
+    pub compress: Compression,
+    /// How channel threads move bytes: io_uring (a ring per thread; plain
+    /// calls where the kernel refuses it) or plain system calls.
+    #[arg(long, default_value = "uring", value_parser = ["uring", "plain"])]
+    pub io: String,
+    /// How long to keep retrying the connection.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub connect_timeout: Duration,
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+/// The guest and the precopy settings, shared by `send` and `save`.
+#[derive(Debug, clap::Args)]
+pub struct SourceArgs {
     /// Back guest RAM with this existing file (MAP_SHARED), keeping its content.
     #[arg(long, conflicts_with = "mem_size")]
     pub mem_file: Option<PathBuf>,
@@ -68,34 +86,37 @@ pub struct SendArgs {
     /// Seed of the synthetic guest's contents and choices.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Parallel channels (connections, each with a thread of its own) that
-    /// carry pages; the destination's `--channels` is the limit.
+    /// Parallel channels (connections or file writers, each with a thread
+    /// of its own) that carry pages; a destination's `--channels` is the
+    /// limit.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: u16,
-    /// Compression of page batches on the channel threads: none, lz4, zstd
-    /// or zstd:LEVEL (a batch that would not shrink is sent as it is).
-    #[arg(long, default_value = "none")]
-    pub compress: Compression,
     /// Longest wait for the destination's answers, and the TCP user timeout.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub io_timeout: Duration,
-    /// How channel threads move bytes: io_uring (a ring per thread; plain
-    /// calls where the kernel refuses it) or plain system calls.
-    #[arg(long, default_value = "uring", value_parser = ["uring", "plain"])]
-    pub io: String,
-    /// How long to keep retrying the connection.
-    #[arg(long, value_parser = parse_duration, default_value = "10s")]
-    pub connect_timeout: Duration,
     /// Print one JSON object with the outcome on stdout.
     #[arg(long)]
     pub json: bool,
 }
 
+/// Where the source sends its guest.
+pub enum Target<'a> {
+    /// A `migrate-cli recv` over TCP.
+    Tcp(&'a SendArgs),
+    /// A snapshot file.
+    File(&'a transport_file::SaveTarget),
+}
+
 pub fn run(args: SendArgs) -> u8 {
-    let mut report = Report::new("send");
+    run_to("send", &args.source, Target::Tcp(&args))
+}
+
+/// Runs the source side into `target`, reporting as `role`.
+pub fn run_to(role: &'static str, args: &SourceArgs, target: Target<'_>) -> u8 {
+    let mut report = Report::new(role);
     report.writes_after_resume = Some(None);
     report.source_resumed = Some(false);
-    let outcome = send(&args, &mut report);
+    let outcome = send(args, target, &mut report);
     crate::report::finish(report, args.json, outcome)
 }
 
@@ -106,7 +127,7 @@ fn session_id() -> SessionId {
     SessionId(nanos ^ (u64::from(std::process::id()) << 32))
 }
 
-fn send(args: &SendArgs, report: &mut Report) -> Result<u8> {
+fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8> {
     let setup_start = Instant::now();
     let memory: GuestMemory = match &args.mem_file {
         Some(path) => memory::source_file(path)?,
@@ -129,13 +150,22 @@ fn send(args: &SendArgs, report: &mut Report) -> Result<u8> {
     guest.start().context("starting the synthetic guest")?;
     report.source_resumed = Some(true);
 
-    let tcp = TcpOptions {
-        connect_timeout: args.connect_timeout,
-        io_timeout: args.io_timeout,
-        io_uring: args.io == "uring",
-        ..TcpOptions::default()
+    let tcp = match target {
+        Target::Tcp(send) => TcpOptions {
+            connect_timeout: send.connect_timeout,
+            io_timeout: args.io_timeout,
+            io_uring: send.io == "uring",
+            ..TcpOptions::default()
+        },
+        Target::File(_) => TcpOptions::default(),
     };
-    let channel = match transport_tcp::connect(&args.to, &tcp) {
+    let mut connect = |index: u16| -> Result<Box<dyn Channel>, TransportError> {
+        Ok(match target {
+            Target::Tcp(send) => Box::new(transport_tcp::connect(&send.to, &tcp)?),
+            Target::File(file) => Box::new(file.channel(index)),
+        })
+    };
+    let channel = match connect(0) {
         Ok(channel) => channel,
         Err(err) => {
             report.writes_after_resume = Some(Some(writes_while_running(&guest, args.dirty_rate)));
@@ -165,15 +195,16 @@ fn send(args: &SendArgs, report: &mut Report) -> Result<u8> {
         reply_timeout: args.io_timeout,
         cancel: Cancel::from_flag(cancel),
         channels: args.channels,
-        compression: args.compress,
+        compression: match target {
+            Target::Tcp(send) => send.compress,
+            // A snapshot stores pages as they are.
+            Target::File(_) => Compression::None,
+        },
         ..SourceOptions::default()
     };
-    let mut progress = Progress::new("send");
-    let mut connect = |_index: u16| -> Result<Box<dyn Channel>, TransportError> {
-        Ok(Box::new(transport_tcp::connect(&args.to, &tcp)?))
-    };
+    let mut progress = Progress::new(report.role);
     let result = run_source(
-        Box::new(channel),
+        channel,
         &mut connect,
         &memory.ram,
         &mut guest,

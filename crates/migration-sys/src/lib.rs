@@ -7,10 +7,12 @@
 //! - [`WriteTracker`]: the kernel-tracked write log of one region, built from userfaultfd in
 //!   asynchronous write-protect mode ([`uffd`]) and the `PAGEMAP_SCAN` ioctl ([`pagemap`]).
 //! - [`is_zero_buf`]: a fast zero check of a private buffer.
+//! - [`AlignedBuf`]: a private buffer aligned for `O_DIRECT` file I/O.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment, and every ioctl number is checked at
 //! compile time against the `_IOC` computation it comes from.
 
+pub mod aligned;
 pub mod pagemap;
 pub mod region;
 pub mod tracker;
@@ -18,6 +20,7 @@ pub mod uffd;
 pub mod uring;
 mod volatile;
 
+pub use aligned::AlignedBuf;
 pub use region::GuestRegion;
 pub use tracker::WriteTracker;
 

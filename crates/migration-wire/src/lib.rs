@@ -63,6 +63,7 @@ pub mod control;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod mapped_ram;
 pub mod page;
 pub mod return_path;
 

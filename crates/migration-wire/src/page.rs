@@ -412,6 +412,31 @@ impl<'a> PageBatch<'a> {
         )
     }
 
+    /// A batch whose plain pages a transport read straight into their
+    /// place (from a file, say), so it carries no payload: what
+    /// [`PageBatch::decode_head`] gives for a received one. Attach the
+    /// pages' hashes with [`PageBatch::with_hashes`].
+    pub fn placed(block: u32, epoch: u64, page_size: u32, entries: &'a [u8]) -> Result<Self, WireError> {
+        let batch = Self {
+            block,
+            epoch,
+            page_size,
+            codec: Codec::None,
+            entries,
+            payload: &[],
+            hashes: None,
+            placed: true,
+        };
+        let plain = batch
+            .entries()
+            .flatten()
+            .filter(|e| e.encoding == PageEncoding::Plain)
+            .count() as u64;
+        let len = usize::try_from(plain.saturating_mul(page_size.into())).unwrap_or(usize::MAX);
+        batch.validate(len)?;
+        Ok(batch)
+    }
+
     /// Decodes a batch sent as is from its header and entry table alone
     /// (`head`, exactly [`BATCH_HEADER_LEN`] plus the entry table's length
     /// from [`batch_lengths`]), for a receiver that reads the payload

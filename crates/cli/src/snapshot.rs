@@ -1,0 +1,218 @@
+//! `migrate-cli save`, `restore` and `inspect`: snapshots in mapped-ram
+//! files.
+
+use crate::exit;
+use crate::memory;
+use crate::recv::receive;
+use crate::report::Report;
+use crate::send::{SourceArgs, Target, run_to};
+use crate::units::parse_duration;
+use anyhow::{Context, Result};
+use migration_core::dest::{self, DestOptions};
+use migration_core::{Channel, TransportError};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use transport_file::{FileError, RestoreSource, SaveOptions, SaveTarget, Snapshot};
+
+#[derive(Debug, clap::Args)]
+pub struct SaveArgs {
+    /// The snapshot file (a mapped-ram file: every page at a fixed offset).
+    /// It is written under a temporary name beside it and renamed once
+    /// committed, so an unfinished save never replaces a good snapshot.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Write page bytes with O_DIRECT (bypassing the page cache).
+    #[arg(long)]
+    pub direct_io: bool,
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+pub fn save(args: SaveArgs) -> u8 {
+    let target = SaveTarget::new(
+        &args.to,
+        SaveOptions {
+            direct_io: args.direct_io,
+        },
+    );
+    run_to("save", &args.source, Target::File(&target))
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// The snapshot file to restore.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Back guest RAM with this file (created or resized) instead of
+    /// anonymous memory.
+    #[arg(long)]
+    pub mem_file: Option<PathBuf>,
+    /// Parallel readers.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub channels: u16,
+    /// Read page bytes with O_DIRECT (bypassing the page cache).
+    #[arg(long)]
+    pub direct_io: bool,
+    /// How long the restored guest runs before the command exits.
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    pub run_for: Duration,
+    /// Print no progress lines (errors and the result still print).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Print one JSON object with the outcome on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn restore(args: RestoreArgs) -> u8 {
+    let mut report = Report::new("restore");
+    report.guest_check = Some(None);
+    let outcome = restore_into(&args, &mut report);
+    crate::report::finish(report, args.json, outcome)
+}
+
+fn restore_into(args: &RestoreArgs, report: &mut Report) -> Result<u8> {
+    let setup_start = Instant::now();
+    let source = RestoreSource::open(&args.from, args.channels, args.direct_io)?;
+    let options = DestOptions {
+        max_channels: args.channels,
+        ..DestOptions::default()
+    };
+    let incoming = dest::accept(Box::new(source.channel(0)), &options)
+        .map_err(anyhow::Error::new)
+        .context("reading the snapshot's handshake")?;
+    let layout: Vec<(String, u64)> = incoming
+        .blocks()
+        .blocks
+        .iter()
+        .map(|b| (b.name.clone(), b.length))
+        .collect();
+    // Anonymous memory by default: pages are read straight into it.
+    let memory = match &args.mem_file {
+        Some(_) => memory::destination(incoming.blocks(), args.mem_file.as_deref(), None)?,
+        None => memory::anonymous(&layout)?,
+    };
+    report.setup(setup_start.elapsed());
+    let mut next = 1u16;
+    let mut accept = || -> Result<Box<dyn Channel>, TransportError> {
+        let channel = source.channel(next);
+        next += 1;
+        Ok(Box::new(channel))
+    };
+    receive(
+        incoming,
+        &mut accept,
+        memory,
+        &options,
+        args.quiet,
+        args.run_for,
+        report,
+    )
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    /// The snapshot file.
+    pub file: PathBuf,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Inspection {
+    file: String,
+    format: &'static str,
+    version: u32,
+    complete: bool,
+    error: Option<String>,
+    file_bytes: Option<u64>,
+    ram_bytes: Option<u64>,
+    device_state_bytes: Option<u64>,
+    passes: Option<u64>,
+    blocks: Vec<InspectedBlock>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct InspectedBlock {
+    name: String,
+    bytes: u64,
+    page_size: u32,
+    pages: u64,
+    stored_pages: u64,
+    zero_pages: u64,
+    digest: String,
+}
+
+pub fn inspect(args: InspectArgs) -> u8 {
+    let mut inspection = Inspection {
+        file: args.file.display().to_string(),
+        format: "mapped-ram",
+        version: migration_wire::mapped_ram::FILE_VERSION,
+        complete: false,
+        error: None,
+        file_bytes: None,
+        ram_bytes: None,
+        device_state_bytes: None,
+        passes: None,
+        blocks: Vec::new(),
+    };
+    match Snapshot::open(&args.file) {
+        Ok(snapshot) => {
+            inspection.complete = true;
+            inspection.file_bytes = Some(snapshot.file_len);
+            inspection.ram_bytes = Some(snapshot.blocks().total_bytes());
+            inspection.device_state_bytes = Some(snapshot.commit.state_len);
+            inspection.passes = Some(snapshot.commit.epochs);
+            for (laid, summary) in snapshot.header.layout.blocks.iter().zip(&snapshot.commit.blocks) {
+                inspection.blocks.push(InspectedBlock {
+                    name: laid.block.name.clone(),
+                    bytes: laid.block.length,
+                    page_size: laid.block.page_size,
+                    pages: laid.pages(),
+                    stored_pages: summary.stored_pages,
+                    zero_pages: laid.pages() - summary.stored_pages,
+                    digest: format!("{:016x}", summary.digest),
+                });
+            }
+        }
+        Err(err) => {
+            if matches!(err, FileError::Unfinished { .. }) {
+                inspection.format = "mapped-ram (unfinished)";
+            }
+            inspection.error = Some(err.to_string());
+        }
+    }
+    if args.json {
+        match serde_json::to_string(&inspection) {
+            Ok(text) => println!("{text}"),
+            Err(err) => eprintln!("inspect: {err}"),
+        }
+    } else {
+        print_inspection(&inspection);
+    }
+    if inspection.complete { exit::OK } else { exit::FAILED }
+}
+
+fn print_inspection(i: &Inspection) {
+    println!("file: {}", i.file);
+    if let Some(err) = &i.error {
+        println!("error: {err}");
+        return;
+    }
+    println!("format: {} version {}", i.format, i.version);
+    println!("complete: {}", i.complete);
+    println!(
+        "size: {} bytes of file for {} bytes of RAM; device state {} bytes; {} passes",
+        i.file_bytes.unwrap_or(0),
+        i.ram_bytes.unwrap_or(0),
+        i.device_state_bytes.unwrap_or(0),
+        i.passes.unwrap_or(0)
+    );
+    for b in &i.blocks {
+        println!(
+            "block {}: {} bytes, {} pages of {} bytes, {} stored, {} zero, digest {}",
+            b.name, b.bytes, b.pages, b.page_size, b.stored_pages, b.zero_pages, b.digest
+        );
+    }
+}

@@ -1,0 +1,96 @@
+//! [`AlignedBuf`]: a private heap buffer aligned for `O_DIRECT` I/O.
+
+use std::alloc::{Layout, alloc_zeroed, dealloc, handle_alloc_error};
+use std::ptr::NonNull;
+
+/// Alignment of every [`AlignedBuf`]: enough for `O_DIRECT` on the file systems here.
+pub const DIRECT_IO_ALIGN: usize = 4096;
+
+/// A zero-initialised heap buffer whose start is [`DIRECT_IO_ALIGN`]-aligned, so that it can
+/// be the source or target of an `O_DIRECT` read or write. It is private memory, not guest
+/// memory: it derefs to an ordinary slice.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer owns its allocation exclusively, like a `Vec<u8>`; shared access only
+// reads it through `&[u8]`.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: as above: `&AlignedBuf` gives only `&[u8]`.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes (at least one alignment unit is allocated).
+    pub fn zeroed(len: usize) -> Self {
+        let layout = Self::layout(len);
+        // SAFETY: `layout` has a non-zero size (at least `DIRECT_IO_ALIGN`).
+        let raw = unsafe { alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            handle_alloc_error(layout)
+        };
+        Self { ptr, len }
+    }
+
+    fn layout(len: usize) -> Layout {
+        let size = len.max(1).next_multiple_of(DIRECT_IO_ALIGN);
+        Layout::from_size_align(size, DIRECT_IO_ALIGN).expect("a buffer size below isize::MAX")
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` points at an initialised (zeroed at allocation) block of at least
+        // `len` bytes that this value owns; the borrow ties the slice to `&self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes this the only borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `alloc_zeroed` with exactly this layout and is freed once.
+        unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf").field("len", &self.len).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_zeroed_and_writable() {
+        for len in [0, 1, 4096, 5000, 1 << 20] {
+            let mut buf = AlignedBuf::zeroed(len);
+            assert_eq!(buf.as_ptr() as usize % DIRECT_IO_ALIGN, 0);
+            assert_eq!(buf.len(), len);
+            assert!(buf.iter().all(|&b| b == 0));
+            buf.fill(7);
+            assert!(buf.iter().all(|&b| b == 7));
+        }
+    }
+}

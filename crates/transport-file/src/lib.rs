@@ -1,0 +1,69 @@
+//! Snapshot files: guest RAM and device state saved to a file and restored
+//! from it, through the same channel boundary as a live migration.
+//!
+//! A save is a live migration whose destination is a file. [`SaveTarget`]
+//! hands the source runtime (`migration_core::source::run_source`) channels
+//! that answer the handshake, acknowledge epochs and confirm the handover
+//! themselves, and write every page at its fixed offset of a mapped-ram file
+//! (format in [`migration_wire::mapped_ram`]). Several channels write in
+//! parallel, a page dirtied again is rewritten in place, so the file never
+//! outgrows the guest's RAM, and zero pages are never written (their bit
+//! stays clear and the file stays sparse). The save commits in this order:
+//! data, `fdatasync`, bitmaps, device state and the commit record,
+//! `fdatasync`, rename over the final name, `fsync` of the directory; until
+//! the rename the file has a temporary name, so an unfinished save never
+//! replaces a good snapshot.
+//!
+//! A restore is a live migration whose source is a file. [`RestoreSource`]
+//! checks the file (header, commit record, bitmaps) before anything is
+//! placed and hands the destination runtime
+//! (`migration_core::dest::run_destination`) channels that produce the
+//! stream a source would: every page, each channel reading its share with
+//! positional reads, the device state, and the digests kept in the commit
+//! record, which the destination compares with the pages it placed.
+#![forbid(unsafe_code)]
+
+mod replies;
+pub mod restore;
+pub mod save;
+
+pub use restore::{RestoreSource, Snapshot};
+pub use save::{SaveOptions, SaveTarget};
+
+/// Why a snapshot file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The operating system reported an error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid snapshot.
+    #[error("{path}: {problem}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The file was never committed (the save did not finish), or was
+    /// truncated or damaged at its end since.
+    #[error("{path}: not a finished snapshot ({problem})")]
+    Unfinished {
+        /// The file.
+        path: String,
+        /// What was found instead of a valid commit record.
+        problem: String,
+    },
+}
+
+fn io_error(context: impl Into<String>, source: std::io::Error) -> FileError {
+    FileError::Io {
+        context: context.into(),
+        source,
+    }
+}
