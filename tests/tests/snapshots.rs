@@ -1,0 +1,275 @@
+//! Snapshots: `save` of a running guest into a mapped-ram file, `restore`
+//! and `inspect`, and what a broken file gets. Files live on a disk file
+//! system (`/var/tmp`), where O_DIRECT means something.
+
+use migration_tests::{MIGRATION_WAIT, Output, Proc, field, lock, num, run};
+use serde_json::Value;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// A directory on disk, removed on drop.
+struct DiskDir(PathBuf);
+
+impl DiskDir {
+    fn new(tag: &str) -> Self {
+        let base = PathBuf::from("/var/tmp");
+        let base = if base.is_dir() { base } else { std::env::temp_dir() };
+        let dir = base.join(format!("migration-tests-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating a test directory");
+        Self(dir)
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.0.join(name).to_str().expect("utf-8").to_owned()
+    }
+}
+
+impl Drop for DiskDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn save(file: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["save", "--to", file, "--json"];
+    args.extend_from_slice(extra);
+    let out = Proc::spawn("save", &args).wait(MIGRATION_WAIT);
+    assert_eq!(out.code, Some(0), "save\n{}", out.describe());
+    let json = out.json();
+    assert_eq!(field(&json, "status"), "completed", "{json:#}");
+    assert_eq!(
+        field(&json, "verified"),
+        true,
+        "the file holds the frozen RAM: {json:#}"
+    );
+    json
+}
+
+fn restore(file: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["restore", "--from", file, "--json", "--run-for", "0s"];
+    args.extend_from_slice(extra);
+    Proc::spawn("restore", &args).wait(MIGRATION_WAIT)
+}
+
+fn assert_restored(out: &Output) -> Value {
+    assert_eq!(out.code, Some(0), "restore\n{}", out.describe());
+    let json = out.json();
+    assert_eq!(field(&json, "status"), "completed", "{json:#}");
+    assert_eq!(field(&json, "verified"), true, "{json:#}");
+    assert_eq!(field(&json, "guest_check"), "passed", "{json:#}");
+    json
+}
+
+fn inspect(file: &str) -> (Option<i32>, Value) {
+    let out = run(&["inspect", file, "--json"]);
+    let json = out.json();
+    (out.code, json)
+}
+
+#[test]
+fn a_dirtying_guest_saves_live_and_restores_verified_every_way() {
+    let _lock = lock();
+    let dir = DiskDir::new("roundtrip");
+    let file = dir.file("guest.snap");
+    let saved = save(
+        &file,
+        &[
+            "--mem-size",
+            "48M",
+            "--dirty-rate",
+            "32M",
+            "--content",
+            "zero-heavy",
+            "--channels",
+            "2",
+            "--direct-io",
+        ],
+    );
+    assert!(num(&saved, "zero_pages") > 0, "{saved:#}");
+    let (code, info) = inspect(&file);
+    assert_eq!(code, Some(0), "{info:#}");
+    assert_eq!(field(&info, "complete"), true, "{info:#}");
+    assert_eq!(num(&info, "ram_bytes"), 48 << 20, "{info:#}");
+    let blocks = field(&info, "blocks").as_array().expect("blocks");
+    let mut stored = 0;
+    for block in blocks {
+        assert_eq!(
+            num(block, "stored_pages") + num(block, "zero_pages"),
+            num(block, "pages")
+        );
+        stored += num(block, "stored_pages");
+    }
+    assert!(stored > 0, "{info:#}");
+    // Zero pages are holes: the file takes less disk than the guest's RAM.
+    let on_disk = std::fs::metadata(&file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512);
+    assert!(on_disk.expect("metadata") < 48 << 20, "a sparse file");
+    // Straight into anonymous memory, through O_DIRECT, with another
+    // number of readers; then into a file-backed guest through its file.
+    assert_restored(&restore(&file, &["--channels", "3", "--direct-io"]));
+    let mem = dir.file("restored.ram");
+    assert_restored(&restore(&file, &["--mem-file", &mem, "--channels", "1"]));
+    // No temporary file is left beside the snapshot.
+    let names: Vec<_> = std::fs::read_dir(&dir.0)
+        .expect("listing")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+/// A good small snapshot to break, with block 0 of 2050 pages (so its
+/// bitmap's last byte has unused bits).
+fn good_snapshot(dir: &DiskDir) -> String {
+    let file = dir.file("good.snap");
+    let size = ((4100 * 4096) as u64).to_string();
+    save(&file, &["--mem-size", &size, "--channels", "1"]);
+    file
+}
+
+fn broken_copy(dir: &DiskDir, good: &str, name: &str, damage: impl FnOnce(&std::fs::File, u64)) -> String {
+    let path = dir.file(name);
+    std::fs::copy(good, &path).expect("copying the snapshot");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open");
+    let len = file.metadata().expect("metadata").len();
+    damage(&file, len);
+    path
+}
+
+fn assert_refused(file: &str, problem: &str) {
+    let out = restore(file, &[]);
+    assert_eq!(out.code, Some(1), "restore of a broken file\n{}", out.describe());
+    let json = out.json();
+    assert_eq!(field(&json, "status"), "failed", "{json:#}");
+    let error = migration_tests::error_text(&json);
+    assert!(error.contains(problem), "wanted {problem:?} in the error: {json:#}");
+    assert!(
+        field(&json, "guest_check").is_null(),
+        "nothing ran from a broken file: {json:#}"
+    );
+    let (code, info) = inspect(file);
+    assert_eq!(code, Some(1), "{info:#}");
+    assert_eq!(field(&info, "complete"), false, "{info:#}");
+}
+
+#[test]
+fn broken_files_are_refused_naming_the_problem() {
+    let _lock = lock();
+    let dir = DiskDir::new("broken");
+    let good = good_snapshot(&dir);
+    let header_len = 4096u64;
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "not a finished snapshot",
+            broken_copy(&dir, &good, "truncated", |f, len| {
+                f.set_len(len - 4096).expect("truncate")
+            }),
+        ),
+        (
+            "not a finished snapshot",
+            broken_copy(&dir, &good, "uncommitted", |f, len| {
+                f.write_all_at(&[0; 4096], len - 4096).expect("write")
+            }),
+        ),
+        (
+            "magic",
+            broken_copy(&dir, &good, "magic", |f, _| f.write_all_at(b"XX", 0).expect("write")),
+        ),
+        (
+            "version",
+            broken_copy(&dir, &good, "version", |f, _| f.write_all_at(&[9], 8).expect("write")),
+        ),
+        (
+            "checksum",
+            broken_copy(&dir, &good, "header", |f, _| {
+                f.write_all_at(&[0x7f], 100).expect("write")
+            }),
+        ),
+        (
+            // Block 0 has 2050 pages: bit 7 of its bitmap's byte 256 is past the end.
+            "past the end of its block",
+            broken_copy(&dir, &good, "bitmap", |f, _| {
+                let mut byte = [0u8];
+                f.read_exact_at(&mut byte, header_len + 256).expect("read");
+                f.write_all_at(&[byte[0] | 0x80], header_len + 256).expect("write")
+            }),
+        ),
+        (
+            "bitmap changed",
+            broken_copy(&dir, &good, "bitmap-bit", |f, _| {
+                let mut byte = [0u8];
+                f.read_exact_at(&mut byte, header_len).expect("read");
+                f.write_all_at(&[byte[0] ^ 1], header_len).expect("write")
+            }),
+        ),
+        ("opening", dir.file("missing.snap")),
+    ];
+    for (problem, file) in &cases {
+        assert_refused(file, problem);
+    }
+    let (code, info) = inspect(&good);
+    assert_eq!(code, Some(0), "{info:#}");
+}
+
+#[test]
+fn a_damaged_page_never_passes_for_a_good_restore() {
+    let _lock = lock();
+    let dir = DiskDir::new("damaged-page");
+    let good = good_snapshot(&dir);
+    // Page 0 of block 0 (random content: stored) starts at 1 MiB.
+    let bad = broken_copy(&dir, &good, "page", |f, _| {
+        let mut byte = [0u8];
+        f.read_exact_at(&mut byte, 1 << 20).expect("read");
+        f.write_all_at(&[byte[0] ^ 0xff], 1 << 20).expect("write")
+    });
+    let out = restore(&bad, &[]);
+    assert_eq!(out.code, Some(3), "a restore that does not verify\n{}", out.describe());
+    let json = out.json();
+    assert_eq!(field(&json, "verified"), false, "{json:#}");
+    assert_eq!(field(&json, "mismatched_blocks"), &serde_json::json!([0]), "{json:#}");
+}
+
+#[test]
+fn an_unfinished_save_never_replaces_a_good_snapshot() {
+    let _lock = lock();
+    let dir = DiskDir::new("unfinished");
+    let file = dir.file("guest.snap");
+    save(&file, &["--mem-size", "16M"]);
+    let (_, before) = inspect(&file);
+    // A guest that dirties faster than the save may write keeps passing;
+    // kill it mid-save.
+    let mut saving = Proc::spawn(
+        "save",
+        &[
+            "save",
+            "--to",
+            &file,
+            "--mem-size",
+            "64M",
+            "--dirty-rate",
+            "64M",
+            "--max-bandwidth",
+            "16M",
+            "--max-iterations",
+            "0",
+            "--json",
+        ],
+    );
+    saving.wait_stderr_prefix("progress save");
+    saving.kill();
+    let (code, after) = inspect(&file);
+    assert_eq!(code, Some(0), "{after:#}");
+    assert_eq!(before, after, "the good snapshot is untouched");
+    // What the killed save left is named as unfinished, never a snapshot.
+    for entry in std::fs::read_dir(&dir.0).expect("listing") {
+        let path = entry.expect("entry").path();
+        if path != Path::new(&file) {
+            let (code, info) = inspect(path.to_str().expect("utf-8"));
+            assert_eq!(code, Some(1), "{info:#}");
+            assert_eq!(field(&info, "complete"), false, "{info:#}");
+        }
+    }
+}
