@@ -47,6 +47,10 @@ pub struct RestoreArgs {
     /// anonymous memory.
     #[arg(long)]
     pub mem_file: Option<PathBuf>,
+    /// Allocate and populate guest RAM of the snapshot's size before reading
+    /// pages, as a VMM that preallocates its memory.
+    #[arg(long, conflicts_with = "mem_file")]
+    pub prealloc: bool,
     /// Parallel readers.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: u16,
@@ -74,6 +78,11 @@ pub fn restore(args: RestoreArgs) -> u8 {
 fn restore_into(args: &RestoreArgs, report: &mut Report) -> Result<u8> {
     let setup_start = Instant::now();
     let source = RestoreSource::open(&args.from, args.channels, args.direct_io)?;
+    let prealloc = args
+        .prealloc
+        .then(|| memory::Preallocated::new(source.snapshot().blocks().total_bytes()))
+        .transpose()
+        .context("preallocating guest RAM (--prealloc)")?;
     let options = DestOptions {
         max_channels: args.channels,
         ..DestOptions::default()
@@ -88,9 +97,9 @@ fn restore_into(args: &RestoreArgs, report: &mut Report) -> Result<u8> {
         .map(|b| (b.name.clone(), b.length))
         .collect();
     // Anonymous memory by default: pages are read straight into it.
-    let memory = match &args.mem_file {
-        Some(_) => memory::destination(incoming.blocks(), args.mem_file.as_deref(), None)?,
-        None => memory::anonymous(&layout)?,
+    let memory = match (&args.mem_file, &prealloc) {
+        (None, None) => memory::anonymous(&layout)?,
+        _ => memory::destination(incoming.blocks(), args.mem_file.as_deref(), prealloc.as_ref())?,
     };
     report.setup(setup_start.elapsed());
     let mut next = 1u16;

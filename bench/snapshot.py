@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Snapshot benchmark: save and eager restore of a populated random guest,
+as ratios of dd with O_DIRECT moving the same bytes in the same run.
+
+    python3 bench/snapshot.py [--mem-size 2G] [--reps 3] [--dir /var/tmp]
+
+Each repetition runs, in this order:
+- dd writing the guest's size from a tmpfs file of random bytes to the
+  disk with oflag=direct bs=4M and a final fdatasync (the save baseline);
+- `migrate-cli save --direct-io` of an idle random guest of that size,
+  timed from the sender's "handshake done" line to its exit (every page
+  written, bitmaps, device state, fdatasync twice, rename, directory fsync,
+  and hashing the frozen RAM for the verification);
+- the page cache dropped, then dd reading the snapshot with iflag=direct
+  bs=4M (the restore baseline);
+- the page cache dropped, then `migrate-cli restore --direct-io --prealloc`,
+  rated by its JSON report (guest RAM / total_ms: first byte read to the
+  guest running, the digests compared after).
+Needs root (to drop the page cache) and a disk file system under --dir.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = os.path.join(ROOT, "target", "release", "migrate-cli")
+
+
+def size(text):
+    units = {"K": 10, "M": 20, "G": 30}
+    if text[-1].upper() in units:
+        return int(float(text[:-1]) * (1 << units[text[-1].upper()]))
+    return int(text)
+
+
+def drop_caches():
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def dd(args):
+    started = time.monotonic()
+    subprocess.run(["dd", "status=none"] + args, check=True)
+    return time.monotonic() - started
+
+
+def save(mem, path, channels):
+    send = subprocess.Popen(
+        [CLI, "save", "--to", path, "--mem-size", str(mem), "--content", "random", "--direct-io",
+         "--channels", str(channels), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = None
+    for line in send.stderr:
+        if "handshake done" in line and started is None:
+            started = time.monotonic()
+    report = json.loads(send.stdout.read().strip().splitlines()[-1])
+    send.wait(timeout=600)
+    finished = time.monotonic()
+    assert report["status"] == "completed" and report["verified"], report
+    return finished - started
+
+
+def restore(mem, path, channels):
+    out = subprocess.run(
+        [CLI, "restore", "--from", path, "--direct-io", "--prealloc", "--channels", str(channels),
+         "--json", "--quiet", "--run-for", "0s"],
+        capture_output=True, text=True, timeout=600)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["status"] == "completed" and report["verified"], report
+    return report["total_ms"] / 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mem-size", default="2G")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--channels", type=int, default=2)
+    parser.add_argument("--dir", default="/var/tmp")
+    args = parser.parse_args()
+    mem = size(args.mem_size)
+    subprocess.run(["cargo", "build", "--release", "-p", "migrate-cli"], cwd=ROOT, check=True)
+    tag = os.getpid()
+    random_src = f"/dev/shm/snapshot-bench-{tag}.rand"
+    dd_out = os.path.join(args.dir, f"snapshot-bench-{tag}.dd")
+    snap = os.path.join(args.dir, f"snapshot-bench-{tag}.snap")
+    count = mem // (4 << 20)
+    results = {k: [] for k in ["dd write", "save", "dd read", "restore"]}
+    try:
+        dd([f"if=/dev/urandom", f"of={random_src}", "bs=4M", f"count={count}"])
+        for rep in range(args.reps):
+            results["dd write"].append(mem / dd([f"if={random_src}", f"of={dd_out}", "bs=4M", f"count={count}",
+                                                 "oflag=direct", "conv=fdatasync"]))
+            os.remove(dd_out)
+            results["save"].append(mem / save(mem, snap, args.channels))
+            drop_caches()
+            results["dd read"].append(os.path.getsize(snap) / dd([f"if={snap}", "of=/dev/null", "bs=4M",
+                                                                  "iflag=direct"]))
+            drop_caches()
+            results["restore"].append(mem / restore(mem, snap, args.channels))
+            os.remove(snap)
+            print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1] / 1e9:.2f} GB/s" for k, v in results.items()),
+                  file=sys.stderr)
+    finally:
+        for path in [random_src, dd_out, snap]:
+            if os.path.exists(path):
+                os.remove(path)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"| case ({args.mem_size} random guest, {args.channels} channels, median of {args.reps}) | GB/s | ratio to dd |")
+    print("| --- | --- | --- |")
+    print(f"| dd write, oflag=direct bs=4M, fdatasync | {med['dd write'] / 1e9:.2f} | 1.00 |")
+    print(f"| save --direct-io (outside: handshake to exit) | {med['save'] / 1e9:.2f} | {med['save'] / med['dd write']:.2f} |")
+    print(f"| dd read, iflag=direct bs=4M, cache dropped | {med['dd read'] / 1e9:.2f} | 1.00 |")
+    print(f"| restore --direct-io --prealloc (JSON), cache dropped | {med['restore'] / 1e9:.2f} | {med['restore'] / med['dd read']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
