@@ -14,8 +14,11 @@
 //! that negotiated `UFFD_FEATURE_WP_ASYNC`, and [`Userfaultfd::register_write_protect`] only
 //! registers in write-protect mode. A write to a protected page is then resolved by the kernel
 //! itself (it unprotects the page and records it as written), so no thread ever waits for a
-//! fault handler, and no byte of memory changes. Missing-mode registration, which makes the
-//! kernel wait for someone to supply page contents, is not offered.
+//! fault handler, and no byte of memory changes.
+//!
+//! Missing-mode registration, which makes a faulting thread wait until someone supplies the
+//! page, is offered only by [`MissingPages`], which owns the region it registers and places
+//! pages with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` (a lazy restore, later postcopy).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -35,6 +38,8 @@ pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 /// Feature: the kernel resolves write-protect faults itself and records the page as written.
 pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 
+/// `UFFDIO_REGISTER` mode: missing-page faults wait for a handler.
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 /// `UFFDIO_REGISTER` mode: track write-protect faults.
 pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 /// `UFFDIO_WRITEPROTECT` mode: protect (clear it to unprotect).
@@ -94,6 +99,69 @@ pub(crate) const IOC_READ: u32 = 2;
 pub(crate) const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u64 {
     ((dir as u64) << 30) | ((size as u64) << 16) | ((ty as u64) << 8) | nr as u64
 }
+
+/// `struct uffdio_copy`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioCopy {
+    /// Destination address, page aligned.
+    pub dst: u64,
+    /// Source address.
+    pub src: u64,
+    /// Length in bytes, a multiple of the page size.
+    pub len: u64,
+    /// `UFFDIO_COPY_MODE_*` bits.
+    pub mode: u64,
+    /// On return, bytes copied, or a negated errno.
+    pub copy: i64,
+}
+
+/// `struct uffdio_zeropage`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioZeropage {
+    /// The range to map as zero pages.
+    pub range: UffdioRange,
+    /// Mode bits (`DONTWAKE` = 1).
+    pub mode: u64,
+    /// On return, bytes mapped, or a negated errno.
+    pub zeropage: i64,
+}
+
+/// `struct uffd_msg` (32 bytes), as far as page faults need it.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdMsg {
+    /// `UFFD_EVENT_*`.
+    pub event: u8,
+    reserved1: u8,
+    reserved2: u16,
+    reserved3: u32,
+    /// For a page fault: `UFFD_PAGEFAULT_FLAG_*`.
+    pub flags: u64,
+    /// For a page fault: the faulting address.
+    pub address: u64,
+    /// For a page fault: the thread id, when asked for.
+    pub ptid: u32,
+    reserved4: u32,
+}
+
+/// `uffd_msg.event` of a page fault.
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+/// `_IOWR(UFFDIO, 0x03, struct uffdio_copy)`.
+pub const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x03, size_of::<UffdioCopy>());
+/// `_IOWR(UFFDIO, 0x04, struct uffdio_zeropage)`.
+pub const UFFDIO_ZEROPAGE: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x04, size_of::<UffdioZeropage>());
+/// `_IOR(UFFDIO, 0x02, struct uffdio_range)`.
+pub const UFFDIO_WAKE: u64 = ioc(IOC_READ, UFFDIO, 0x02, size_of::<UffdioRange>());
+
+const _: () = assert!(size_of::<UffdioCopy>() == 40);
+const _: () = assert!(size_of::<UffdioZeropage>() == 32);
+const _: () = assert!(size_of::<UffdMsg>() == 32);
+const _: () = assert!(UFFDIO_COPY == 0xC028_AA03);
+const _: () = assert!(UFFDIO_ZEROPAGE == 0xC020_AA04);
+const _: () = assert!(UFFDIO_WAKE == 0x8010_AA02);
 
 /// `_IOWR(UFFDIO, 0x3F, struct uffdio_api)`.
 pub const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x3F, size_of::<UffdioApi>());
@@ -218,6 +286,191 @@ impl AsRawFd for Userfaultfd {
     }
 }
 
+/// A region whose pages are supplied on first touch: a userfaultfd in missing mode over the
+/// whole of an untouched anonymous [`GuestRegion`](crate::GuestRegion). A thread that touches
+/// a page not placed yet waits until [`MissingPages::copy`] or [`MissingPages::zero`] places
+/// it. The handler must never touch the region itself (it would wait on its own fault).
+#[derive(Debug)]
+pub struct MissingPages {
+    fd: OwnedFd,
+    region: std::sync::Arc<crate::GuestRegion>,
+}
+
+/// What placing a range came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// Every byte was placed.
+    All,
+    /// The first `n` bytes were placed; the page after them was present already.
+    UpTo(usize),
+}
+
+impl MissingPages {
+    /// Registers all of `region` (private anonymous memory none of whose pages were touched;
+    /// a touched page never faults) for missing-page faults, kernel accesses included.
+    pub fn register(region: std::sync::Arc<crate::GuestRegion>) -> Result<Self, SysError> {
+        if region.is_shared() {
+            return Err(SysError::Unsupported("missing-page faults on file-backed guest memory"));
+        }
+        let fd = open()?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        // SAFETY: `fd` is a userfaultfd and `api` a `struct uffdio_api`, the argument of
+        // UFFDIO_API; the handshake only configures the descriptor.
+        unsafe { ioctl(&fd, UFFDIO_API, &mut api, "UFFDIO_API") }?;
+        let mut reg = UffdioRegister {
+            range: range(region.addr(), region.len()),
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: `reg` is a `struct uffdio_register`, the argument of UFFDIO_REGISTER, over
+        // exactly the region's mapping, which `self` keeps alive (it holds the `Arc`) for as
+        // long as the registration exists. Missing mode changes no memory; it makes threads
+        // touching an absent page wait for `copy`/`zero`, which `self` offers.
+        unsafe { ioctl(&fd, UFFDIO_REGISTER, &mut reg, "UFFDIO_REGISTER") }?;
+        Ok(Self { fd, region })
+    }
+
+    /// The region.
+    pub fn region(&self) -> &std::sync::Arc<crate::GuestRegion> {
+        &self.region
+    }
+
+    /// Waits at most `timeout` for the next fault and returns its byte offset in the region
+    /// (rounded down to the page), or `None` when none came.
+    pub fn next_fault(&self, timeout: std::time::Duration) -> Result<Option<usize>, SysError> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: `pfd` is one live `pollfd`, and we pass a count of 1.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(None);
+            }
+            return Err(SysError::Os { op: "poll", source: err });
+        }
+        if rc == 0 {
+            return Ok(None);
+        }
+        let mut msg = UffdMsg::default();
+        // SAFETY: we read at most `size_of::<UffdMsg>()` bytes into `msg`, a plain struct
+        // for which any bytes are valid.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                std::ptr::from_mut(&mut msg).cast(),
+                size_of::<UffdMsg>(),
+            )
+        };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) {
+                return Ok(None);
+            }
+            return Err(SysError::Os { op: "read userfaultfd", source: err });
+        }
+        if n as usize != size_of::<UffdMsg>() || msg.event != UFFD_EVENT_PAGEFAULT {
+            return Ok(None);
+        }
+        let offset = (msg.address as usize).wrapping_sub(self.region.addr());
+        if offset >= self.region.len() {
+            return Ok(None);
+        }
+        Ok(Some(offset / crate::PAGE_SIZE * crate::PAGE_SIZE))
+    }
+
+    /// Places `src` (whole pages) at `offset` atomically and wakes any thread waiting on
+    /// those pages. A page present already stops the copy there ([`Placed::UpTo`]).
+    pub fn copy(&self, offset: usize, src: &[u8]) -> Result<Placed, SysError> {
+        let start = self.page_range(offset, src.len())?;
+        let mut copy = UffdioCopy {
+            dst: start as u64,
+            src: src.as_ptr() as u64,
+            len: src.len() as u64,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: `copy` is a `struct uffdio_copy`, the argument of UFFDIO_COPY. The kernel
+        // reads `src` (a private buffer, borrowed for the call) and fills absent pages of
+        // the registered range inside our region (checked by `page_range`); it never
+        // replaces a present page.
+        let result = unsafe { ioctl(&self.fd, UFFDIO_COPY, &mut copy, "UFFDIO_COPY") };
+        self.outcome(result, copy.copy)
+    }
+
+    /// Maps `len` bytes at `offset` as zero pages and wakes waiting threads; a present page
+    /// stops it there ([`Placed::UpTo`]).
+    pub fn zero(&self, offset: usize, len: usize) -> Result<Placed, SysError> {
+        let start = self.page_range(offset, len)?;
+        let mut zero = UffdioZeropage {
+            range: range(start, len),
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: `zero` is a `struct uffdio_zeropage`, the argument of UFFDIO_ZEROPAGE; the
+        // kernel maps the zero page into absent pages of our registered range only.
+        let result = unsafe { ioctl(&self.fd, UFFDIO_ZEROPAGE, &mut zero, "UFFDIO_ZEROPAGE") };
+        self.outcome(result, zero.zeropage)
+    }
+
+    /// Wakes threads waiting on `[offset, offset + len)` (after a page they wait on turned out
+    /// to be present already).
+    pub fn wake(&self, offset: usize, len: usize) -> Result<(), SysError> {
+        let mut r = range(self.page_range(offset, len)?, len);
+        // SAFETY: `r` is a `struct uffdio_range`, the argument of UFFDIO_WAKE, which only
+        // wakes threads.
+        unsafe { ioctl(&self.fd, UFFDIO_WAKE, &mut r, "UFFDIO_WAKE") }
+    }
+
+    fn page_range(&self, offset: usize, len: usize) -> Result<usize, SysError> {
+        if offset % crate::PAGE_SIZE != 0 || len % crate::PAGE_SIZE != 0 || len == 0 {
+            return Err(SysError::InvalidLength {
+                len,
+                reason: "placing needs whole, aligned pages",
+            });
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.region.len() => Ok(self.region.addr() + offset),
+            _ => Err(SysError::OutOfBounds {
+                offset,
+                len,
+                size: self.region.len(),
+            }),
+        }
+    }
+
+    fn outcome(&self, result: Result<(), SysError>, done: i64) -> Result<Placed, SysError> {
+        match result {
+            Ok(()) => Ok(Placed::All),
+            Err(SysError::Os { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(Placed::UpTo(done.max(0) as usize))
+            }
+            // Interrupted part way: report what was placed; the caller goes on from there.
+            Err(SysError::Os { source, .. }) if source.raw_os_error() == Some(libc::EAGAIN) && done > 0 => {
+                Ok(Placed::UpTo(done as usize))
+            }
+            Err(err) => Err(err),
+        }
+    }
+}
+
+impl Drop for MissingPages {
+    fn drop(&mut self) {
+        let mut r = range(self.region.addr(), self.region.len());
+        // SAFETY: `r` is a `struct uffdio_range`, the argument of UFFDIO_UNREGISTER. After it,
+        // absent pages fault in as zeros as usual; closing the descriptor would do the same.
+        let _ = unsafe { ioctl(&self.fd, UFFDIO_UNREGISTER, &mut r, "UFFDIO_UNREGISTER") };
+    }
+}
+
 /// Builds a `struct uffdio_range`.
 fn range(start: usize, len: usize) -> UffdioRange {
     UffdioRange {
@@ -301,6 +554,43 @@ mod tests {
         assert_eq!(features & needed, needed, "features {features:#x}");
         let uffd = Userfaultfd::new(needed).unwrap();
         assert_eq!(uffd.features() & needed, needed);
+    }
+
+    #[test]
+    fn missing_pages_wait_until_placed() {
+        use std::sync::Arc;
+        let region = Arc::new(crate::GuestRegion::anonymous(8 * crate::PAGE_SIZE).unwrap());
+        let missing = MissingPages::register(Arc::clone(&region)).unwrap();
+        // Pages 0..2 placed ahead: no fault.
+        let mut data = vec![0x5au8; 2 * crate::PAGE_SIZE];
+        assert_eq!(missing.copy(0, &data).unwrap(), Placed::All);
+        // A second copy over a present page stops there.
+        data.fill(0x11);
+        assert_eq!(missing.copy(crate::PAGE_SIZE, &data).unwrap(), Placed::UpTo(0));
+        // A reader of page 5 waits for the handler, which serves it.
+        let reader = {
+            let region = Arc::clone(&region);
+            std::thread::spawn(move || {
+                let mut page = vec![0u8; crate::PAGE_SIZE];
+                region.read(5 * crate::PAGE_SIZE, &mut page).unwrap();
+                page
+            })
+        };
+        let fault = loop {
+            if let Some(offset) = missing.next_fault(std::time::Duration::from_secs(30)).unwrap() {
+                break offset;
+            }
+        };
+        assert_eq!(fault, 5 * crate::PAGE_SIZE);
+        assert_eq!(missing.copy(fault, &[0x77; crate::PAGE_SIZE]).unwrap(), Placed::All);
+        assert!(reader.join().unwrap().iter().all(|&b| b == 0x77));
+        assert_eq!(missing.zero(6 * crate::PAGE_SIZE, 2 * crate::PAGE_SIZE).unwrap(), Placed::All);
+        assert!(region.is_zero(6 * crate::PAGE_SIZE, 2 * crate::PAGE_SIZE).unwrap());
+        let mut page = vec![0u8; crate::PAGE_SIZE];
+        region.read(crate::PAGE_SIZE, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0x5a), "the first copy stands");
+        assert!(missing.copy(8 * crate::PAGE_SIZE, &data[..crate::PAGE_SIZE]).is_err());
+        assert!(missing.copy(1, &data[..crate::PAGE_SIZE]).is_err());
     }
 
     #[test]
