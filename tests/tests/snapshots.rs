@@ -117,6 +117,34 @@ fn a_dirtying_guest_saves_live_and_restores_verified_every_way() {
     assert_eq!(names.len(), 2, "{names:?}");
 }
 
+#[test]
+fn a_lazy_restore_runs_the_guest_first_and_loads_every_page_verified() {
+    let _lock = lock();
+    let dir = DiskDir::new("lazy");
+    let file = dir.file("guest.snap");
+    save(
+        &file,
+        &["--mem-size", "32M", "--dirty-rate", "16M", "--content", "text"],
+    );
+    for extra in [&[][..], &["--direct-io", "--channels", "1"][..]] {
+        let mut args = vec!["--lazy"];
+        args.extend_from_slice(extra);
+        let json = assert_restored(&restore(&file, &args));
+        let lazy = field(&json, "lazy");
+        let pages = (32u64 << 20) / 4096;
+        assert_eq!(num(lazy, "faults") + num(lazy, "prefetched_pages"), pages, "{json:#}");
+        for key in [
+            "fault_p50_us",
+            "fault_p99_us",
+            "fault_max_us",
+            "first_access_ms",
+            "all_loaded_ms",
+        ] {
+            assert!(field(lazy, key).is_number(), "{key}: {json:#}");
+        }
+    }
+}
+
 /// A good small snapshot to break, with block 0 of 2050 pages (so its
 /// bitmap's last byte has unused bits).
 fn good_snapshot(dir: &DiskDir) -> String {

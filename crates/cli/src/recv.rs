@@ -200,7 +200,12 @@ pub fn receive(
         // Never ran: the source keeps the VM; discard.
         return Ok(exit::FAILED);
     }
-    // The guest runs here now: its first act is to check its own pages.
+    Ok(run_resumed(&guest, verified, run_for, report))
+}
+
+/// The guest runs here now: waits for its check of its own pages, lets it
+/// run for `run_for`, and returns the exit code.
+pub fn run_resumed(guest: &SyntheticGuest, verified: bool, run_for: Duration, report: &mut Report) -> u8 {
     let check = guest.wait_check(Duration::from_secs(600));
     report.guest_check = Some(Some(match check {
         Some(check) if check.is_ok() => "passed",
@@ -214,7 +219,7 @@ pub fn receive(
     // Let the guest run for a moment, as a VMM would keep it running.
     std::thread::sleep(run_for);
     let guest_ok = check.is_some_and(|c| c.is_ok());
-    Ok(if verified && guest_ok { exit::OK } else { exit::MISMATCH })
+    if verified && guest_ok { exit::OK } else { exit::MISMATCH }
 }
 
 /// Physical memory of this host (`MemTotal`), the default limit on what a

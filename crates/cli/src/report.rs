@@ -55,6 +55,26 @@ pub struct Report {
     pub guest_check: Option<Option<&'static str>>,
     /// Blocks whose digests differ.
     pub mismatched_blocks: Vec<u32>,
+    /// Lazy restore: pages loaded on first touch and in the background.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<LazyStats>,
+}
+
+/// What a lazy restore reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct LazyStats {
+    /// Faults served (pages loaded because the guest touched them).
+    pub faults: u64,
+    /// Pages the prefetcher loaded.
+    pub prefetched_pages: u64,
+    /// Fault service time: median, 99th percentile, longest (microseconds).
+    pub fault_p50_us: f64,
+    pub fault_p99_us: f64,
+    pub fault_max_us: f64,
+    /// From the command's start to the guest's first completed access to its memory.
+    pub first_access_ms: Option<f64>,
+    /// From the command's start to every page loaded.
+    pub all_loaded_ms: f64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -88,6 +108,7 @@ impl Report {
             writes_after_resume: None,
             guest_check: None,
             mismatched_blocks: Vec::new(),
+            lazy: None,
         }
     }
 

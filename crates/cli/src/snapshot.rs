@@ -3,16 +3,18 @@
 
 use crate::exit;
 use crate::memory;
-use crate::recv::receive;
-use crate::report::Report;
+use crate::recv::{receive, run_resumed};
+use crate::report::{LazyStats, Report, Status};
 use crate::send::{SourceArgs, Target, run_to};
 use crate::units::parse_duration;
 use anyhow::{Context, Result};
+use migration_core::Vm;
 use migration_core::dest::{self, DestOptions};
 use migration_core::{Channel, TransportError};
+use reference_guest::SyntheticGuest;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use transport_file::{FileError, RestoreSource, SaveOptions, SaveTarget, Snapshot};
+use transport_file::{FileError, LazyRestore, RestoreSource, SaveOptions, SaveTarget, Snapshot};
 
 #[derive(Debug, clap::Args)]
 pub struct SaveArgs {
@@ -57,6 +59,10 @@ pub struct RestoreArgs {
     /// Read page bytes with O_DIRECT (bypassing the page cache).
     #[arg(long)]
     pub direct_io: bool,
+    /// Run the guest at once: pages load on first touch (userfaultfd) while
+    /// `--channels` prefetch threads load the rest.
+    #[arg(long, conflicts_with_all = ["mem_file", "prealloc"])]
+    pub lazy: bool,
     /// How long the restored guest runs before the command exits.
     #[arg(long, value_parser = parse_duration, default_value = "500ms")]
     pub run_for: Duration,
@@ -69,10 +75,68 @@ pub struct RestoreArgs {
 }
 
 pub fn restore(args: RestoreArgs) -> u8 {
+    let started = Instant::now();
     let mut report = Report::new("restore");
     report.guest_check = Some(None);
-    let outcome = restore_into(&args, &mut report);
+    let outcome = if args.lazy {
+        restore_lazily(&args, started, &mut report)
+    } else {
+        restore_into(&args, &mut report)
+    };
     crate::report::finish(report, args.json, outcome)
+}
+
+/// The guest resumes before its pages are loaded; see `transport_file::lazy`.
+fn restore_lazily(args: &RestoreArgs, started: Instant, report: &mut Report) -> Result<u8> {
+    let snapshot = Snapshot::open(&args.from)?;
+    let layout: Vec<(String, u64)> = snapshot
+        .blocks()
+        .blocks
+        .iter()
+        .map(|b| (b.name.clone(), b.length))
+        .collect();
+    let memory = memory::anonymous(&layout)?;
+    report.ram_bytes = Some(memory.ram.total_bytes());
+    let lazy = LazyRestore::start(snapshot, &memory.ram, usize::from(args.channels), args.direct_io)?;
+    let mut guest = SyntheticGuest::destination(memory.regions());
+    guest
+        .load_device_state(lazy.device_state())
+        .map_err(anyhow::Error::new)
+        .context("loading the snapshot's device state")?;
+    guest
+        .resume()
+        .map_err(anyhow::Error::new)
+        .context("running the restored guest")?;
+    report.setup(started.elapsed());
+    if !args.quiet {
+        eprintln!("restore: guest running, pages load on first touch");
+    }
+    let loaded = lazy.wait(Duration::from_secs(600))?;
+    let all_loaded = started.elapsed();
+    report.status = Status::Completed;
+    report.total_ms = Some(all_loaded.as_secs_f64() * 1e3);
+    report.ram_bytes_per_sec = Some(memory.ram.total_bytes() as f64 / all_loaded.as_secs_f64());
+    report.verified = Some(loaded.mismatched_blocks.is_empty());
+    report.mismatched_blocks = loaded.mismatched_blocks.clone();
+    if !loaded.mismatched_blocks.is_empty() {
+        report.error = Some(format!(
+            "guest RAM differs from the snapshot in blocks {:?}",
+            loaded.mismatched_blocks
+        ));
+    }
+    let code = run_resumed(&guest, loaded.mismatched_blocks.is_empty(), args.run_for, report);
+    report.lazy = Some(LazyStats {
+        faults: loaded.faulted_pages,
+        prefetched_pages: loaded.prefetched_pages,
+        fault_p50_us: loaded.fault_p50_us,
+        fault_p99_us: loaded.fault_p99_us,
+        fault_max_us: loaded.fault_max_us,
+        first_access_ms: guest
+            .first_access()
+            .map(|at| at.saturating_duration_since(started).as_secs_f64() * 1e3),
+        all_loaded_ms: all_loaded.as_secs_f64() * 1e3,
+    });
+    Ok(code)
 }
 
 fn restore_into(args: &RestoreArgs, report: &mut Report) -> Result<u8> {

@@ -355,7 +355,10 @@ impl MissingPages {
             if err.kind() == std::io::ErrorKind::Interrupted {
                 return Ok(None);
             }
-            return Err(SysError::Os { op: "poll", source: err });
+            return Err(SysError::Os {
+                op: "poll",
+                source: err,
+            });
         }
         if rc == 0 {
             return Ok(None);
@@ -372,10 +375,16 @@ impl MissingPages {
         };
         if n < 0 {
             let err = std::io::Error::last_os_error();
-            if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) {
+            if matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) {
                 return Ok(None);
             }
-            return Err(SysError::Os { op: "read userfaultfd", source: err });
+            return Err(SysError::Os {
+                op: "read userfaultfd",
+                source: err,
+            });
         }
         if n as usize != size_of::<UffdMsg>() || msg.event != UFFD_EVENT_PAGEFAULT {
             return Ok(None);
@@ -584,7 +593,10 @@ mod tests {
         assert_eq!(fault, 5 * crate::PAGE_SIZE);
         assert_eq!(missing.copy(fault, &[0x77; crate::PAGE_SIZE]).unwrap(), Placed::All);
         assert!(reader.join().unwrap().iter().all(|&b| b == 0x77));
-        assert_eq!(missing.zero(6 * crate::PAGE_SIZE, 2 * crate::PAGE_SIZE).unwrap(), Placed::All);
+        assert_eq!(
+            missing.zero(6 * crate::PAGE_SIZE, 2 * crate::PAGE_SIZE).unwrap(),
+            Placed::All
+        );
         assert!(region.is_zero(6 * crate::PAGE_SIZE, 2 * crate::PAGE_SIZE).unwrap());
         let mut page = vec![0u8; crate::PAGE_SIZE];
         region.read(crate::PAGE_SIZE, &mut page).unwrap();

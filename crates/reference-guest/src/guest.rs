@@ -197,6 +197,12 @@ impl SyntheticGuest {
         }
     }
 
+    /// When the guest first completed an access to its memory after it started (on a
+    /// destination: the self-check's first page read).
+    pub fn first_access(&self) -> Option<std::time::Instant> {
+        self.shared.first_access.get().copied()
+    }
+
     /// The destination's self-check verdict, waiting up to `timeout` for it to be computed.
     pub fn wait_check(&self, timeout: Duration) -> Option<CheckReport> {
         let control = self.shared.lock();

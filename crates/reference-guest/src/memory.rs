@@ -58,6 +58,9 @@ pub(crate) struct Shared {
     pub(crate) stopping: AtomicBool,
     pub(crate) progress: Mutex<()>,
     pub(crate) progressed: Condvar,
+    /// When the guest first completed an access to its memory after it started (the
+    /// destination's self-check reads pages from the first one).
+    pub(crate) first_access: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl Shared {
@@ -92,6 +95,7 @@ impl Shared {
             stopping: AtomicBool::new(false),
             progress: Mutex::new(()),
             progressed: Condvar::new(),
+            first_access: std::sync::OnceLock::new(),
         }
     }
 
@@ -157,6 +161,7 @@ impl Shared {
             let page = page as u64;
             fill_content(spec.seed, page, generation, spec.content, &mut expected);
             let same = self.read_page(page, &mut actual).is_ok() && actual == expected;
+            self.first_access.get_or_init(std::time::Instant::now);
             if !same {
                 report.mismatches += 1;
                 report.first_mismatch.get_or_insert(self.locate(page));

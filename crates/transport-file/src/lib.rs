@@ -21,12 +21,18 @@
 //! stream a source would: every page, each channel reading its share with
 //! positional reads, the device state, and the digests kept in the commit
 //! record, which the destination compares with the pages it placed.
+//!
+//! A lazy restore ([`LazyRestore`]) lets the guest run before its pages
+//! are loaded: each is loaded on first touch through userfaultfd, while a
+//! prefetcher loads the rest.
 #![forbid(unsafe_code)]
 
+pub mod lazy;
 mod replies;
 pub mod restore;
 pub mod save;
 
+pub use lazy::{LazyReport, LazyRestore};
 pub use restore::{RestoreSource, Snapshot};
 pub use save::{SaveOptions, SaveTarget};
 
