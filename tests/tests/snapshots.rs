@@ -31,10 +31,22 @@ impl Drop for DiskDir {
     }
 }
 
+/// Saves a mapped-ram snapshot.
 fn save(file: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["save", "--mapped-ram", "--to", file, "--json"];
+    args.extend_from_slice(extra);
+    save_with(&args)
+}
+
+/// Saves a stream file.
+fn save_stream(file: &str, extra: &[&str]) -> Value {
     let mut args = vec!["save", "--to", file, "--json"];
     args.extend_from_slice(extra);
-    let out = Proc::spawn("save", &args).wait(MIGRATION_WAIT);
+    save_with(&args)
+}
+
+fn save_with(args: &[&str]) -> Value {
+    let out = Proc::spawn("save", args).wait(MIGRATION_WAIT);
     assert_eq!(out.code, Some(0), "save\n{}", out.describe());
     let json = out.json();
     assert_eq!(field(&json, "status"), "completed", "{json:#}");
@@ -273,6 +285,7 @@ fn an_unfinished_save_never_replaces_a_good_snapshot() {
         "save",
         &[
             "save",
+            "--mapped-ram",
             "--to",
             &file,
             "--mem-size",
@@ -300,4 +313,80 @@ fn an_unfinished_save_never_replaces_a_good_snapshot() {
             assert_eq!(field(&info, "complete"), false, "{info:#}");
         }
     }
+}
+
+#[test]
+fn a_stream_file_saves_compressed_and_restores_verified() {
+    let _lock = lock();
+    let dir = DiskDir::new("stream");
+    let file = dir.file("guest.stream");
+    let saved = save_stream(
+        &file,
+        &[
+            "--mem-size",
+            "32M",
+            "--dirty-rate",
+            "16M",
+            "--content",
+            "text",
+            "--compress",
+            "lz4",
+        ],
+    );
+    assert!(num(&saved, "compression_saved_bytes") > 0, "{saved:#}");
+    assert_eq!(num(&saved, "channels"), 1, "a stream has one channel: {saved:#}");
+    let (code, info) = inspect(&file);
+    assert_eq!(code, Some(0), "{info:#}");
+    assert_eq!(field(&info, "format"), "stream", "{info:#}");
+    assert_eq!(num(&info, "ram_bytes"), 32 << 20, "{info:#}");
+    assert_restored(&restore(&file, &[]));
+    // A stream cut short is an unfinished save, never a restore.
+    let cut = dir.file("cut.stream");
+    let bytes = std::fs::read(&file).expect("read");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).expect("write");
+    let out = restore(&cut, &[]);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    let json = out.json();
+    assert!(
+        migration_tests::error_text(&json).contains("the stream ends"),
+        "{json:#}"
+    );
+    let (code, info) = inspect(&cut);
+    assert_eq!(
+        (code, field(&info, "complete")),
+        (Some(1), &Value::Bool(false)),
+        "{info:#}"
+    );
+    // Nor does a stream without its final digests restore.
+    let headless = dir.file("nodigests.stream");
+    std::fs::write(&headless, &bytes[..bytes.len() - 40]).expect("write");
+    assert_eq!(restore(&headless, &[]).code, Some(1));
+}
+
+#[test]
+fn a_stream_goes_through_a_pipe() {
+    let _lock = lock();
+    let cli = migration_tests::cli_path();
+    let cli = cli.to_str().expect("utf-8");
+    let script = format!(
+        "set -o pipefail; '{cli}' save --to - --mem-size 16M --dirty-rate 8M --json 2>save.err \\
+         | '{cli}' restore --from - --json --run-for 0s 2>/dev/null"
+    );
+    let dir = DiskDir::new("pipe");
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(&dir.0)
+        .output()
+        .expect("running the pipe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "pipe failed: {stdout}");
+    let json: Value = serde_json::from_str(stdout.trim()).expect("restore's JSON");
+    assert_eq!(field(&json, "verified"), true, "{json:#}");
+    assert_eq!(field(&json, "guest_check"), "passed", "{json:#}");
+    // The save's report went to stderr, leaving stdout to the stream.
+    let save_err = std::fs::read_to_string(dir.0.join("save.err")).expect("save.err");
+    let report = save_err.lines().last().expect("a report line");
+    let report: Value = serde_json::from_str(report).expect("save's JSON on stderr");
+    assert_eq!(field(&report, "verified"), true, "{report:#}");
 }

@@ -58,6 +58,9 @@ pub struct Report {
     /// Lazy restore: pages loaded on first touch and in the background.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lazy: Option<LazyStats>,
+    /// Print the JSON object on stderr (stdout carries a stream).
+    #[serde(skip)]
+    pub json_to_stderr: bool,
 }
 
 /// What a lazy restore reports.
@@ -109,6 +112,7 @@ impl Report {
             guest_check: None,
             mismatched_blocks: Vec::new(),
             lazy: None,
+            json_to_stderr: false,
         }
     }
 
@@ -144,7 +148,12 @@ impl Report {
     /// Prints the report: JSON on stdout, or a summary for people on stderr.
     pub fn print(&self, json: bool) {
         if json {
-            println!("{}", serde_json::to_string(self).expect("a report serialises"));
+            let text = serde_json::to_string(self).expect("a report serialises");
+            if self.json_to_stderr {
+                eprintln!("{text}");
+            } else {
+                println!("{text}");
+            }
             return;
         }
         let mut line = match self.status {

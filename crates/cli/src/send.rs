@@ -103,8 +103,10 @@ pub struct SourceArgs {
 pub enum Target<'a> {
     /// A `migrate-cli recv` over TCP.
     Tcp(&'a SendArgs),
-    /// A snapshot file.
+    /// A mapped-ram snapshot file.
     File(&'a transport_file::SaveTarget),
+    /// A stream file (or pipe), pages compressed as asked.
+    Stream(&'a transport_file::StreamTarget, Compression),
 }
 
 pub fn run(args: SendArgs) -> u8 {
@@ -114,6 +116,8 @@ pub fn run(args: SendArgs) -> u8 {
 /// Runs the source side into `target`, reporting as `role`.
 pub fn run_to(role: &'static str, args: &SourceArgs, target: Target<'_>) -> u8 {
     let mut report = Report::new(role);
+    // A stream to standard output owns stdout.
+    report.json_to_stderr = matches!(target, Target::Stream(stream, _) if stream.to_stdout());
     report.writes_after_resume = Some(None);
     report.source_resumed = Some(false);
     let outcome = send(args, target, &mut report);
@@ -157,12 +161,13 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
             io_uring: send.io == "uring",
             ..TcpOptions::default()
         },
-        Target::File(_) => TcpOptions::default(),
+        Target::File(_) | Target::Stream(..) => TcpOptions::default(),
     };
     let mut connect = |index: u16| -> Result<Box<dyn Channel>, TransportError> {
         Ok(match target {
             Target::Tcp(send) => Box::new(transport_tcp::connect(&send.to, &tcp)?),
             Target::File(file) => Box::new(file.channel(index)),
+            Target::Stream(stream, _) => Box::new(stream.channel()),
         })
     };
     let channel = match connect(0) {
@@ -194,11 +199,17 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
         session: session_id(),
         reply_timeout: args.io_timeout,
         cancel: Cancel::from_flag(cancel),
-        channels: args.channels,
+        // A stream has one channel.
+        channels: if matches!(target, Target::Stream(..)) {
+            1
+        } else {
+            args.channels
+        },
         compression: match target {
             Target::Tcp(send) => send.compress,
-            // A snapshot stores pages as they are.
+            // A mapped-ram file stores pages as they are.
             Target::File(_) => Compression::None,
+            Target::Stream(_, compress) => compress,
         },
         ..SourceOptions::default()
     };

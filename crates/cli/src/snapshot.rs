@@ -8,36 +8,65 @@ use crate::report::{LazyStats, Report, Status};
 use crate::send::{SourceArgs, Target, run_to};
 use crate::units::parse_duration;
 use anyhow::{Context, Result};
+use migration_core::Compression;
 use migration_core::Vm;
 use migration_core::dest::{self, DestOptions};
 use migration_core::{Channel, TransportError};
 use reference_guest::SyntheticGuest;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use transport_file::{FileError, LazyRestore, RestoreSource, SaveOptions, SaveTarget, Snapshot};
+use transport_file::{
+    FileError, LazyRestore, RestoreSource, SaveOptions, SaveTarget, Snapshot, StreamSource, StreamTarget,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct SaveArgs {
-    /// The snapshot file (a mapped-ram file: every page at a fixed offset).
-    /// It is written under a temporary name beside it and renamed once
+    /// The snapshot file, or `-` for standard output (a stream only). A file
+    /// is written under a temporary name beside it and renamed once
     /// committed, so an unfinished save never replaces a good snapshot.
     #[arg(long)]
     pub to: PathBuf,
-    /// Write page bytes with O_DIRECT (bypassing the page cache).
+    /// Write a mapped-ram file (every page at a fixed offset, written by
+    /// `--channels` in parallel) instead of a stream of the migration's
+    /// frames (one channel).
     #[arg(long)]
+    pub mapped_ram: bool,
+    /// Write page bytes with O_DIRECT (bypassing the page cache; mapped-ram).
+    #[arg(long, requires = "mapped_ram")]
     pub direct_io: bool,
+    /// Compression of page batches in a stream: none, lz4, zstd or zstd:LEVEL.
+    #[arg(long, default_value = "none", conflicts_with = "mapped_ram")]
+    pub compress: Compression,
     #[command(flatten)]
     pub source: SourceArgs,
 }
 
 pub fn save(args: SaveArgs) -> u8 {
-    let target = SaveTarget::new(
-        &args.to,
-        SaveOptions {
-            direct_io: args.direct_io,
-        },
-    );
-    run_to("save", &args.source, Target::File(&target))
+    if args.mapped_ram {
+        if args.to == std::path::Path::new("-") {
+            return fail(
+                "save",
+                args.source.json,
+                anyhow::anyhow!("a mapped-ram file cannot go to standard output"),
+            );
+        }
+        let target = SaveTarget::new(
+            &args.to,
+            SaveOptions {
+                direct_io: args.direct_io,
+            },
+        );
+        return run_to("save", &args.source, Target::File(&target));
+    }
+    match StreamTarget::create(&args.to) {
+        Ok(target) => run_to("save", &args.source, Target::Stream(&target, args.compress)),
+        Err(err) => fail("save", args.source.json, err.into()),
+    }
+}
+
+/// Ends a command that failed before it began.
+fn fail(role: &'static str, json: bool, err: anyhow::Error) -> u8 {
+    crate::report::finish(Report::new(role), json, Err(err))
 }
 
 #[derive(Debug, clap::Args)]
@@ -78,7 +107,7 @@ pub fn restore(args: RestoreArgs) -> u8 {
     let started = Instant::now();
     let mut report = Report::new("restore");
     report.guest_check = Some(None);
-    let outcome = if args.lazy {
+    let outcome = if args.lazy && is_mapped_ram(&args.from).unwrap_or(true) {
         restore_lazily(&args, started, &mut report)
     } else {
         restore_into(&args, &mut report)
@@ -139,7 +168,80 @@ fn restore_lazily(args: &RestoreArgs, started: Instant, report: &mut Report) -> 
     Ok(code)
 }
 
+/// The two formats, told apart by their first bytes: a mapped-ram file's
+/// magic, or a stream's first frame (a hello carrying the stream magic).
+/// Anything else is neither.
+fn is_mapped_ram(path: &std::path::Path) -> Result<bool> {
+    if path == std::path::Path::new("-") {
+        return Ok(false);
+    }
+    let mut head = Vec::new();
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, 24), &mut head)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if head.starts_with(&migration_wire::mapped_ram::FILE_MAGIC) {
+        return Ok(true);
+    }
+    if head.len() == 24 && head[16..] == migration_wire::MAGIC {
+        return Ok(false);
+    }
+    anyhow::bail!(
+        "{}: not a snapshot: the magic is neither a mapped-ram file's nor a stream's",
+        path.display()
+    )
+}
+
+/// Guest RAM for a restore: preallocated, a file, or (by default)
+/// anonymous memory, which pages are read straight into.
+fn restore_memory(
+    args: &RestoreArgs,
+    blocks: &migration_wire::BlockList,
+    prealloc: Option<&memory::Preallocated>,
+) -> Result<memory::GuestMemory> {
+    if args.mem_file.is_none() && prealloc.is_none() {
+        let layout: Vec<(String, u64)> = blocks.blocks.iter().map(|b| (b.name.clone(), b.length)).collect();
+        return memory::anonymous(&layout);
+    }
+    memory::destination(blocks, args.mem_file.as_deref(), prealloc)
+}
+
+fn restore_stream(args: &RestoreArgs, report: &mut Report) -> Result<u8> {
+    anyhow::ensure!(!args.lazy, "a lazy restore needs a mapped-ram file (save --mapped-ram)");
+    anyhow::ensure!(!args.direct_io, "--direct-io applies to mapped-ram files");
+    let setup_start = Instant::now();
+    let source = StreamSource::open(&args.from, Vec::new())?;
+    let options = DestOptions::default();
+    let incoming = dest::accept(Box::new(source), &options)
+        .map_err(anyhow::Error::new)
+        .context("reading the stream's handshake")?;
+    let prealloc = args
+        .prealloc
+        .then(|| memory::Preallocated::new(incoming.blocks().total_bytes()))
+        .transpose()
+        .context("preallocating guest RAM (--prealloc)")?;
+    let memory = restore_memory(args, incoming.blocks(), prealloc.as_ref())?;
+    report.setup(setup_start.elapsed());
+    let mut accept = || -> Result<Box<dyn Channel>, TransportError> {
+        Err(TransportError::Io {
+            context: "a stream has one channel".into(),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+        })
+    };
+    receive(
+        incoming,
+        &mut accept,
+        memory,
+        &options,
+        args.quiet,
+        args.run_for,
+        report,
+    )
+}
+
 fn restore_into(args: &RestoreArgs, report: &mut Report) -> Result<u8> {
+    if !is_mapped_ram(&args.from)? {
+        return restore_stream(args, report);
+    }
     let setup_start = Instant::now();
     let source = RestoreSource::open(&args.from, args.channels, args.direct_io)?;
     let prealloc = args
@@ -154,17 +256,7 @@ fn restore_into(args: &RestoreArgs, report: &mut Report) -> Result<u8> {
     let incoming = dest::accept(Box::new(source.channel(0)), &options)
         .map_err(anyhow::Error::new)
         .context("reading the snapshot's handshake")?;
-    let layout: Vec<(String, u64)> = incoming
-        .blocks()
-        .blocks
-        .iter()
-        .map(|b| (b.name.clone(), b.length))
-        .collect();
-    // Anonymous memory by default: pages are read straight into it.
-    let memory = match (&args.mem_file, &prealloc) {
-        (None, None) => memory::anonymous(&layout)?,
-        _ => memory::destination(incoming.blocks(), args.mem_file.as_deref(), prealloc.as_ref())?,
-    };
+    let memory = restore_memory(args, incoming.blocks(), prealloc.as_ref())?;
     report.setup(setup_start.elapsed());
     let mut next = 1u16;
     let mut accept = || -> Result<Box<dyn Channel>, TransportError> {
@@ -230,6 +322,18 @@ pub fn inspect(args: InspectArgs) -> u8 {
         passes: None,
         blocks: Vec::new(),
     };
+    match is_mapped_ram(&args.file) {
+        Ok(true) => {}
+        Ok(false) => {
+            inspect_stream(&args.file, &mut inspection);
+            return print_and_exit(&inspection, args.json);
+        }
+        Err(err) => {
+            inspection.format = "unknown";
+            inspection.error = Some(format!("{err:#}"));
+            return print_and_exit(&inspection, args.json);
+        }
+    }
     match Snapshot::open(&args.file) {
         Ok(snapshot) => {
             inspection.complete = true;
@@ -253,18 +357,107 @@ pub fn inspect(args: InspectArgs) -> u8 {
             if matches!(err, FileError::Unfinished { .. }) {
                 inspection.format = "mapped-ram (unfinished)";
             }
-            inspection.error = Some(err.to_string());
+            inspection.error = Some(format!("{:#}", anyhow::Error::new(err)));
         }
     }
-    if args.json {
-        match serde_json::to_string(&inspection) {
+    print_and_exit(&inspection, args.json)
+}
+
+fn print_and_exit(inspection: &Inspection, json: bool) -> u8 {
+    if json {
+        match serde_json::to_string(inspection) {
             Ok(text) => println!("{text}"),
             Err(err) => eprintln!("inspect: {err}"),
         }
     } else {
-        print_inspection(&inspection);
+        print_inspection(inspection);
     }
     if inspection.complete { exit::OK } else { exit::FAILED }
+}
+
+/// Reads a stream file to its end, as a restore would, counting what it
+/// holds: complete when it ends with the digests after the end of RAM.
+fn inspect_stream(path: &std::path::Path, inspection: &mut Inspection) {
+    use migration_core::{ChannelRx, ChannelTx};
+    use migration_wire::{Message, PageEncoding};
+    inspection.format = "stream";
+    inspection.file_bytes = std::fs::metadata(path).ok().map(|m| m.len());
+    let mut source = match StreamSource::open(path, Vec::new()) {
+        Ok(source) => source,
+        Err(err) => {
+            inspection.error = Some(format!("{:#}", anyhow::Error::new(err)));
+            return;
+        }
+    };
+    let mut blocks: Vec<InspectedBlock> = Vec::new();
+    let mut stored: Vec<std::collections::BTreeSet<u64>> = Vec::new();
+    let mut passes = 0;
+    let outcome = (|| -> Result<(), TransportError> {
+        loop {
+            let reply = match source.recv()? {
+                Message::BlockList(list) => {
+                    for b in &list.blocks {
+                        blocks.push(InspectedBlock {
+                            name: b.name.clone(),
+                            bytes: b.length,
+                            page_size: b.page_size,
+                            pages: b.length / u64::from(b.page_size),
+                            stored_pages: 0,
+                            zero_pages: 0,
+                            digest: String::new(),
+                        });
+                        stored.push(Default::default());
+                    }
+                    None
+                }
+                Message::Pages(batch) => {
+                    if let Some(set) = stored.get_mut(batch.block as usize) {
+                        for entry in batch.entries().flatten() {
+                            match entry.encoding {
+                                PageEncoding::Plain => set.insert(entry.page),
+                                PageEncoding::Zero => set.remove(&entry.page),
+                            };
+                        }
+                    }
+                    None
+                }
+                Message::SyncMarker(_) => {
+                    passes += 1;
+                    None
+                }
+                Message::DeviceState(state) => {
+                    inspection.device_state_bytes = Some(state.len() as u64);
+                    None
+                }
+                Message::EndOfRam(_) => Some(Message::Ready),
+                Message::Go => Some(Message::Resumed),
+                Message::Complete(complete) => {
+                    for (block, digest) in blocks.iter_mut().zip(&complete.digests) {
+                        block.digest = format!("{digest:016x}");
+                    }
+                    return Ok(());
+                }
+                _ => None,
+            };
+            if let Some(reply) = reply {
+                source.send(&reply)?;
+            }
+        }
+    })();
+    for (block, set) in blocks.iter_mut().zip(&stored) {
+        block.stored_pages = set.len() as u64;
+        block.zero_pages = block.pages - block.stored_pages;
+    }
+    inspection.ram_bytes = Some(blocks.iter().map(|b| b.bytes).sum());
+    inspection.passes = Some(passes);
+    inspection.blocks = blocks;
+    match outcome {
+        Ok(()) => inspection.complete = true,
+        Err(err) => {
+            inspection.format = "stream (unfinished or damaged)";
+            inspection.error = Some(format!("{:#}", anyhow::Error::new(err)));
+        }
+    }
 }
 
 fn print_inspection(i: &Inspection) {

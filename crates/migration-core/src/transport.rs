@@ -15,7 +15,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// The operating system reported an error.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
         context: String,

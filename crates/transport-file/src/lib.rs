@@ -22,6 +22,9 @@
 //! positional reads, the device state, and the digests kept in the commit
 //! record, which the destination compares with the pages it placed.
 //!
+//! A stream file ([`stream`]) is the other format: the migration stream
+//! itself, frame after frame, to a file or a pipe, played back the same way.
+//!
 //! A lazy restore ([`LazyRestore`]) lets the guest run before its pages
 //! are loaded: each is loaded on first touch through userfaultfd, while a
 //! prefetcher loads the rest.
@@ -31,16 +34,18 @@ pub mod lazy;
 mod replies;
 pub mod restore;
 pub mod save;
+pub mod stream;
 
 pub use lazy::{LazyReport, LazyRestore};
 pub use restore::{RestoreSource, Snapshot};
 pub use save::{SaveOptions, SaveTarget};
+pub use stream::{StreamSource, StreamTarget};
 
 /// Why a snapshot file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     /// The operating system reported an error.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
         context: String,

@@ -1,6 +1,7 @@
 //! Restoring: channels whose far end is a mapped-ram file.
 
 use crate::{FileError, io_error};
+use migration_core::error_chain::ErrorChain;
 use migration_core::transport::{ChannelHalves, Closer};
 use migration_core::{Channel, ChannelRx, ChannelTx, DirectPlacement, TransportError};
 use migration_sys::AlignedBuf;
@@ -475,7 +476,7 @@ impl ChannelRx for RestoreChannel {
             Step::DeviceState => {
                 self.device_state = snapshot
                     .device_state(&self.shared.meta)
-                    .map_err(|e| self.unexpected(&e.to_string()))?;
+                    .map_err(|e| self.unexpected(&ErrorChain(&e).to_string()))?;
                 self.step = Step::EndOfRam;
                 Ok(Message::DeviceState(&self.device_state))
             }

@@ -1,6 +1,7 @@
 //! Saving: channels whose far end is a mapped-ram file.
 
 use crate::replies::{Replies, decode};
+use migration_core::error_chain::ErrorChain;
 use migration_core::transport::{ChannelHalves, Closer};
 use migration_core::verify::{block_digest, page_hash};
 use migration_core::{Channel, ChannelRx, ChannelTx, TransportError};
@@ -410,7 +411,7 @@ impl SaveTx {
                 if let Err(err) = shared.create(blocks, session) {
                     self.replies.push(&Message::Error(PeerError {
                         code: ErrorCode::Internal,
-                        message: err.to_string(),
+                        message: ErrorChain(&err).to_string(),
                     }));
                     return Err(err);
                 }
@@ -461,7 +462,7 @@ impl SaveTx {
                         Err(err) => {
                             shared.main.push(&Message::Error(PeerError {
                                 code: ErrorCode::Internal,
-                                message: format!("the snapshot did not commit: {err}"),
+                                message: format!("the snapshot did not commit: {}", ErrorChain(&err)),
                             }));
                             return Err(err);
                         }

@@ -1,0 +1,532 @@
+//! Stream files: the migration stream itself, frame after frame, written
+//! to a file or a pipe and played back from one.
+//!
+//! A stream save records what the source sends on its one channel (the
+//! handshake as agreed, every page batch of every pass in order, sync
+//! markers, device state, end of RAM) and, last, the `Complete` frame with
+//! the digests of the frozen source RAM, which the file's own page hashes
+//! must match first. A stream that does not end with that frame is an
+//! unfinished save. Pages may be compressed (lz4, zstd) as on the wire.
+//! Played back, the file is the source of a migration into the destination
+//! runtime: later passes overwrite earlier copies of a page, in order.
+
+use crate::replies::{Replies, decode};
+use crate::{FileError, io_error};
+use migration_core::compress::decompress;
+use migration_core::transport::{ChannelHalves, Closer};
+use migration_core::verify::{block_digest, page_hash};
+use migration_core::{Channel, ChannelRx, ChannelTx, TransportError};
+use migration_wire::{
+    Ack, Codec, FRAME_HEADER_LEN, Features, FrameHeader, HelloReply, MAX_FRAME_BODY, Message, MessageKind,
+    PROTOCOL_VERSION, PageEncoding, Verdict,
+};
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Where a stream save writes.
+#[derive(Debug)]
+enum Sink {
+    /// A file under a temporary name, renamed on commit.
+    File {
+        writer: BufWriter<File>,
+        partial: PathBuf,
+        path: PathBuf,
+    },
+    /// Standard output (a pipe).
+    Stdout(BufWriter<std::io::Stdout>),
+}
+
+/// A stream save into a file (or `-`: standard output). It has one
+/// channel; the source must use one.
+#[derive(Debug)]
+pub struct StreamTarget {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    sink: Mutex<Option<Sink>>,
+    replies: Arc<Replies>,
+    /// Per block, the hash of every page as last recorded.
+    hashes: Mutex<Vec<Vec<u64>>>,
+    committed: Mutex<bool>,
+}
+
+fn refused(what: impl Into<String>) -> TransportError {
+    TransportError::Io {
+        context: "stream file".into(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, what.into()),
+    }
+}
+
+impl StreamTarget {
+    /// A stream save into `path` (`-`: standard output). A file is written
+    /// under a temporary name beside it and renamed once complete.
+    pub fn create(path: &Path) -> Result<Self, FileError> {
+        let sink = if path == Path::new("-") {
+            Sink::Stdout(BufWriter::with_capacity(1 << 20, std::io::stdout()))
+        } else {
+            let name = path
+                .file_name()
+                .map_or_else(|| "stream".into(), |n| n.to_string_lossy().into_owned());
+            let partial = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+            let file = File::create(&partial).map_err(|e| io_error(format!("creating {}", partial.display()), e))?;
+            Sink::File {
+                writer: BufWriter::with_capacity(1 << 20, file),
+                partial,
+                path: path.to_owned(),
+            }
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                sink: Mutex::new(Some(sink)),
+                replies: Arc::default(),
+                hashes: Mutex::default(),
+                committed: Mutex::new(false),
+            }),
+        })
+    }
+
+    /// The one channel.
+    pub fn channel(&self) -> StreamChannel {
+        StreamChannel {
+            shared: Arc::clone(&self.shared),
+            current: Vec::new(),
+            frame: Vec::new(),
+            scratch: Vec::new(),
+            timeout: None,
+            sent: 0,
+        }
+    }
+
+    /// Whether the stream goes to standard output.
+    pub fn to_stdout(&self) -> bool {
+        matches!(
+            *self.shared.sink.lock().unwrap_or_else(|e| e.into_inner()),
+            Some(Sink::Stdout(_))
+        )
+    }
+
+    /// Whether the stream was completed (and, for a file, renamed into place).
+    pub fn committed(&self) -> bool {
+        *self.shared.committed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let committed = self.committed.get_mut().map(|c| *c).unwrap_or(false);
+        if let Ok(Some(Sink::File { partial, .. })) = self.sink.get_mut().map(Option::take)
+            && !committed
+        {
+            let _ = std::fs::remove_file(partial);
+        }
+    }
+}
+
+/// The channel of a stream save.
+#[derive(Debug)]
+pub struct StreamChannel {
+    shared: Arc<Shared>,
+    current: Vec<u8>,
+    frame: Vec<u8>,
+    scratch: Vec<u8>,
+    timeout: Option<Duration>,
+    sent: u64,
+}
+
+impl Shared {
+    fn write(&self, frame: &[u8]) -> Result<(), TransportError> {
+        let mut sink = self.sink.lock().unwrap_or_else(|e| e.into_inner());
+        let result = match sink.as_mut() {
+            Some(Sink::File { writer, .. }) => writer.write_all(frame),
+            Some(Sink::Stdout(writer)) => writer.write_all(frame),
+            None => return Err(TransportError::Closed),
+        };
+        result.map_err(|e| TransportError::Io {
+            context: "writing the stream".into(),
+            source: e,
+        })
+    }
+
+    /// Flushes and syncs the stream; renames a file into place.
+    fn commit(&self) -> Result<(), TransportError> {
+        let mut guard = self.sink.lock().unwrap_or_else(|e| e.into_inner());
+        let io = |context: String| move |source| TransportError::Io { context, source };
+        match guard.as_mut() {
+            Some(Sink::File { writer, partial, path }) => {
+                writer.flush().map_err(io(format!("writing {}", partial.display())))?;
+                writer
+                    .get_ref()
+                    .sync_data()
+                    .map_err(io(format!("syncing {}", partial.display())))?;
+                std::fs::rename(&*partial, &*path).map_err(io(format!("renaming to {}", path.display())))?;
+                let dir = match path.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+                    _ => PathBuf::from("."),
+                };
+                File::open(&dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io(format!("syncing directory {}", dir.display())))?;
+            }
+            Some(Sink::Stdout(writer)) => writer.flush().map_err(io("writing standard output".into()))?,
+            None => return Err(TransportError::Closed),
+        }
+        *guard = None;
+        *self.committed.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        Ok(())
+    }
+}
+
+impl StreamChannel {
+    fn record(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
+        self.frame.clear();
+        message.encode(&mut self.frame);
+        self.shared.write(&self.frame)?;
+        self.sent += self.frame.len() as u64;
+        Ok(())
+    }
+
+    /// Keeps the hash of every page of `batch`, as a destination would.
+    fn hash_pages(&mut self, batch: &migration_wire::PageBatch<'_>) -> Result<(), TransportError> {
+        let mut hashes = self.shared.hashes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(block) = hashes.get_mut(batch.block as usize) else {
+            return Err(refused(format!("pages of block {}, which does not exist", batch.block)));
+        };
+        let page_size = batch.page_size as usize;
+        let plain: &[u8] = if batch.codec() == Codec::None {
+            batch.payload()
+        } else {
+            self.scratch.resize(batch.plain_len(), 0);
+            decompress(batch.codec(), batch.payload(), &mut self.scratch).map_err(|e| refused(e.to_string()))?;
+            &self.scratch
+        };
+        let mut at = 0;
+        for entry in batch.entries() {
+            let entry = entry.map_err(|e| refused(e.to_string()))?;
+            let Some(slot) = block.get_mut(entry.page as usize) else {
+                return Err(refused(format!(
+                    "page {} past the end of block {}",
+                    entry.page, batch.block
+                )));
+            };
+            *slot = match entry.encoding {
+                PageEncoding::Plain => {
+                    let hash = page_hash(&plain[at..at + page_size]);
+                    at += page_size;
+                    hash
+                }
+                PageEncoding::Zero => page_hash(&vec![0; page_size]),
+            };
+        }
+        Ok(())
+    }
+}
+
+impl ChannelTx for StreamChannel {
+    fn send(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
+        let replies = Arc::clone(&self.shared.replies);
+        match message {
+            Message::Hello(hello) => {
+                if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) || hello.channels != 1 {
+                    return Err(refused("a stream carries protocol version 1 on one channel"));
+                }
+                let features = hello
+                    .features
+                    .intersect(Features::ZERO_PAGES.union(Features::LZ4).union(Features::ZSTD));
+                // The stream records the handshake as agreed.
+                let mut agreed = hello.clone();
+                agreed.features = features;
+                agreed.min_version = PROTOCOL_VERSION;
+                agreed.max_version = PROTOCOL_VERSION;
+                self.record(&Message::Hello(agreed))?;
+                replies.push(&Message::HelloReply(HelloReply {
+                    version: PROTOCOL_VERSION,
+                    features,
+                    session: hello.session,
+                    channels: 1,
+                }));
+            }
+            Message::BlockList(blocks) => {
+                *self.shared.hashes.lock().unwrap_or_else(|e| e.into_inner()) = blocks
+                    .blocks
+                    .iter()
+                    .map(|b| vec![0; (b.length / u64::from(b.page_size)) as usize])
+                    .collect();
+                self.record(message)?;
+                replies.push(&Message::BlocksAccepted);
+            }
+            Message::Pages(batch) => {
+                self.hash_pages(batch)?;
+                self.record(message)?;
+            }
+            Message::SyncMarker(marker) => {
+                self.record(message)?;
+                replies.push(&Message::Ack(Ack {
+                    epoch: marker.epoch,
+                    pages: 0,
+                    bytes: self.sent,
+                }));
+            }
+            Message::DeviceState(_) => self.record(message)?,
+            Message::EndOfRam(_) => {
+                self.record(message)?;
+                replies.push(&Message::Ready);
+            }
+            Message::Go => replies.push(&Message::Resumed),
+            Message::Complete(complete) => {
+                let mismatched: Vec<u32> = {
+                    let hashes = self.shared.hashes.lock().unwrap_or_else(|e| e.into_inner());
+                    hashes
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, h)| complete.digests.get(*i) != Some(&block_digest(h)))
+                        .map(|(i, _)| i as u32)
+                        .collect()
+                };
+                if mismatched.is_empty() {
+                    // The digests end the stream: it is complete.
+                    self.record(message)?;
+                    self.shared.commit()?;
+                }
+                replies.push(&Message::Verdict(Verdict { mismatched }));
+            }
+            Message::Abort(_) => replies.close(),
+            other => return Err(refused(format!("unexpected {} in a stream", other.kind().name()))),
+        }
+        Ok(())
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.sent
+    }
+
+    fn shutdown(&mut self) {}
+}
+
+impl ChannelRx for StreamChannel {
+    fn recv(&mut self) -> Result<Message<'_>, TransportError> {
+        self.current = self.shared.replies.pop(self.timeout)?;
+        decode(&self.current)
+    }
+
+    fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
+        std::mem::replace(&mut self.current, replacement)
+    }
+
+    fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        self.timeout = timeout;
+        Ok(())
+    }
+
+    fn bytes_received(&self) -> u64 {
+        0
+    }
+}
+
+impl Channel for StreamChannel {
+    fn split(self: Box<Self>) -> Result<ChannelHalves, TransportError> {
+        // Both halves share the stream and its answers.
+        let rx = StreamChannel {
+            shared: Arc::clone(&self.shared),
+            current: Vec::new(),
+            frame: Vec::new(),
+            scratch: Vec::new(),
+            timeout: self.timeout,
+            sent: 0,
+        };
+        Ok((self, Box::new(rx)))
+    }
+
+    fn peer(&self) -> String {
+        match &*self.shared.sink.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(Sink::File { path, .. }) => path.display().to_string(),
+            _ => "standard output".into(),
+        }
+    }
+
+    fn closer(&self) -> Result<Closer, TransportError> {
+        let replies = Arc::clone(&self.shared.replies);
+        Ok(Box::new(move || replies.close()))
+    }
+}
+
+/// Plays a stream back: the source side of a restore from a stream file
+/// (or `-`: standard input).
+pub struct StreamSource {
+    reader: Box<dyn Read + Send>,
+    name: String,
+    body: Vec<u8>,
+    /// Frame kinds read so far, to know what comes next.
+    step: Step,
+    hashes: Vec<u64>,
+    received: u64,
+}
+
+impl std::fmt::Debug for StreamSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSource")
+            .field("name", &self.name)
+            .field("step", &self.step)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Frames from the stream, up to its end of RAM.
+    Frames,
+    /// End of RAM given; the destination owes READY.
+    AwaitReady,
+    /// READY came: GO is next.
+    Go,
+    /// GO given; the destination owes RESUMED.
+    AwaitResumed,
+    /// The stream's final frame (the digests) is next.
+    Complete,
+    /// Played to the end.
+    Done,
+}
+
+impl StreamSource {
+    /// Plays back `path` (`-`: standard input), whose first bytes, if
+    /// already read (to tell the format), are `prefix`.
+    pub fn open(path: &Path, prefix: Vec<u8>) -> Result<Self, FileError> {
+        let reader: Box<dyn Read + Send> = if path == Path::new("-") {
+            Box::new(std::io::Cursor::new(prefix).chain(std::io::stdin()))
+        } else {
+            let file = File::open(path).map_err(|e| io_error(format!("opening {}", path.display()), e))?;
+            Box::new(std::io::BufReader::with_capacity(1 << 20, file))
+        };
+        Ok(Self {
+            reader,
+            name: if path == Path::new("-") {
+                "standard input".into()
+            } else {
+                path.display().to_string()
+            },
+            body: Vec::new(),
+            step: Step::Frames,
+            hashes: Vec::new(),
+            received: 0,
+        })
+    }
+
+    fn read_frame(&mut self) -> Result<FrameHeader, TransportError> {
+        let mut head = [0u8; FRAME_HEADER_LEN];
+        let ended = |what: String| TransportError::Io {
+            context: format!("reading {}", self.name),
+            source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, what),
+        };
+        self.reader.read_exact(&mut head).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                ended("the stream ends before its digests: not a finished save".into())
+            }
+            _ => TransportError::Io {
+                context: format!("reading {}", self.name),
+                source: e,
+            },
+        })?;
+        let header = FrameHeader::decode(&head, MAX_FRAME_BODY)?;
+        self.body.resize(header.len as usize, 0);
+        self.reader.read_exact(&mut self.body).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                ended(format!("the stream ends inside a {} frame", header.kind.name()))
+            }
+            _ => TransportError::Io {
+                context: format!("reading {}", self.name),
+                source: e,
+            },
+        })?;
+        self.received += (FRAME_HEADER_LEN + self.body.len()) as u64;
+        if header.kind == MessageKind::Pages {
+            migration_wire::page::verify_pages(&header, &self.body, &mut self.hashes)?;
+        } else {
+            header.verify(&self.body)?;
+        }
+        Ok(header)
+    }
+}
+
+impl ChannelRx for StreamSource {
+    fn recv(&mut self) -> Result<Message<'_>, TransportError> {
+        match self.step {
+            Step::Frames | Step::Complete => {
+                let header = self.read_frame()?;
+                match (self.step, header.kind) {
+                    (Step::Frames, MessageKind::EndOfRam) => self.step = Step::AwaitReady,
+                    (Step::Frames, MessageKind::Complete) => {
+                        return Err(refused("digests before the end of RAM in the stream"));
+                    }
+                    (Step::Complete, MessageKind::Complete) => self.step = Step::Done,
+                    (Step::Complete, kind) => {
+                        return Err(refused(format!("{} after the end of RAM in the stream", kind.name())));
+                    }
+                    _ => {}
+                }
+                let message = Message::decode_body(header.kind, &self.body)?;
+                Ok(match message {
+                    Message::Pages(batch) if !self.hashes.is_empty() => Message::Pages(batch.with_hashes(&self.hashes)),
+                    other => other,
+                })
+            }
+            Step::Go => {
+                self.step = Step::AwaitResumed;
+                Ok(Message::Go)
+            }
+            Step::Done => Err(TransportError::Closed),
+            Step::AwaitReady | Step::AwaitResumed => Err(refused("the destination read before it answered")),
+        }
+    }
+
+    fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
+        std::mem::replace(&mut self.body, replacement)
+    }
+
+    fn set_timeout(&mut self, _timeout: Option<Duration>) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    fn bytes_received(&self) -> u64 {
+        self.received
+    }
+}
+
+impl ChannelTx for StreamSource {
+    fn send(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
+        match (self.step, message) {
+            (Step::AwaitReady, Message::Ready) => self.step = Step::Go,
+            (Step::AwaitResumed, Message::Resumed) => self.step = Step::Complete,
+            (_, Message::Error(err)) => {
+                self.step = Step::Done;
+                return Err(refused(format!("the destination refused the stream: {}", err.message)));
+            }
+            // Handshake answers, acknowledgements and the verdict need no reply.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        0
+    }
+
+    fn shutdown(&mut self) {}
+}
+
+impl Channel for StreamSource {
+    fn split(self: Box<Self>) -> Result<ChannelHalves, TransportError> {
+        Err(refused("a stream being played back cannot be split"))
+    }
+
+    fn peer(&self) -> String {
+        self.name.clone()
+    }
+
+    fn closer(&self) -> Result<Closer, TransportError> {
+        Ok(Box::new(|| {}))
+    }
+}
