@@ -238,7 +238,7 @@ impl ChannelTx for StreamChannel {
                     .features
                     .intersect(Features::ZERO_PAGES.union(Features::LZ4).union(Features::ZSTD));
                 // The stream records the handshake as agreed.
-                let mut agreed = hello.clone();
+                let mut agreed = *hello;
                 agreed.features = features;
                 agreed.min_version = PROTOCOL_VERSION;
                 agreed.max_version = PROTOCOL_VERSION;
