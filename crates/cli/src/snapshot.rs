@@ -107,7 +107,7 @@ pub fn restore(args: RestoreArgs) -> u8 {
     let started = Instant::now();
     let mut report = Report::new("restore");
     report.guest_check = Some(None);
-    let outcome = if args.lazy && is_mapped_ram(&args.from).unwrap_or(true) {
+    let outcome = if args.lazy {
         restore_lazily(&args, started, &mut report)
     } else {
         restore_into(&args, &mut report)
@@ -117,7 +117,10 @@ pub fn restore(args: RestoreArgs) -> u8 {
 
 /// The guest resumes before its pages are loaded; see `transport_file::lazy`.
 fn restore_lazily(args: &RestoreArgs, started: Instant, report: &mut Report) -> Result<u8> {
-    let snapshot = Snapshot::open(&args.from)?;
+    let snapshot = Snapshot::open(&args.from).map_err(|err| match is_mapped_ram(&args.from) {
+        Ok(false) => anyhow::anyhow!("a lazy restore needs a mapped-ram file (save --mapped-ram)"),
+        _ => err.into(),
+    })?;
     let layout: Vec<(String, u64)> = snapshot
         .blocks()
         .blocks
@@ -126,8 +129,13 @@ fn restore_lazily(args: &RestoreArgs, started: Instant, report: &mut Report) -> 
         .collect();
     let memory = memory::anonymous(&layout)?;
     report.ram_bytes = Some(memory.ram.total_bytes());
+    // The guest's own bookkeeping is built while the memory is registered.
+    let regions = memory.regions();
+    let building = std::thread::spawn(move || SyntheticGuest::destination(regions));
     let lazy = LazyRestore::start(snapshot, &memory.ram, usize::from(args.channels), args.direct_io)?;
-    let mut guest = SyntheticGuest::destination(memory.regions());
+    let mut guest = building
+        .join()
+        .map_err(|_| anyhow::anyhow!("building the guest failed"))?;
     guest
         .load_device_state(lazy.device_state())
         .map_err(anyhow::Error::new)

@@ -135,7 +135,7 @@ impl Bitmap {
 /// A bitmap that many threads mark at once (the software dirty log).
 #[derive(Debug)]
 pub struct AtomicBitmap {
-    words: Vec<AtomicU64>,
+    words: Box<[AtomicU64]>,
     len: u64,
 }
 
@@ -143,7 +143,7 @@ impl AtomicBitmap {
     /// `len` clear bits.
     pub fn new(len: u64) -> Self {
         Self {
-            words: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            words: migration_sys::zeroed_atomics(len.div_ceil(64) as usize),
             len,
         }
     }

@@ -78,9 +78,36 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
+/// `len` atomics, all zero, from zeroed memory the kernel supplies on first write: a large
+/// table of per-page values costs nothing until its entries are used (first-touching fresh
+/// memory is slow on hosts that take freed memory back).
+pub fn zeroed_atomics(len: usize) -> Box<[std::sync::atomic::AtomicU64]> {
+    let zeros: Box<[u64]> = vec![0u64; len].into_boxed_slice();
+    let raw = Box::into_raw(zeros) as *mut [std::sync::atomic::AtomicU64];
+    // SAFETY: `AtomicU64` has the same size, alignment (8 on every target with 64-bit
+    // atomics) and bit validity as `u64`, so a boxed slice of zeroed `u64`s is a valid boxed
+    // slice of `AtomicU64`s of the same length, allocated with the same layout.
+    unsafe { Box::from_raw(raw) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeroed_atomics_start_at_zero_and_work() {
+        let table = zeroed_atomics(1 << 20);
+        assert_eq!(table.len(), 1 << 20);
+        assert!(
+            table
+                .iter()
+                .step_by(4097)
+                .all(|a| a.load(std::sync::atomic::Ordering::Relaxed) == 0)
+        );
+        table[12345].store(7, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(table[12345].fetch_or(8, std::sync::atomic::Ordering::Relaxed), 7);
+        assert_eq!(table[12345].load(std::sync::atomic::Ordering::Relaxed), 15);
+    }
 
     #[test]
     fn aligned_zeroed_and_writable() {

@@ -20,7 +20,7 @@ pub mod uffd;
 pub mod uring;
 mod volatile;
 
-pub use aligned::AlignedBuf;
+pub use aligned::{AlignedBuf, zeroed_atomics};
 pub use region::GuestRegion;
 pub use tracker::WriteTracker;
 

@@ -59,8 +59,8 @@ struct Shared {
 struct Block {
     missing: MissingPages,
     /// One bit per page: some thread took it on.
-    claimed: Vec<AtomicU64>,
-    hashes: Vec<AtomicU64>,
+    claimed: Box<[AtomicU64]>,
+    hashes: Box<[AtomicU64]>,
 }
 
 /// What a lazy restore came to.
@@ -110,8 +110,6 @@ impl LazyRestore {
                 problem: "guest RAM laid out unlike the snapshot's blocks".into(),
             });
         }
-        let meta = File::open(path).map_err(|e| io_error(format!("opening {}", path.display()), e))?;
-        let device_state = snapshot.device_state(&meta)?;
         let mut options = OpenOptions::new();
         options.read(true);
         if direct_io {
@@ -119,7 +117,30 @@ impl LazyRestore {
         }
         let data = options
             .open(path)
-            .map_err(|e| io_error(format!("opening {} for page reads", path.display()), e))?;
+            .map_err(|e| io_error(format!("opening {}", path.display()), e))?;
+        // The guest needs its device state before it runs: read it while
+        // the memory is registered.
+        let state_reader = {
+            let meta = File::open(path).map_err(|e| io_error(format!("opening {}", path.display()), e))?;
+            let (offset, len, hash) = (
+                layout.state_offset,
+                snapshot.commit.state_len as usize,
+                snapshot.commit.state_hash,
+            );
+            let path = path.to_owned();
+            std::thread::spawn(move || -> Result<Vec<u8>, FileError> {
+                let mut state = vec![0u8; len];
+                meta.read_exact_at(&mut state, offset)
+                    .map_err(|e| io_error(format!("reading the device state of {}", path.display()), e))?;
+                if migration_wire::mapped_ram::bitmap_hash(&state) != hash {
+                    return Err(FileError::Invalid {
+                        path: path.display().to_string(),
+                        problem: "the device state changed since the save".into(),
+                    });
+                }
+                Ok(state)
+            })
+        };
         let mut blocks = Vec::with_capacity(ram.blocks().len());
         for (block, laid) in ram.blocks().iter().zip(&layout.blocks) {
             let missing = MissingPages::register(Arc::clone(block.region())).map_err(|e| {
@@ -131,8 +152,8 @@ impl LazyRestore {
             let pages = laid.pages();
             blocks.push(Block {
                 missing,
-                claimed: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-                hashes: (0..pages).map(|_| AtomicU64::new(0)).collect(),
+                claimed: migration_sys::zeroed_atomics(pages.div_ceil(64) as usize),
+                hashes: migration_sys::zeroed_atomics(pages as usize),
             });
         }
         let total = layout.blocks.iter().map(|b| b.pages()).sum();
@@ -161,6 +182,12 @@ impl LazyRestore {
                     .map_err(|e| io_error("starting a fault thread", e))?,
             );
         }
+        // Prefetching starts once the device state is in, so its reads do
+        // not queue ahead of the one the guest is waiting for.
+        let device_state = state_reader.join().map_err(|_| FileError::Invalid {
+            path: path.display().to_string(),
+            problem: "reading the device state failed".into(),
+        })??;
         for index in 0..prefetchers {
             let shared = Arc::clone(&shared);
             threads.push(

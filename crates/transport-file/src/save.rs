@@ -68,9 +68,9 @@ struct SaveFile {
     /// Header, bitmaps, device state and commit record go through this one.
     meta: File,
     /// Per block, one bit per page: its bytes are in the file.
-    stored: Vec<Vec<AtomicU64>>,
+    stored: Vec<Box<[AtomicU64]>>,
     /// Per block, the hash of every page as saved.
-    hashes: Vec<Vec<AtomicU64>>,
+    hashes: Vec<Box<[AtomicU64]>>,
     zero_hash: u64,
     pages: AtomicU64,
 }
@@ -213,13 +213,13 @@ impl Shared {
         let header_checksum = migration_wire::mapped_ram::FileHeader::decode(&header)
             .map_err(|e| refused(format!("the header just encoded does not decode: {e}")))?
             .checksum;
-        let words = |pages: u64| (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let words = |pages: u64| migration_sys::zeroed_atomics(pages.div_ceil(64) as usize);
         let file = SaveFile {
             stored: layout.blocks.iter().map(|b| words(b.pages())).collect(),
             hashes: layout
                 .blocks
                 .iter()
-                .map(|b| (0..b.pages()).map(|_| AtomicU64::new(0)).collect())
+                .map(|b| migration_sys::zeroed_atomics(b.pages() as usize))
                 .collect(),
             zero_hash: page_hash(&vec![0; 4096]),
             layout,

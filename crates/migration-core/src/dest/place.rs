@@ -159,7 +159,7 @@ impl DirectPlacement for RamTargets {
 /// next's, so relaxed atomics suffice.
 pub(crate) struct Placer {
     ram: Ram,
-    hashes: Vec<Vec<AtomicU64>>,
+    hashes: Vec<Box<[AtomicU64]>>,
     received: Vec<AtomicBitmap>,
     zeroed: Vec<AtomicBitmap>,
     zero_hash: u64,
@@ -176,7 +176,7 @@ impl Placer {
             hashes: ram
                 .blocks()
                 .iter()
-                .map(|b| (0..b.pages()).map(|_| AtomicU64::new(0)).collect())
+                .map(|b| migration_sys::zeroed_atomics(b.pages() as usize))
                 .collect(),
             received: ram.blocks().iter().map(|b| AtomicBitmap::new(b.pages())).collect(),
             zeroed: ram
