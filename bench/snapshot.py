@@ -15,7 +15,10 @@ Each repetition runs, in this order:
   bs=4M (the restore baseline);
 - the page cache dropped, then `migrate-cli restore --direct-io --prealloc`,
   rated by its JSON report (guest RAM / total_ms: first byte read to the
-  guest running, the digests compared after).
+  guest running, the digests compared after);
+- the page cache dropped, then `migrate-cli restore --lazy --direct-io`:
+  milliseconds from the command's start to the guest's first completed
+  access to its memory, and to every page loaded.
 Needs root (to drop the page cache) and a disk file system under --dir.
 """
 import argparse
@@ -75,6 +78,16 @@ def restore(mem, path, channels):
     return report["total_ms"] / 1e3
 
 
+def restore_lazy(path, channels):
+    out = subprocess.run(
+        [CLI, "restore", "--from", path, "--lazy", "--direct-io", "--channels", str(channels),
+         "--json", "--quiet", "--run-for", "0s"],
+        capture_output=True, text=True, timeout=600)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["status"] == "completed" and report["verified"], report
+    return report["lazy"]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--mem-size", default="2G")
@@ -90,6 +103,7 @@ def main():
     snap = os.path.join(args.dir, f"snapshot-bench-{tag}.snap")
     count = mem // (4 << 20)
     results = {k: [] for k in ["dd write", "save", "dd read", "restore"]}
+    lazy = {"first": [], "all": [], "faults": []}
     try:
         dd([f"if=/dev/urandom", f"of={random_src}", "bs=4M", f"count={count}"])
         for rep in range(args.reps):
@@ -102,6 +116,11 @@ def main():
                                                                   "iflag=direct"]))
             drop_caches()
             results["restore"].append(mem / restore(mem, snap, args.channels))
+            drop_caches()
+            report = restore_lazy(snap, args.channels)
+            lazy["first"].append(report["first_access_ms"])
+            lazy["all"].append(report["all_loaded_ms"])
+            lazy["faults"].append(report["faults"])
             os.remove(snap)
             print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1] / 1e9:.2f} GB/s" for k, v in results.items()),
                   file=sys.stderr)
@@ -116,6 +135,10 @@ def main():
     print(f"| save --direct-io (outside: handshake to exit) | {med['save'] / 1e9:.2f} | {med['save'] / med['dd write']:.2f} |")
     print(f"| dd read, iflag=direct bs=4M, cache dropped | {med['dd read'] / 1e9:.2f} | 1.00 |")
     print(f"| restore --direct-io --prealloc (JSON), cache dropped | {med['restore'] / 1e9:.2f} | {med['restore'] / med['dd read']:.2f} |")
+    print()
+    print(f"restore --lazy --direct-io, cache dropped: first guest access {statistics.median(lazy['first']):.1f} ms "
+          f"(runs: {', '.join(f'{x:.1f}' for x in lazy['first'])}), every page loaded "
+          f"{statistics.median(lazy['all']):.0f} ms, faults served {statistics.median(lazy['faults']):.0f}")
 
 
 if __name__ == "__main__":

@@ -390,3 +390,55 @@ fn a_stream_goes_through_a_pipe() {
     let report: Value = serde_json::from_str(report).expect("save's JSON on stderr");
     assert_eq!(field(&report, "verified"), true, "{report:#}");
 }
+
+/// A save that cannot write (here: past the process's file size limit,
+/// the same failed-write path as a full disk) fails with the OS error,
+/// resumes the guest, leaves no partial file and keeps a good snapshot.
+#[test]
+fn a_save_that_cannot_write_fails_cleanly_and_keeps_the_good_snapshot() {
+    let _lock = lock();
+    let dir = DiskDir::new("full");
+    let cli = migration_tests::cli_path();
+    let cli = cli.to_str().expect("utf-8");
+    for (file, format) in [("guest.stream", ""), ("guest.snap", "--mapped-ram")] {
+        let path = dir.file(file);
+        let mut args = vec!["--to", &path, "--mem-size", "16M"];
+        if !format.is_empty() {
+            args.insert(0, format);
+        }
+        let mut full = vec!["save"];
+        full.extend_from_slice(&args);
+        save_with(&[&full[..], &["--json"]].concat());
+        let before = std::fs::read(&path).expect("the good snapshot");
+        // 8 MiB of file at most, for a 32 MiB guest.
+        let script =
+            format!("ulimit -f 8192; exec '{cli}' save {format} --to '{path}' --mem-size 32M --dirty-rate 8M --json");
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .expect("running save");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{format}: {stdout}");
+        let json: Value = serde_json::from_str(stdout.trim()).expect("JSON");
+        assert_eq!(field(&json, "status"), "failed", "{json:#}");
+        assert_eq!(field(&json, "source_resumed"), true, "{json:#}");
+        assert!(
+            migration_tests::error_text(&json).contains("file too large"),
+            "{json:#}"
+        );
+        assert_eq!(
+            std::fs::read(&path).expect("still there"),
+            before,
+            "{format}: the good snapshot is untouched"
+        );
+        let names: Vec<_> = std::fs::read_dir(&dir.0)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.to_string_lossy().contains("partial")),
+            "no partial file left: {names:?}"
+        );
+    }
+}

@@ -78,6 +78,33 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
+/// What `O_DIRECT` on `file` requires, as `statx` reports it (`STATX_DIOALIGN`): the
+/// alignment of memory buffers and of file offsets and lengths, in bytes; `(0, 0)` when the
+/// file system does not support `O_DIRECT`; `None` when the kernel does not say.
+pub fn direct_io_alignment(file: &std::fs::File) -> std::io::Result<Option<(u32, u32)>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `statx` is plain integers (and padding), for which all-zero bytes are valid.
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: an empty NUL-terminated path with AT_EMPTY_PATH names `file` itself, whose
+    // descriptor is open for the call; the kernel writes only into `buf`.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut buf,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if buf.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return Ok(None);
+    }
+    Ok(Some((buf.stx_dio_mem_align, buf.stx_dio_offset_align)))
+}
+
 /// `len` atomics, all zero, from zeroed memory the kernel supplies on first write: a large
 /// table of per-page values costs nothing until its entries are used (first-touching fresh
 /// memory is slow on hosts that take freed memory back).
@@ -107,6 +134,19 @@ mod tests {
         table[12345].store(7, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(table[12345].fetch_or(8, std::sync::atomic::Ordering::Relaxed), 7);
         assert_eq!(table[12345].load(std::sync::atomic::Ordering::Relaxed), 15);
+    }
+
+    #[test]
+    fn direct_io_alignment_is_reported_for_a_disk_file() {
+        let path = std::env::temp_dir().join(format!("dio-align-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let alignment = direct_io_alignment(&file).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        // Where the kernel says, both alignments are powers of two (or zero: no O_DIRECT).
+        if let Some((mem, offset)) = alignment {
+            assert!(mem == 0 || mem.is_power_of_two(), "{mem}");
+            assert!(offset == 0 || offset.is_power_of_two(), "{offset}");
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub mod uffd;
 pub mod uring;
 mod volatile;
 
-pub use aligned::{AlignedBuf, zeroed_atomics};
+pub use aligned::{AlignedBuf, direct_io_alignment, zeroed_atomics};
 pub use region::GuestRegion;
 pub use tracker::WriteTracker;
 
@@ -154,4 +154,13 @@ mod tests {
             "the kernel lacks UFFD_FEATURE_WP_ASYNC"
         );
     }
+}
+
+/// Makes writes past the process's file size limit (`RLIMIT_FSIZE`) fail with `EFBIG`
+/// instead of killing the process with `SIGXFSZ`, so a save that outgrows its limit reports
+/// the error and cleans up like any other failed write.
+pub fn ignore_file_size_signal() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code; it only
+    // changes what the kernel does on SIGXFSZ (the write then fails with EFBIG).
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
 }

@@ -118,6 +118,10 @@ impl LazyRestore {
         let data = options
             .open(path)
             .map_err(|e| io_error(format!("opening {}", path.display()), e))?;
+        if direct_io {
+            crate::check_direct_io(&data, path)
+                .map_err(|e| io_error(format!("reading {} with O_DIRECT", path.display()), e))?;
+        }
         // The guest needs its device state before it runs: read it while
         // the memory is registered.
         let state_reader = {

@@ -78,3 +78,28 @@ fn io_error(context: impl Into<String>, source: std::io::Error) -> FileError {
         source,
     }
 }
+
+/// Checks that `file` (opened for `O_DIRECT`) accepts what the snapshot's
+/// I/O uses: buffers and offsets aligned to whole 4 KiB pages. The rule is
+/// the larger of 4096 and what the file system reports (`statx`).
+fn check_direct_io(file: &std::fs::File, path: &std::path::Path) -> std::io::Result<()> {
+    const PAGE: u32 = 4096;
+    match migration_sys::direct_io_alignment(file)? {
+        Some((0, 0)) => Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!(
+                "{} is on a file system without O_DIRECT: leave out --direct-io",
+                path.display()
+            ),
+        )),
+        Some((mem, offset)) if mem.max(offset) > PAGE => Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!(
+                "O_DIRECT on {} needs {}-byte alignment, more than the {PAGE}-byte pages a snapshot is written in: leave out --direct-io",
+                path.display(),
+                mem.max(offset)
+            ),
+        )),
+        _ => Ok(()),
+    }
+}

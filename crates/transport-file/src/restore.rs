@@ -163,6 +163,10 @@ impl RestoreSource {
         let data = data
             .open(path)
             .map_err(|e| io_error(format!("opening {} for page reads", path.display()), e))?;
+        if direct_io {
+            crate::check_direct_io(&data, path)
+                .map_err(|e| io_error(format!("reading {} with O_DIRECT", path.display()), e))?;
+        }
         let meta = File::open(path).map_err(|e| io_error(format!("opening {}", path.display()), e))?;
         Ok(Self {
             shared: Arc::new(Shared {

@@ -210,6 +210,10 @@ impl Shared {
         let data = data
             .open(&self.partial)
             .map_err(|e| io_error(format!("opening {path} for page writes"), e))?;
+        if self.options.direct_io {
+            crate::check_direct_io(&data, &self.partial)
+                .map_err(|e| io_error(format!("writing {path} with O_DIRECT"), e))?;
+        }
         let header_checksum = migration_wire::mapped_ram::FileHeader::decode(&header)
             .map_err(|e| refused(format!("the header just encoded does not decode: {e}")))?
             .checksum;
