@@ -54,7 +54,7 @@ def dd(args):
 
 def save(mem, path, channels):
     send = subprocess.Popen(
-        [CLI, "save", "--to", path, "--mem-size", str(mem), "--content", "random", "--direct-io",
+        [CLI, "save", "--mapped-ram", "--to", path, "--mem-size", str(mem), "--content", "random", "--direct-io",
          "--channels", str(channels), "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = None

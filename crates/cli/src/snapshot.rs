@@ -34,6 +34,10 @@ pub struct SaveArgs {
     /// Write page bytes with O_DIRECT (bypassing the page cache; mapped-ram).
     #[arg(long, requires = "mapped_ram")]
     pub direct_io: bool,
+    /// How mapped-ram writers submit their writes: io_uring (a ring per
+    /// writer; plain calls where the kernel refuses it) or plain system calls.
+    #[arg(long, default_value = "uring", value_parser = ["uring", "plain"])]
+    pub io: String,
     /// Compression of page batches in a stream: none, lz4, zstd or zstd:LEVEL.
     #[arg(long, default_value = "none", conflicts_with = "mapped_ram")]
     pub compress: Compression,
@@ -54,6 +58,7 @@ pub fn save(args: SaveArgs) -> u8 {
             &args.to,
             SaveOptions {
                 direct_io: args.direct_io,
+                io_uring: args.io == "uring",
             },
         );
         return run_to("save", &args.source, Target::File(&target));

@@ -20,12 +20,24 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// How a save writes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SaveOptions {
     /// Write page bytes with `O_DIRECT` (aligned, bypassing the page
     /// cache), as a save of a large guest should, so it does not evict
     /// everything else from memory.
     pub direct_io: bool,
+    /// Submit each channel's writes through an io_uring ring of its own
+    /// (plain positional writes where the kernel refuses io_uring).
+    pub io_uring: bool,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        Self {
+            direct_io: false,
+            io_uring: true,
+        }
+    }
 }
 
 /// A snapshot being saved to a file: hands out the channels the source
@@ -122,6 +134,7 @@ impl SaveTarget {
                 index,
                 replies: Arc::clone(&replies),
                 bounce: AlignedBuf::zeroed(0),
+                ring: None,
                 sent: 0,
                 closed: Arc::default(),
             },
@@ -165,6 +178,9 @@ pub struct SaveTx {
     replies: Arc<Replies>,
     /// Page bytes staged for `O_DIRECT`, which needs aligned memory.
     bounce: AlignedBuf,
+    /// This channel's ring for page writes, once the file exists (`None`
+    /// inside: io_uring refused, plain writes).
+    ring: Option<Option<migration_sys::uring::UringSocket>>,
     sent: u64,
     closed: Arc<AtomicBool>,
 }
@@ -372,14 +388,25 @@ impl SaveTx {
         let len = pages * layout.block.page_size as usize;
         let bytes = &payload[from..from + len];
         let offset = layout.page_offset(first);
-        let result = if self.shared.options.direct_io {
+        let options = &self.shared.options;
+        let ring = self.ring.get_or_insert_with(|| {
+            options
+                .io_uring
+                .then(|| migration_sys::uring::UringSocket::new(&file.data).ok())
+                .flatten()
+        });
+        let bytes = if options.direct_io {
             if self.bounce.len() < len {
                 self.bounce = AlignedBuf::zeroed(len.next_power_of_two());
             }
             self.bounce[..len].copy_from_slice(bytes);
-            file.data.write_all_at(&self.bounce[..len], offset)
+            &self.bounce[..len]
         } else {
-            file.data.write_all_at(bytes, offset)
+            bytes
+        };
+        let result = match ring {
+            Some(ring) => ring.write_all_at(bytes, offset),
+            None => file.data.write_all_at(bytes, offset),
         };
         result.map_err(|e| io_error(format!("writing pages of {} at offset {offset}", layout.block.name), e))
     }

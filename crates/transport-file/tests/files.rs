@@ -48,7 +48,17 @@ fn expect(channel: &mut dyn Channel, what: &str) -> String {
 /// Saves one block of `PAGES` pages through a save channel, as the source
 /// runtime would: page 1 first saved with other bytes, then rewritten.
 fn save(path: &std::path::Path, direct_io: bool) -> u64 {
-    let target = SaveTarget::new(path, SaveOptions { direct_io });
+    save_with(
+        path,
+        SaveOptions {
+            direct_io,
+            io_uring: true,
+        },
+    )
+}
+
+fn save_with(path: &std::path::Path, options: SaveOptions) -> u64 {
+    let target = SaveTarget::new(path, options);
     let mut channel = target.channel(0);
     channel
         .send(&Message::Hello(Hello {
@@ -139,10 +149,10 @@ fn save(path: &std::path::Path, direct_io: bool) -> u64 {
 
 #[test]
 fn a_save_lands_at_fixed_offsets_with_holes_for_zero_pages() {
-    for direct_io in [false, true] {
-        let dir = Dir::new(if direct_io { "direct" } else { "buffered" });
+    for (direct_io, io_uring) in [(false, true), (true, true), (true, false), (false, false)] {
+        let dir = Dir::new(&format!("write-{direct_io}-{io_uring}"));
         let path = dir.0.join("s.snap");
-        let digest = save(&path, direct_io);
+        let digest = save_with(&path, SaveOptions { direct_io, io_uring });
         let snapshot = Snapshot::open(&path).expect("a finished snapshot");
         assert_eq!(snapshot.commit.blocks[0].digest, digest);
         assert_eq!(snapshot.commit.epochs, 2);
