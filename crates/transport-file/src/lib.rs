@@ -72,6 +72,17 @@ pub enum FileError {
     },
 }
 
+/// Puts a finished file in place: renames `partial` over `path`, then syncs
+/// the directory so the rename survives a crash.
+fn install(partial: &std::path::Path, path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::rename(partial, path)?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::File::open(&dir)?.sync_all()
+}
+
 fn io_error(context: impl Into<String>, source: std::io::Error) -> FileError {
     FileError::Io {
         context: context.into(),

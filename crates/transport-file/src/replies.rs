@@ -60,3 +60,44 @@ impl Replies {
 pub(crate) fn decode(frame: &[u8]) -> Result<Message<'_>, TransportError> {
     Ok(migration_wire::frame::decode_frame(frame)?.0)
 }
+
+/// The receiving half of a file channel: the answers it queued itself.
+#[derive(Debug)]
+pub(crate) struct ReplyRx {
+    replies: std::sync::Arc<Replies>,
+    current: Vec<u8>,
+    timeout: Option<Duration>,
+    received: u64,
+}
+
+impl ReplyRx {
+    pub(crate) fn new(replies: std::sync::Arc<Replies>) -> Self {
+        Self {
+            replies,
+            current: Vec::new(),
+            timeout: None,
+            received: 0,
+        }
+    }
+}
+
+impl migration_core::ChannelRx for ReplyRx {
+    fn recv(&mut self) -> Result<Message<'_>, TransportError> {
+        self.current = self.replies.pop(self.timeout)?;
+        self.received += self.current.len() as u64;
+        decode(&self.current)
+    }
+
+    fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
+        std::mem::replace(&mut self.current, replacement)
+    }
+
+    fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        self.timeout = timeout;
+        Ok(())
+    }
+
+    fn bytes_received(&self) -> u64 {
+        self.received
+    }
+}

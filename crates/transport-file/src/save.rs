@@ -1,6 +1,6 @@
 //! Saving: channels whose far end is a mapped-ram file.
 
-use crate::replies::{Replies, decode};
+use crate::replies::{Replies, ReplyRx};
 use migration_core::error_chain::ErrorChain;
 use migration_core::transport::{ChannelHalves, Closer};
 use migration_core::verify::{block_digest, page_hash};
@@ -138,12 +138,7 @@ impl SaveTarget {
                 sent: 0,
                 closed: Arc::default(),
             },
-            rx: SaveRx {
-                replies,
-                current: Vec::new(),
-                timeout: None,
-                received: 0,
-            },
+            rx: ReplyRx::new(replies),
         }
     }
 
@@ -167,7 +162,7 @@ impl Drop for Shared {
 #[derive(Debug)]
 pub struct SaveChannel {
     tx: SaveTx,
-    rx: SaveRx,
+    rx: ReplyRx,
 }
 
 /// The writing half.
@@ -183,15 +178,6 @@ pub struct SaveTx {
     ring: Option<Option<migration_sys::uring::UringSocket>>,
     sent: u64,
     closed: Arc<AtomicBool>,
-}
-
-/// The half that reads the file's answers.
-#[derive(Debug)]
-pub struct SaveRx {
-    replies: Arc<Replies>,
-    current: Vec<u8>,
-    timeout: Option<Duration>,
-    received: u64,
 }
 
 impl Shared {
@@ -297,15 +283,8 @@ impl Shared {
         file.meta
             .sync_data()
             .map_err(|e| io_error(format!("syncing {path}"), e))?;
-        std::fs::rename(&self.partial, &self.path)
+        crate::install(&self.partial, &self.path)
             .map_err(|e| io_error(format!("renaming {path} to {}", self.path.display()), e))?;
-        let dir = match self.path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_error(format!("syncing directory {}", dir.display()), e))?;
         Ok(())
     }
 }
@@ -545,27 +524,6 @@ impl ChannelTx for SaveTx {
     }
 
     fn shutdown(&mut self) {}
-}
-
-impl ChannelRx for SaveRx {
-    fn recv(&mut self) -> Result<Message<'_>, TransportError> {
-        self.current = self.replies.pop(self.timeout)?;
-        self.received += self.current.len() as u64;
-        decode(&self.current)
-    }
-
-    fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
-        std::mem::replace(&mut self.current, replacement)
-    }
-
-    fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
-        self.timeout = timeout;
-        Ok(())
-    }
-
-    fn bytes_received(&self) -> u64 {
-        self.received
-    }
 }
 
 impl ChannelTx for SaveChannel {

@@ -10,7 +10,7 @@
 //! Played back, the file is the source of a migration into the destination
 //! runtime: later passes overwrite earlier copies of a page, in order.
 
-use crate::replies::{Replies, decode};
+use crate::replies::{Replies, ReplyRx};
 use crate::{FileError, io_error};
 use migration_core::compress::decompress;
 use migration_core::transport::{ChannelHalves, Closer};
@@ -94,10 +94,9 @@ impl StreamTarget {
     pub fn channel(&self) -> StreamChannel {
         StreamChannel {
             shared: Arc::clone(&self.shared),
-            current: Vec::new(),
+            rx: Some(ReplyRx::new(Arc::clone(&self.shared.replies))),
             frame: Vec::new(),
             scratch: Vec::new(),
-            timeout: None,
             sent: 0,
         }
     }
@@ -131,10 +130,9 @@ impl Drop for Shared {
 #[derive(Debug)]
 pub struct StreamChannel {
     shared: Arc<Shared>,
-    current: Vec<u8>,
+    rx: Option<ReplyRx>,
     frame: Vec<u8>,
     scratch: Vec<u8>,
-    timeout: Option<Duration>,
     sent: u64,
 }
 
@@ -163,14 +161,7 @@ impl Shared {
                     .get_ref()
                     .sync_data()
                     .map_err(io(format!("syncing {}", partial.display())))?;
-                std::fs::rename(&*partial, &*path).map_err(io(format!("renaming to {}", path.display())))?;
-                let dir = match path.parent() {
-                    Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-                    _ => PathBuf::from("."),
-                };
-                File::open(&dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io(format!("syncing directory {}", dir.display())))?;
+                crate::install(partial, path).map_err(io(format!("renaming to {}", path.display())))?;
             }
             Some(Sink::Stdout(writer)) => writer.flush().map_err(io("writing standard output".into()))?,
             None => return Err(TransportError::Closed),
@@ -307,37 +298,36 @@ impl ChannelTx for StreamChannel {
     fn shutdown(&mut self) {}
 }
 
+impl StreamChannel {
+    fn rx(&mut self) -> Result<&mut ReplyRx, TransportError> {
+        self.rx.as_mut().ok_or(TransportError::Closed)
+    }
+}
+
 impl ChannelRx for StreamChannel {
     fn recv(&mut self) -> Result<Message<'_>, TransportError> {
-        self.current = self.shared.replies.pop(self.timeout)?;
-        decode(&self.current)
+        self.rx()?.recv()
     }
 
     fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
-        std::mem::replace(&mut self.current, replacement)
+        match self.rx.as_mut() {
+            Some(rx) => rx.take_body(replacement),
+            None => replacement,
+        }
     }
 
     fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
-        self.timeout = timeout;
-        Ok(())
+        self.rx()?.set_timeout(timeout)
     }
 
     fn bytes_received(&self) -> u64 {
-        0
+        self.rx.as_ref().map_or(0, |rx| rx.bytes_received())
     }
 }
 
 impl Channel for StreamChannel {
-    fn split(self: Box<Self>) -> Result<ChannelHalves, TransportError> {
-        // Both halves share the stream and its answers.
-        let rx = StreamChannel {
-            shared: Arc::clone(&self.shared),
-            current: Vec::new(),
-            frame: Vec::new(),
-            scratch: Vec::new(),
-            timeout: self.timeout,
-            sent: 0,
-        };
+    fn split(mut self: Box<Self>) -> Result<ChannelHalves, TransportError> {
+        let rx = self.rx.take().ok_or(TransportError::Closed)?;
         Ok((self, Box::new(rx)))
     }
 
