@@ -7,6 +7,10 @@
 //! its receiver still finds it.
 #![forbid(unsafe_code)]
 
+mod tls;
+pub use tls::{TlsConfig, TlsError, TlsFiles, generate_certs};
+use tls::{TlsRx, TlsTx};
+
 use migration_core::transport::{ChannelHalves, Closer};
 use migration_core::{Channel, ChannelRx, ChannelTx, DirectPlacement, TransportError};
 use migration_sys::uring::UringSocket;
@@ -33,6 +37,9 @@ pub struct TcpOptions {
     /// the one thread that owns the half); plain system calls when false or
     /// when the kernel refuses io_uring.
     pub io_uring: bool,
+    /// TLS on every connection (the client side for `connect`, the server
+    /// side for a listener); `None`: plaintext.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for TcpOptions {
@@ -42,6 +49,7 @@ impl Default for TcpOptions {
             io_timeout: Duration::from_secs(30),
             buffer_size: 4 << 20,
             io_uring: true,
+            tls: None,
         }
     }
 }
@@ -99,7 +107,7 @@ pub fn connect(addr: &str, options: &TcpOptions) -> Result<TcpChannel, Transport
             match TcpStream::connect_timeout(target, remaining) {
                 Ok(stream) => {
                     configure(&stream, options).map_err(|e| io_error("configuring the socket", e))?;
-                    return TcpChannel::new(stream, options);
+                    return TcpChannel::new(stream, options, addr);
                 }
                 Err(err) => last = Some(err),
             }
@@ -169,7 +177,7 @@ impl TcpListener {
             _ => io_error("accepting a connection", e),
         })?;
         configure(&stream, &self.options).map_err(|e| io_error("configuring the socket", e))?;
-        TcpChannel::new(stream, &self.options)
+        TcpChannel::new(stream, &self.options, "")
     }
 }
 
@@ -180,6 +188,7 @@ pub struct TcpTx {
     uring: Option<UringSocket>,
     head: Vec<u8>,
     sent: u64,
+    tls: Option<TlsTx>,
 }
 
 impl ChannelTx for TcpTx {
@@ -205,12 +214,18 @@ impl ChannelTx for TcpTx {
                 &[]
             }
         };
+        let what = || format!("sending {}", message.kind().name());
+        let parts: [&[u8]; 2] = match &mut self.tls {
+            // Encrypted under the session's lock; written by this half only.
+            Some(tls) => [tls.seal(&[&self.head, payload]).map_err(|e| io_error(what(), e))?, &[]],
+            None => [&self.head, payload],
+        };
         match &mut self.uring {
-            Some(ring) => ring.send_all(&[&self.head, payload]),
-            None => write_all_vectored(&mut self.stream, &mut [IoSlice::new(&self.head), IoSlice::new(payload)]),
+            Some(ring) => ring.send_all(&parts),
+            None => write_all_vectored(&mut self.stream, &mut [IoSlice::new(parts[0]), IoSlice::new(parts[1])]),
         }
-        .map_err(|e| io_error(format!("sending {}", message.kind().name()), e))?;
-        self.sent += (self.head.len() + payload.len()) as u64;
+        .map_err(|e| io_error(what(), e))?;
+        self.sent += (parts[0].len() + parts[1].len()) as u64;
         Ok(())
     }
 
@@ -219,6 +234,11 @@ impl ChannelTx for TcpTx {
     }
 
     fn shutdown(&mut self) {
+        if let Some(tls) = &mut self.tls
+            && let Ok(alert) = tls.close()
+        {
+            let _ = self.stream.write_all(alert);
+        }
         let _ = self.stream.flush();
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
@@ -248,6 +268,7 @@ pub struct TcpRx {
     timeout: Option<Duration>,
     /// Where page bytes of batches sent as is go, when set.
     direct: Option<Arc<dyn DirectPlacement>>,
+    tls: Option<TlsRx>,
     /// One page read back from guest memory, to hash it.
     scratch: Vec<u8>,
 }
@@ -300,12 +321,28 @@ impl TcpRx {
     /// Reads body bytes `[from, to)` into the buffer.
     fn read_exact(&mut self, what: &str, at_frame_start: bool, from: usize, to: usize) -> Result<(), TransportError> {
         let (uring, stream, body) = (&mut self.uring, &self.stream, &mut self.body[from..to]);
-        read_fully(what, at_frame_start, to - from, self.timeout, |filled| match uring {
-            Some(ring) => ring.recv(&mut body[filled..]),
-            None => (&*stream).read(&mut body[filled..]),
-        })?;
-        self.received += (to - from) as u64;
-        Ok(())
+        // Wire bytes: ciphertext under TLS.
+        let mut wire = 0u64;
+        let mut socket = |buf: &mut [u8]| {
+            let read = match uring {
+                Some(ring) => ring.recv(buf),
+                None => (&*stream).read(buf),
+            };
+            if let Ok(n) = read {
+                wire += n as u64;
+            }
+            read
+        };
+        let result = match &mut self.tls {
+            Some(tls) => read_fully(what, at_frame_start, to - from, self.timeout, |filled| {
+                tls.read(&mut body[filled..], &mut socket)
+            }),
+            None => read_fully(what, at_frame_start, to - from, self.timeout, |filled| {
+                socket(&mut body[filled..])
+            }),
+        };
+        self.received += wire;
+        result
     }
 
     /// For a pages frame whose batch header and entry table (`head_len`
@@ -371,7 +408,25 @@ impl ChannelRx for TcpRx {
         self.read_exact("a frame header", true, 0, FRAME_HEADER_LEN)?;
         let mut raw = [0u8; FRAME_HEADER_LEN];
         raw.copy_from_slice(&self.body[..FRAME_HEADER_LEN]);
-        let header = FrameHeader::decode(&raw, MAX_FRAME_BODY)?;
+        let header = match FrameHeader::decode(&raw, MAX_FRAME_BODY) {
+            Ok(header) => header,
+            // A TLS record (handshake or alert) where a first frame belongs.
+            Err(_)
+                if self.tls.is_none()
+                    && self.received == FRAME_HEADER_LEN as u64
+                    && raw[1] == 0x03
+                    && matches!(raw[0], 0x15 | 0x16) =>
+            {
+                return Err(io_error(
+                    "reading the first frame",
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the peer speaks TLS, this side does not (--tls-cert, --tls-key, --tls-ca)",
+                    ),
+                ));
+            }
+            Err(err) => return Err(err.into()),
+        };
         let len = header.len as usize;
         if self.body.len() < len {
             self.body.resize(len, 0);
@@ -414,6 +469,10 @@ impl ChannelRx for TcpRx {
     }
 
     fn place_directly(&mut self, target: Arc<dyn DirectPlacement>) -> bool {
+        // Decrypted bytes land in the session's buffers first.
+        if self.tls.is_some() {
+            return false;
+        }
         self.direct = Some(target);
         true
     }
@@ -443,11 +502,27 @@ pub struct TcpChannel {
 }
 
 impl TcpChannel {
-    fn new(stream: TcpStream, options: &TcpOptions) -> Result<Self, TransportError> {
+    fn new(mut stream: TcpStream, options: &TcpOptions, addr: &str) -> Result<Self, TransportError> {
         let peer = stream
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "unknown peer".into());
+        let session = match &options.tls {
+            Some(tls) => {
+                stream
+                    .set_read_timeout(Some(options.io_timeout))
+                    .map_err(|e| io_error("setting the handshake timeout", e))?;
+                let session = tls.handshake(&mut stream, addr).map_err(|e| match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TransportError::TimedOut(options.io_timeout),
+                    _ => io_error(format!("TLS handshake with {peer}"), e),
+                })?;
+                stream
+                    .set_read_timeout(None)
+                    .map_err(|e| io_error("clearing the handshake timeout", e))?;
+                Some(session)
+            }
+            None => None,
+        };
         let reader = stream.try_clone().map_err(|e| io_error("cloning the socket", e))?;
         // A ring each for the sending and the receiving half, which two
         // threads may own; no ring where the kernel refuses io_uring.
@@ -463,6 +538,7 @@ impl TcpChannel {
                 stream,
                 head: Vec::new(),
                 sent: 0,
+                tls: session.clone().map(TlsTx::new),
             },
             rx: TcpRx {
                 uring: recv_ring,
@@ -473,9 +549,15 @@ impl TcpChannel {
                 timeout: None,
                 direct: None,
                 scratch: Vec::new(),
+                tls: session.map(TlsRx::new),
             },
             peer,
         })
+    }
+
+    /// Whether the connection runs TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tx.tls.is_some()
     }
 
     /// `io_uring` or `plain`: how this channel moves bytes.
@@ -715,6 +797,244 @@ mod tests {
             "{err}"
         );
         writer.join().expect("join");
+    }
+
+    /// A throwaway PKI in a directory removed on drop.
+    struct Pki(std::path::PathBuf);
+
+    impl Pki {
+        fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("tcp-tls-{}-{tag}", std::process::id()));
+            generate_certs(&dir).expect("certificates");
+            Self(dir)
+        }
+
+        fn files(&self, side: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+            (
+                self.0.join(format!("{side}-cert.pem")),
+                self.0.join(format!("{side}-key.pem")),
+                self.0.join("ca.pem"),
+            )
+        }
+
+        fn server(&self) -> TlsConfig {
+            let (cert, key, ca) = self.files("server");
+            TlsConfig::server(&TlsFiles {
+                cert: &cert,
+                key: &key,
+                ca: &ca,
+            })
+            .expect("server config")
+        }
+
+        fn client(&self, trusting: &Pki, name: Option<&str>) -> TlsConfig {
+            let (cert, key, _) = self.files("client");
+            let ca = trusting.0.join("ca.pem");
+            TlsConfig::client(
+                &TlsFiles {
+                    cert: &cert,
+                    key: &key,
+                    ca: &ca,
+                },
+                name,
+            )
+            .expect("client config")
+        }
+    }
+
+    impl Drop for Pki {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Connects `client` options to a listener with `server` options; both
+    /// outcomes.
+    fn tls_pair(
+        server: Option<TlsConfig>,
+        client: Option<TlsConfig>,
+        io_uring: bool,
+    ) -> (Result<TcpChannel, TransportError>, Result<TcpChannel, TransportError>) {
+        let listener = TcpListener::bind(
+            "127.0.0.1:0",
+            TcpOptions {
+                tls: server,
+                io_uring,
+                io_timeout: Duration::from_secs(10),
+                ..TcpOptions::default()
+            },
+        )
+        .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let options = TcpOptions {
+            tls: client,
+            io_uring,
+            io_timeout: Duration::from_secs(10),
+            ..TcpOptions::default()
+        };
+        let connecting = std::thread::spawn(move || connect(&addr, &options));
+        let accepted = listener.accept_within(Some(Duration::from_secs(30)));
+        (connecting.join().expect("join"), accepted)
+    }
+
+    #[test]
+    fn frames_cross_a_tls_connection_both_ways_with_either_backend() {
+        let pki = Pki::new("ok");
+        for io_uring in [true, false] {
+            let (client, server) = tls_pair(Some(pki.server()), Some(pki.client(&pki, None)), io_uring);
+            let (a, b) = (client.expect("client"), server.expect("server"));
+            assert!(a.is_tls() && b.is_tls());
+            // Both directions, a page batch included; a large one too.
+            let (mut a2, mut b2) = (a, b);
+            let payload: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
+            let mut entries = Vec::new();
+            for page in 0..256u64 {
+                PageEntry {
+                    page,
+                    encoding: PageEncoding::Plain,
+                }
+                .push_to(&mut entries);
+            }
+            let batch = PageBatch::new(0, 0, 4096, &entries, &payload).expect("batch");
+            a2.send(&Message::Pages(batch.clone())).expect("send");
+            match b2.recv().expect("recv") {
+                Message::Pages(got) => assert_eq!(got, batch),
+                other => panic!("{other:?}"),
+            }
+            exchange_frames(a2, b2);
+        }
+    }
+
+    fn handshake_error<T: std::fmt::Debug>(result: Result<T, TransportError>) -> String {
+        let err = result.expect_err("refused");
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            text += &format!(": {s}");
+            source = s.source();
+        }
+        text
+    }
+
+    #[test]
+    fn a_certificate_from_another_ca_is_refused_on_both_sides() {
+        let (pki, other) = (Pki::new("ca"), Pki::new("other"));
+        let (client, server) = tls_pair(Some(pki.server()), Some(other.client(&pki, None)), true);
+        let server = handshake_error(server);
+        assert!(server.contains("TLS handshake"), "{server}");
+        assert!(server.to_lowercase().contains("certificate"), "{server}");
+        assert!(
+            client.is_err() || {
+                // The client may finish its side first; its first read then fails.
+                let mut c = client.expect("client");
+                c.recv().is_err()
+            }
+        );
+    }
+
+    #[test]
+    fn a_wrong_server_name_is_refused_by_the_client() {
+        let pki = Pki::new("name");
+        let (client, _server) = tls_pair(
+            Some(pki.server()),
+            Some(pki.client(&pki, Some("elsewhere.example"))),
+            true,
+        );
+        let client = handshake_error(client);
+        assert!(client.contains("TLS handshake"), "{client}");
+        assert!(
+            client.contains("NotValidForName") || client.contains("not valid"),
+            "{client}"
+        );
+    }
+
+    #[test]
+    fn a_client_without_a_certificate_is_refused() {
+        let pki = Pki::new("nocert");
+        let listener = TcpListener::bind(
+            "127.0.0.1:0",
+            TcpOptions {
+                tls: Some(pki.server()),
+                ..TcpOptions::default()
+            },
+        )
+        .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let ca = pki.0.join("ca.pem");
+        let bare = std::thread::spawn(move || {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::pem_file_iter(&ca)
+                .expect("ca")
+            {
+                roots.add(cert.expect("cert")).expect("add");
+            }
+            let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let mut conn = rustls::ClientConnection::new(
+                std::sync::Arc::new(config),
+                rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+            )
+            .expect("conn");
+            let mut stream = TcpStream::connect(addr).expect("connect");
+            let mut result = Ok(());
+            while conn.is_handshaking() && result.is_ok() {
+                result = conn.complete_io(&mut stream).map(|_| ());
+            }
+            // TLS 1.3: the server's refusal may arrive after our Finished.
+            let mut byte = [0u8; 1];
+            result.and_then(|()| {
+                std::io::Read::read(&mut rustls::Stream::new(&mut conn, &mut stream), &mut byte).map(|_| ())
+            })
+        });
+        let server = handshake_error(listener.accept_within(Some(Duration::from_secs(30))));
+        assert!(server.to_lowercase().contains("certificate"), "{server}");
+        assert!(bare.join().expect("join").is_err(), "the bare client is refused too");
+    }
+
+    #[test]
+    fn plaintext_and_tls_peers_are_told_apart() {
+        let pki = Pki::new("plain");
+        // A plaintext client at a TLS listener: it speaks first, as a
+        // source does.
+        let listener = TcpListener::bind(
+            "127.0.0.1:0",
+            TcpOptions {
+                tls: Some(pki.server()),
+                ..TcpOptions::default()
+            },
+        )
+        .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let plain = std::thread::spawn(move || {
+            let mut client = connect(&addr, &TcpOptions::default()).expect("connect");
+            client.send(&Message::Ready).expect("send");
+            client.recv().map(|_| ())
+        });
+        let server = handshake_error(listener.accept_within(Some(Duration::from_secs(30))));
+        assert!(server.contains("does not speak TLS"), "{server}");
+        assert!(plain.join().expect("join").is_err(), "the plaintext client is refused");
+        // A TLS client at a plaintext listener.
+        let listener = TcpListener::bind("127.0.0.1:0", TcpOptions::default()).expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let plain_server = std::thread::spawn(move || {
+            let mut server = listener.accept_within(Some(Duration::from_secs(30))).expect("accept");
+            server.recv().map(|_| ()).map_err(|e| handshake_error::<()>(Err(e)))
+        });
+        let options = TcpOptions {
+            tls: Some(pki.client(&pki, None)),
+            ..TcpOptions::default()
+        };
+        assert!(connect(&addr, &options).is_err(), "the TLS client gets no TLS answer");
+        let err = plain_server
+            .join()
+            .expect("join")
+            .expect_err("a TLS hello is not a frame");
+        assert!(err.contains("speaks TLS"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,380 @@
+//! TLS 1.3 with mutual authentication on every connection (rustls, the
+//! `ring` provider).
+//!
+//! Both sides present a certificate from the same CA: the destination (the
+//! TLS server) refuses a source without one or with one from another CA,
+//! the source refuses a destination whose certificate does not name the
+//! address it dialled (or `--tls-server-name`). A connection's two halves
+//! share one rustls session: the sending half encrypts under its lock and
+//! is the only one to write to the socket, so records leave in order; the
+//! receiving half reads ciphertext from the socket without the lock and
+//! takes the lock only to decrypt.
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig, ServerConnection};
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Why TLS settings could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or holds nothing usable.
+    #[error("{what} {path}: {problem}")]
+    Pem {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// rustls refused the settings (a key that does not match, say).
+    #[error("TLS settings: {0}")]
+    Config(String),
+}
+
+/// The certificate files of one side.
+#[derive(Debug, Clone)]
+pub struct TlsFiles<'a> {
+    /// This side's certificate chain (PEM).
+    pub cert: &'a Path,
+    /// Its private key (PEM).
+    pub key: &'a Path,
+    /// The CA that signs both sides' certificates (PEM).
+    pub ca: &'a Path,
+}
+
+/// TLS settings of one side: the source is the client, the destination
+/// the server.
+#[derive(Clone)]
+pub struct TlsConfig {
+    role: Role,
+}
+
+#[derive(Clone)]
+enum Role {
+    Client {
+        config: Arc<ClientConfig>,
+        server_name: Option<ServerName<'static>>,
+    },
+    Server {
+        config: Arc<ServerConfig>,
+    },
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.role {
+            Role::Client { server_name, .. } => f
+                .debug_struct("TlsConfig::Client")
+                .field("server_name", server_name)
+                .finish(),
+            Role::Server { .. } => f.write_str("TlsConfig::Server"),
+        }
+    }
+}
+
+fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = |problem: String| TlsError::Pem {
+        what,
+        path: path.display().to_string(),
+        problem,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem("no certificate in it".into()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
+        what: "TLS key",
+        path: path.display().to_string(),
+        problem: e.to_string(),
+    })
+}
+
+fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs("TLS CA", path)? {
+        roots.add(cert).map_err(|e| TlsError::Pem {
+            what: "TLS CA",
+            path: path.display().to_string(),
+            problem: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl TlsConfig {
+    /// The source's settings: present `files.cert`, accept a destination
+    /// whose certificate `files.ca` signed and that names `server_name`
+    /// (default: the host part of the address dialled).
+    pub fn client(files: &TlsFiles<'_>, server_name: Option<&str>) -> Result<Self, TlsError> {
+        let server_name = server_name
+            .map(|name| {
+                ServerName::try_from(name.to_owned())
+                    .map_err(|e| TlsError::Config(format!("server name {name:?}: {e}")))
+            })
+            .transpose()?;
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots(files.ca)?)
+            .with_client_auth_cert(read_certs("TLS certificate", files.cert)?, read_key(files.key)?)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(Self {
+            role: Role::Client {
+                config: Arc::new(config),
+                server_name,
+            },
+        })
+    }
+
+    /// The destination's settings: present `files.cert`, and accept only a
+    /// source that presents a certificate `files.ca` signed.
+    pub fn server(files: &TlsFiles<'_>) -> Result<Self, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(files.ca)?), provider())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(read_certs("TLS certificate", files.cert)?, read_key(files.key)?)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        // Migrations do not resume TLS sessions.
+        config.send_tls13_tickets = 0;
+        Ok(Self {
+            role: Role::Server {
+                config: Arc::new(config),
+            },
+        })
+    }
+
+    /// Runs the handshake on `stream` (blocking, bounded by the stream's
+    /// timeouts): the client side for `addr` (`host:port`), or the server
+    /// side. The session it returns carries the rest of the connection.
+    pub(crate) fn handshake(&self, stream: &mut TcpStream, addr: &str) -> io::Result<Arc<Mutex<Connection>>> {
+        let mut conn: Connection = match &self.role {
+            Role::Client { config, server_name } => {
+                let name = match server_name {
+                    Some(name) => name.clone(),
+                    None => host_name(addr)?,
+                };
+                ClientConnection::new(Arc::clone(config), name)
+                    .map_err(io::Error::other)?
+                    .into()
+            }
+            Role::Server { config } => {
+                // A peer that does not open with a TLS handshake record is
+                // not speaking TLS: say so rather than "corrupt message".
+                let mut first = [0u8; 1];
+                if stream.peek(&mut first)? == 1 && first[0] != 0x16 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the peer does not speak TLS (plaintext on a TLS listener)",
+                    ));
+                }
+                ServerConnection::new(Arc::clone(config))
+                    .map_err(io::Error::other)?
+                    .into()
+            }
+        };
+        while conn.is_handshaking() {
+            conn.complete_io(stream)?;
+        }
+        // Flush what the handshake left to send (the client's Finished).
+        while conn.wants_write() {
+            conn.write_tls(stream)?;
+        }
+        // A whole page batch is encrypted at once; the sending half drains
+        // it right away.
+        conn.set_buffer_limit(None);
+        Ok(Arc::new(Mutex::new(conn)))
+    }
+}
+
+/// Writes a throwaway PKI into `dir` for tests and first tries: `ca.pem`,
+/// `server-cert.pem` and `server-key.pem` (valid for `localhost` and
+/// `127.0.0.1`), `client-cert.pem` and `client-key.pem` (named
+/// `migrate-client`), all signed by a CA whose key is not kept.
+pub fn generate_certs(dir: &Path) -> Result<(), TlsError> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let err = |e: rcgen::Error| TlsError::Config(format!("generating certificates: {e}"));
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "migrate throwaway CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
+    let issuer = Issuer::new(ca, &ca_key);
+    let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| -> Result<(String, String), TlsError> {
+        let key = KeyPair::generate().map_err(err)?;
+        let mut params = CertificateParams::new(names.clone()).map_err(err)?;
+        params.distinguished_name.push(DnType::CommonName, names[0].clone());
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &issuer).map_err(err)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    };
+    let (server_cert, server_key) = leaf(
+        vec!["localhost".into(), "127.0.0.1".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let (client_cert, client_key) = leaf(vec!["migrate-client".into()], ExtendedKeyUsagePurpose::ClientAuth)?;
+    std::fs::create_dir_all(dir).map_err(|e| TlsError::Config(format!("creating {}: {e}", dir.display())))?;
+    for (name, text) in [
+        ("ca.pem", ca_cert.pem()),
+        ("server-cert.pem", server_cert),
+        ("server-key.pem", server_key),
+        ("client-cert.pem", client_cert),
+        ("client-key.pem", client_key),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| TlsError::Config(format!("writing {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// The server name in `host:port` (an IP address or a DNS name).
+fn host_name(addr: &str) -> io::Result<ServerName<'static>> {
+    let host = match addr.rsplit_once(':') {
+        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+        None => addr,
+    };
+    ServerName::try_from(host.to_owned()).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{host:?} is not a name TLS can check ({e}); give --tls-server-name"),
+        )
+    })
+}
+
+/// The sending state of a TLS connection half.
+#[derive(Debug)]
+pub(crate) struct TlsTx {
+    pub(crate) session: Arc<Mutex<Connection>>,
+    /// Ciphertext of the message being sent.
+    out: Vec<u8>,
+}
+
+impl TlsTx {
+    pub(crate) fn new(session: Arc<Mutex<Connection>>) -> Self {
+        Self {
+            session,
+            out: Vec::new(),
+        }
+    }
+
+    /// The close-notify alert that ends the session, to write last.
+    pub(crate) fn close(&mut self) -> io::Result<&[u8]> {
+        self.out.clear();
+        let mut conn = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        conn.send_close_notify();
+        while conn.wants_write() {
+            conn.write_tls(&mut self.out)?;
+        }
+        Ok(&self.out)
+    }
+
+    /// Encrypts `parts` (and anything the session owes the peer) and
+    /// returns the records to write, in order.
+    pub(crate) fn seal(&mut self, parts: &[&[u8]]) -> io::Result<&[u8]> {
+        self.out.clear();
+        let mut conn = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        for part in parts {
+            conn.writer().write_all(part)?;
+        }
+        while conn.wants_write() {
+            conn.write_tls(&mut self.out)?;
+        }
+        Ok(&self.out)
+    }
+}
+
+/// The receiving state of a TLS connection half.
+#[derive(Debug)]
+pub(crate) struct TlsRx {
+    session: Arc<Mutex<Connection>>,
+    /// Ciphertext read from the socket and not fed to the session yet.
+    sealed: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl TlsRx {
+    pub(crate) fn new(session: Arc<Mutex<Connection>>) -> Self {
+        Self {
+            session,
+            sealed: vec![0; 64 << 10],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Reads plaintext into `buf`; `fill` reads ciphertext from the socket
+    /// (without the session's lock held). 0 means the peer closed.
+    pub(crate) fn read(
+        &mut self,
+        buf: &mut [u8],
+        mut fill: impl FnMut(&mut [u8]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        loop {
+            {
+                let mut conn = self.session.lock().unwrap_or_else(|e| e.into_inner());
+                match conn.reader().read(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                // No plaintext: feed what ciphertext is here.
+                if self.start < self.end {
+                    let mut sealed = &self.sealed[self.start..self.end];
+                    let fed = conn.read_tls(&mut sealed)?;
+                    self.start += fed;
+                    conn.process_new_packets()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    continue;
+                }
+            }
+            let n = fill(&mut self.sealed)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            self.start = 0;
+            self.end = n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_come_from_the_address() {
+        assert_eq!(
+            host_name("127.0.0.1:4444").unwrap(),
+            ServerName::try_from("127.0.0.1").unwrap()
+        );
+        assert_eq!(host_name("[::1]:4444").unwrap(), ServerName::try_from("::1").unwrap());
+        assert_eq!(
+            host_name("dest.example:1").unwrap(),
+            ServerName::try_from("dest.example").unwrap()
+        );
+    }
+}
