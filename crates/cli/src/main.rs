@@ -6,6 +6,7 @@ mod recv;
 mod report;
 mod send;
 mod snapshot;
+mod tls;
 mod units;
 
 use clap::{Parser, Subcommand};
@@ -53,6 +54,8 @@ enum Command {
     Restore(snapshot::RestoreArgs),
     /// Describe a snapshot file: format, blocks, pages stored, digests, complete or not.
     Inspect(snapshot::InspectArgs),
+    /// Write a throwaway CA, server and client certificates for TLS tests and first tries.
+    GenCerts(tls::GenCertsArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::Save(args) => snapshot::save(args),
         Command::Restore(args) => snapshot::restore(args),
         Command::Inspect(args) => snapshot::inspect(args),
+        Command::GenCerts(args) => tls::gen_certs(args),
     };
     ExitCode::from(code)
 }

@@ -46,6 +46,8 @@ pub struct RecvArgs {
     /// calls where the kernel refuses it) or plain system calls.
     #[arg(long, default_value = "uring", value_parser = ["uring", "plain"])]
     pub io: String,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Print no progress lines (errors and the result still print).
     #[arg(long)]
     pub quiet: bool,
@@ -77,6 +79,7 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
     let tcp = TcpOptions {
         io_timeout: args.io_timeout,
         io_uring: args.io == "uring",
+        tls: args.tls.server()?,
         ..TcpOptions::default()
     };
     let prealloc = args

@@ -41,6 +41,12 @@ pub struct SendArgs {
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub connect_timeout: Duration,
     #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+    /// The name the destination's certificate must carry (default: the
+    /// host of --to).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_server_name: Option<String>,
+    #[command(flatten)]
     pub source: SourceArgs,
 }
 
@@ -159,6 +165,7 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
             connect_timeout: send.connect_timeout,
             io_timeout: args.io_timeout,
             io_uring: send.io == "uring",
+            tls: send.tls.client(send.tls_server_name.as_deref())?,
             ..TcpOptions::default()
         },
         Target::File(_) | Target::Stream(..) => TcpOptions::default(),

@@ -183,6 +183,14 @@ impl TlsConfig {
                 // not speaking TLS: say so rather than "corrupt message".
                 let mut first = [0u8; 1];
                 if stream.peek(&mut first)? == 1 && first[0] != 0x16 {
+                    // Tell a plaintext source why, in its own terms.
+                    let mut frame = Vec::new();
+                    migration_wire::Message::Error(migration_wire::PeerError {
+                        code: migration_wire::ErrorCode::Protocol,
+                        message: "this destination requires TLS (--tls-cert, --tls-key, --tls-ca)".into(),
+                    })
+                    .encode(&mut frame);
+                    let _ = stream.write_all(&frame);
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "the peer does not speak TLS (plaintext on a TLS listener)",
@@ -346,8 +354,17 @@ impl TlsRx {
                     let mut sealed = &self.sealed[self.start..self.end];
                     let fed = conn.read_tls(&mut sealed)?;
                     self.start += fed;
-                    conn.process_new_packets()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    conn.process_new_packets().map_err(|e| match e {
+                        // In TLS 1.3 a client learns that the server refused
+                        // its certificate only here, after its handshake.
+                        rustls::Error::AlertReceived(alert) => io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "the peer ended the TLS session with {alert:?} (does it trust this side's certificate?)"
+                            ),
+                        ),
+                        other => io::Error::new(io::ErrorKind::InvalidData, other),
+                    })?;
                     continue;
                 }
             }
