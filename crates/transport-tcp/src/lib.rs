@@ -1013,11 +1013,15 @@ mod tests {
         let plain = std::thread::spawn(move || {
             let mut client = connect(&addr, &TcpOptions::default()).expect("connect");
             client.send(&Message::Ready).expect("send");
-            client.recv().map(|_| ())
+            match client.recv() {
+                Ok(Message::Error(err)) => err.message,
+                other => panic!("wanted the listener's refusal, got {other:?}"),
+            }
         });
         let server = handshake_error(listener.accept_within(Some(Duration::from_secs(30))));
         assert!(server.contains("does not speak TLS"), "{server}");
-        assert!(plain.join().expect("join").is_err(), "the plaintext client is refused");
+        let told = plain.join().expect("join");
+        assert!(told.contains("requires TLS"), "the plaintext client is told why: {told}");
         // A TLS client at a plaintext listener.
         let listener = TcpListener::bind("127.0.0.1:0", TcpOptions::default()).expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
