@@ -59,16 +59,32 @@ def baseline(nbytes, streams, fresh=False):
 IO = ["--io", "uring"]
 
 
-def migrate(mem, content, channels, populated=False, compress="none"):
+PKI = None
+
+
+def tls_args(side):
+    """--tls-* options for `side` from a throwaway PKI made once per run."""
+    global PKI
+    if PKI is None:
+        PKI = f"/tmp/precopy-bench-pki-{os.getpid()}"
+        subprocess.run([CLI, "gen-certs", PKI], check=True, capture_output=True)
+    return ["--tls-cert", f"{PKI}/{side}-cert.pem", "--tls-key", f"{PKI}/{side}-key.pem",
+            "--tls-ca", f"{PKI}/ca.pem"]
+
+
+def migrate(mem, content, channels, populated=False, compress="none", tls=False):
     extra = []
     if populated:
         # A destination whose RAM is allocated before the migration, as when
         # a VMM preallocates guest memory (QEMU's prealloc=on).
         extra = ["--prealloc", str(mem)]
-    recv, addr = listen([CLI, "recv", "--listen", "127.0.0.1:0", "--json", "--quiet", "--run-for", "0s"] + extra + IO)
+    recv_tls = tls_args("server") if tls else []
+    send_tls = tls_args("client") if tls else []
+    recv, addr = listen([CLI, "recv", "--listen", "127.0.0.1:0", "--json", "--quiet", "--run-for", "0s"]
+                        + extra + IO + recv_tls)
     send = subprocess.Popen(
         [CLI, "send", "--to", addr, "--mem-size", str(mem), "--content", content, "--json",
-         "--channels", str(channels), "--compress", compress] + IO,
+         "--channels", str(channels), "--compress", compress] + IO + send_tls,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = None
     for line in send.stderr:
@@ -174,7 +190,8 @@ def qemu_migrate(mem, content, channels, populated=False, compress="none"):
 
 
 CASES = {
-    # name: (content, populated destination, compression)
+    # name: (content, populated destination, compression); ", TLS" cases
+    # add mutual TLS to the case named before the comma.
     "random": ("random", False, "none"),
     "zero-heavy": ("zero-heavy", False, "none"),
     "random, populated destination": ("random", True, "none"),
@@ -196,12 +213,13 @@ def main():
                         help="seconds to wait before each case, so memory freed by the previous one "
                              "has gone back to the host (fresh memory is then host-cold)")
     parser.add_argument("--cases", default="random;zero-heavy;random, populated destination",
-                        help="names separated by ';', from: " + "; ".join(CASES))
+                        help="names separated by ';', from: " + "; ".join(CASES)
+                             + " (append ', TLS' for mutual TLS)")
     args = parser.parse_args()
     mem = size(args.mem_size)
     IO[1] = args.io
     cases = [c.strip() for c in args.cases.split(";")]
-    unknown = [c for c in cases if c not in CASES]
+    unknown = [c for c in cases if c.removesuffix(", TLS") not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}")
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "migrate-cli", "-p", "migration-bench"],
@@ -212,11 +230,14 @@ def main():
         results["tcp-fresh"].append(baseline(mem, args.channels, fresh=True))
         for case in cases:
             time.sleep(args.cold)
-            content, populated, compress = CASES[case]
+            tls = case.endswith(", TLS")
+            content, populated, compress = CASES[case.removesuffix(", TLS")]
             if content == "qemu":
+                assert not tls, "QEMU cases run without TLS"
                 results[case].append(qemu_migrate(mem, "random", args.channels, populated=populated))
             else:
-                results[case].append(migrate(mem, content, args.channels, populated=populated, compress=compress))
+                results[case].append(migrate(mem, content, args.channels, populated=populated, compress=compress,
+                                             tls=tls))
         print(f"rep {rep + 1}: tcp {results['tcp'][-1] / 1e9:.2f} GB/s, " + ", ".join(
             f"{case} {results[case][-1]['json'] / 1e9:.2f} GB/s" for case in cases), file=sys.stderr)
     tcp = statistics.median(results["tcp"])

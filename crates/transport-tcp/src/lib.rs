@@ -215,17 +215,21 @@ impl ChannelTx for TcpTx {
             }
         };
         let what = || format!("sending {}", message.kind().name());
-        let parts: [&[u8]; 2] = match &mut self.tls {
+        let (uring, stream) = (&mut self.uring, &mut self.stream);
+        let sent = match &mut self.tls {
             // Encrypted under the session's lock; written by this half only.
-            Some(tls) => [tls.seal(&[&self.head, payload]).map_err(|e| io_error(what(), e))?, &[]],
-            None => [&self.head, payload],
-        };
-        match &mut self.uring {
-            Some(ring) => ring.send_all(&parts),
-            None => write_all_vectored(&mut self.stream, &mut [IoSlice::new(parts[0]), IoSlice::new(parts[1])]),
+            Some(tls) => match uring {
+                Some(ring) => tls.seal(&[&self.head, payload], &mut RingWriter(ring)),
+                None => tls.seal(&[&self.head, payload], stream),
+            },
+            None => match uring {
+                Some(ring) => ring.send_all(&[&self.head, payload]),
+                None => write_all_vectored(stream, &mut [IoSlice::new(&self.head), IoSlice::new(payload)]),
+            }
+            .map(|()| (self.head.len() + payload.len()) as u64),
         }
         .map_err(|e| io_error(what(), e))?;
-        self.sent += (parts[0].len() + parts[1].len()) as u64;
+        self.sent += sent;
         Ok(())
     }
 
@@ -234,13 +238,31 @@ impl ChannelTx for TcpTx {
     }
 
     fn shutdown(&mut self) {
-        if let Some(tls) = &mut self.tls
-            && let Ok(alert) = tls.close()
-        {
-            let _ = self.stream.write_all(alert);
+        if let Some(tls) = &mut self.tls {
+            let _ = tls.close(&mut self.stream);
         }
         let _ = self.stream.flush();
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// A ring as a `Write` for the TLS session to write its records to.
+struct RingWriter<'a>(&'a mut UringSocket);
+
+impl Write for RingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.send_all(&[buf])?;
+        Ok(buf.len())
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let parts: Vec<&[u8]> = bufs.iter().map(|b| &**b).collect();
+        self.0.send_all(&parts)?;
+        Ok(parts.iter().map(|p| p.len()).sum())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -321,28 +343,29 @@ impl TcpRx {
     /// Reads body bytes `[from, to)` into the buffer.
     fn read_exact(&mut self, what: &str, at_frame_start: bool, from: usize, to: usize) -> Result<(), TransportError> {
         let (uring, stream, body) = (&mut self.uring, &self.stream, &mut self.body[from..to]);
-        // Wire bytes: ciphertext under TLS.
-        let mut wire = 0u64;
-        let mut socket = |buf: &mut [u8]| {
-            let read = match uring {
-                Some(ring) => ring.recv(buf),
-                None => (&*stream).read(buf),
-            };
-            if let Ok(n) = read {
-                wire += n as u64;
+        match &mut self.tls {
+            Some(tls) => {
+                // The session reads ciphertext from the socket itself, once
+                // it is readable; waiting happens without its lock.
+                let before = tls.received();
+                let result = read_fully(what, at_frame_start, to - from, self.timeout, |filled| {
+                    tls.read(&mut body[filled..], |sealed| match uring {
+                        Some(ring) => ring.recv(sealed),
+                        None => (&*stream).read(sealed),
+                    })
+                });
+                self.received += tls.received() - before;
+                result
             }
-            read
-        };
-        let result = match &mut self.tls {
-            Some(tls) => read_fully(what, at_frame_start, to - from, self.timeout, |filled| {
-                tls.read(&mut body[filled..], &mut socket)
-            }),
-            None => read_fully(what, at_frame_start, to - from, self.timeout, |filled| {
-                socket(&mut body[filled..])
-            }),
-        };
-        self.received += wire;
-        result
+            None => {
+                read_fully(what, at_frame_start, to - from, self.timeout, |filled| match uring {
+                    Some(ring) => ring.recv(&mut body[filled..]),
+                    None => (&*stream).read(&mut body[filled..]),
+                })?;
+                self.received += (to - from) as u64;
+                Ok(())
+            }
+        }
     }
 
     /// For a pages frame whose batch header and entry table (`head_len`
@@ -1021,7 +1044,10 @@ mod tests {
         let server = handshake_error(listener.accept_within(Some(Duration::from_secs(30))));
         assert!(server.contains("does not speak TLS"), "{server}");
         let told = plain.join().expect("join");
-        assert!(told.contains("requires TLS"), "the plaintext client is told why: {told}");
+        assert!(
+            told.contains("requires TLS"),
+            "the plaintext client is told why: {told}"
+        );
         // A TLS client at a plaintext listener.
         let listener = TcpListener::bind("127.0.0.1:0", TcpOptions::default()).expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
