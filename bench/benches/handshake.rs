@@ -8,9 +8,9 @@
 //! `cargo bench -p migration-bench --bench handshake`
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use std::time::Duration;
 use migration_core::{ChannelRx, ChannelTx};
 use migration_wire::Message;
+use std::time::Duration;
 use transport_tcp::{TcpListener, TcpOptions, TlsConfig, TlsFiles};
 
 fn options(tls: Option<TlsConfig>) -> TcpOptions {
@@ -33,11 +33,14 @@ fn connect_pairs(c: &mut Criterion) {
     let ca = dir.join("ca.pem");
     let (scert, skey) = files("server");
     let (ccert, ckey) = files("client");
-    let server = TlsConfig::server(&TlsFiles {
-        cert: &scert,
-        key: &skey,
-        ca: &ca,
-    })
+    let server = TlsConfig::server(
+        &TlsFiles {
+            cert: &scert,
+            key: &skey,
+            ca: &ca,
+        },
+        &[],
+    )
     .expect("server");
     let client = TlsConfig::client(
         &TlsFiles {

@@ -154,3 +154,35 @@ fn a_tls_source_at_a_plaintext_destination_is_refused_on_both_sides() {
     assert!(line.contains("speaks TLS"), "{line}");
     recv.kill();
 }
+
+#[test]
+fn tls_allow_limits_the_client_identities_accepted() {
+    let _lock = lock();
+    let pki = Pki::new("allow");
+    let server = pki.args("server", &pki);
+    let client = pki.args("client", &pki);
+    let mut send_args = strs(&client);
+    send_args.extend(["--mem-size", "16M", "--json"]);
+
+    // gen-certs' client is "migrate-client": another name is refused.
+    let mut recv_args = strs(&server);
+    recv_args.extend(["--tls-allow", "backup-host", "--json", "--run-for", "0s"]);
+    let (mut recv, addr) = spawn_recv(&recv_args);
+    assert_refused(spawn_send(addr, &send_args).wait(MIGRATION_WAIT), "allows");
+    let line = recv.wait_stderr_prefix("accept failed: ");
+    assert!(line.contains("backup-host"), "{line}");
+    recv.kill();
+
+    let mut recv_args = strs(&server);
+    recv_args.extend([
+        "--tls-allow",
+        "backup-host",
+        "--tls-allow",
+        "migrate-client",
+        "--json",
+        "--run-for",
+        "0s",
+    ]);
+    let (recv, addr) = spawn_recv(&recv_args);
+    assert_pair_completed(spawn_send(addr, &send_args), recv);
+}

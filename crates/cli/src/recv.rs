@@ -48,6 +48,10 @@ pub struct RecvArgs {
     pub io: String,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
+    /// Accept only sources whose certificate is valid for this name
+    /// (repeatable; default: any the CA signed).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_allow: Vec<String>,
     /// Print no progress lines (errors and the result still print).
     #[arg(long)]
     pub quiet: bool,
@@ -79,7 +83,7 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
     let tcp = TcpOptions {
         io_timeout: args.io_timeout,
         io_uring: args.io == "uring",
-        tls: args.tls.server()?,
+        tls: args.tls.server(&args.tls_allow)?,
         ..TcpOptions::default()
     };
     let prealloc = args

@@ -36,10 +36,11 @@ impl TlsArgs {
             .context("TLS settings")
     }
 
-    /// The destination's settings, if TLS is on.
-    pub fn server(&self) -> Result<Option<TlsConfig>> {
+    /// The destination's settings, if TLS is on, accepting the client
+    /// identities in `allow` (any the CA signed when empty).
+    pub fn server(&self, allow: &[String]) -> Result<Option<TlsConfig>> {
         self.files()
-            .map(|files| TlsConfig::server(&files))
+            .map(|files| TlsConfig::server(&files, allow))
             .transpose()
             .context("TLS settings")
     }

@@ -842,11 +842,14 @@ mod tests {
 
         fn server(&self) -> TlsConfig {
             let (cert, key, ca) = self.files("server");
-            TlsConfig::server(&TlsFiles {
-                cert: &cert,
-                key: &key,
-                ca: &ca,
-            })
+            TlsConfig::server(
+                &TlsFiles {
+                    cert: &cert,
+                    key: &key,
+                    ca: &ca,
+                },
+                &[],
+            )
             .expect("server config")
         }
 

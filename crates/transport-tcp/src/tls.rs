@@ -63,6 +63,8 @@ enum Role {
     },
     Server {
         config: Arc<ServerConfig>,
+        /// Client identities accepted (empty: any the CA signed).
+        allow: Vec<ServerName<'static>>,
     },
 }
 
@@ -150,8 +152,16 @@ impl TlsConfig {
     }
 
     /// The destination's settings: present `files.cert`, and accept only a
-    /// source that presents a certificate `files.ca` signed.
-    pub fn server(files: &TlsFiles<'_>) -> Result<Self, TlsError> {
+    /// source that presents a certificate `files.ca` signed and, when `allow`
+    /// names any, valid for one of those names.
+    pub fn server(files: &TlsFiles<'_>, allow: &[String]) -> Result<Self, TlsError> {
+        let allow = allow
+            .iter()
+            .map(|name| {
+                ServerName::try_from(name.clone())
+                    .map_err(|e| TlsError::Config(format!("allowed client {name:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(files.ca)?), provider())
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -166,6 +176,7 @@ impl TlsConfig {
         Ok(Self {
             role: Role::Server {
                 config: Arc::new(config),
+                allow,
             },
         })
     }
@@ -184,7 +195,7 @@ impl TlsConfig {
                     .map_err(io::Error::other)?
                     .into()
             }
-            Role::Server { config } => {
+            Role::Server { config, .. } => {
                 // A peer that does not open with a TLS handshake record is
                 // not speaking TLS: say so rather than "corrupt message".
                 let mut first = [0u8; 1];
@@ -213,6 +224,21 @@ impl TlsConfig {
         // Flush what the handshake left to send (the client's Finished).
         while conn.wants_write() {
             conn.write_tls(stream)?;
+        }
+        if let Role::Server { allow, .. } = &self.role
+            && !allow.is_empty()
+            && let Err(problem) = check_allowed(&conn, allow)
+        {
+            // Tell the source why, inside the session it opened.
+            let mut frame = Vec::new();
+            migration_wire::Message::Error(migration_wire::PeerError {
+                code: migration_wire::ErrorCode::Protocol,
+                message: problem.clone(),
+            })
+            .encode(&mut frame);
+            let _ = conn.writer().write_all(&frame);
+            while conn.wants_write() && conn.write_tls(stream).is_ok() {}
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, problem));
         }
         // A whole page batch is encrypted at once; the sending half drains
         // it right away.
@@ -262,6 +288,25 @@ pub fn generate_certs(dir: &Path) -> Result<(), TlsError> {
         std::fs::write(&path, text).map_err(|e| TlsError::Config(format!("writing {}: {e}", path.display())))?;
     }
     Ok(())
+}
+
+/// Whether the client's certificate is valid for one of `allow`.
+fn check_allowed(conn: &Connection, allow: &[ServerName<'static>]) -> Result<(), String> {
+    let Some(cert) = conn.peer_certificates().and_then(|c| c.first()) else {
+        return Err("the source presented no certificate".into());
+    };
+    let cert = webpki::EndEntityCert::try_from(cert).map_err(|e| format!("the source's certificate: {e}"))?;
+    if allow
+        .iter()
+        .any(|name| cert.verify_is_valid_for_subject_name(name).is_ok())
+    {
+        return Ok(());
+    }
+    let names: Vec<String> = allow.iter().map(|n| n.to_str().into_owned()).collect();
+    Err(format!(
+        "the source's certificate names none of the identities this destination allows ({})",
+        names.join(", ")
+    ))
 }
 
 /// The server name in `host:port` (an IP address or a DNS name).
