@@ -547,3 +547,131 @@ impl CutProxy {
         Self { addr, cut }
     }
 }
+
+/// Which way a frame travels through a [`FaultProxy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Toward {
+    /// Source to destination.
+    Destination,
+    /// Destination to source (the return path).
+    Source,
+}
+
+/// What a [`FaultProxy`] does to the frame it waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Drop it and shut the connection down both ways.
+    Cut,
+    /// Flip a bit of it (of its body, or of its checksum when the body is
+    /// empty) and forward it.
+    Corrupt,
+}
+
+/// A forwarding proxy on loopback, outside the product, that reads the
+/// frames of one connection with `migration-wire` and applies a fault to
+/// the `nth` (from 1) frame of a kind going one way; everything else is
+/// forwarded as it is.
+#[derive(Debug)]
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    /// Becomes true once the fault was applied.
+    pub fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultProxy {
+    pub fn start(
+        server: SocketAddr,
+        connection: usize,
+        toward: Toward,
+        kind: migration_wire::MessageKind,
+        nth: usize,
+        fault: Fault,
+    ) -> Self {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        let addr = listener.local_addr().expect("proxy addr");
+        let fired = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&fired);
+        std::thread::spawn(move || {
+            for (index, client) in listener.incoming().enumerate() {
+                let Ok(client) = client else { return };
+                let Ok(upstream) = TcpStream::connect(server) else {
+                    return;
+                };
+                let target = (index == connection).then_some((kind, nth, fault));
+                let both = [client.try_clone().expect("clone"), upstream.try_clone().expect("clone")];
+                let pumps = [
+                    (
+                        Toward::Destination,
+                        client.try_clone().expect("clone"),
+                        upstream.try_clone().expect("clone"),
+                    ),
+                    (Toward::Source, upstream, client),
+                ];
+                for (way, from, to) in pumps {
+                    let rule = target.filter(|_| way == toward);
+                    let flag = Arc::clone(&flag);
+                    let both = [both[0].try_clone().expect("clone"), both[1].try_clone().expect("clone")];
+                    std::thread::spawn(move || pump_frames(from, to, rule, &flag, &both));
+                }
+            }
+        });
+        Self { addr, fired }
+    }
+}
+
+/// Forwards frames from `from` to `to`, applying `rule` (kind, nth, fault).
+fn pump_frames(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    rule: Option<(migration_wire::MessageKind, usize, Fault)>,
+    fired: &std::sync::atomic::AtomicBool,
+    both: &[std::net::TcpStream; 2],
+) {
+    use std::io::{Read, Write};
+    use std::net::Shutdown;
+    let mut seen = 0;
+    loop {
+        let mut head = [0u8; migration_wire::FRAME_HEADER_LEN];
+        if from.read_exact(&mut head).is_err() {
+            break;
+        }
+        let Ok(header) = migration_wire::FrameHeader::decode(&head, migration_wire::MAX_FRAME_BODY) else {
+            // Not a frame: pass the rest through untouched.
+            let _ = to.write_all(&head);
+            let _ = std::io::copy(&mut from, &mut to);
+            break;
+        };
+        let mut body = vec![0u8; header.len as usize];
+        if from.read_exact(&mut body).is_err() {
+            break;
+        }
+        if let Some((kind, nth, fault)) = rule
+            && header.kind == kind
+        {
+            seen += 1;
+            if seen == nth {
+                fired.store(true, std::sync::atomic::Ordering::SeqCst);
+                match fault {
+                    Fault::Cut => {
+                        for s in both {
+                            let _ = s.shutdown(Shutdown::Both);
+                        }
+                        return;
+                    }
+                    Fault::Corrupt if body.is_empty() => head[migration_wire::FRAME_HEADER_LEN - 1] ^= 0x10,
+                    Fault::Corrupt => {
+                        let at = body.len() / 2;
+                        body[at] ^= 0x10;
+                    }
+                }
+            }
+        }
+        if to.write_all(&head).is_err() || to.write_all(&body).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
