@@ -1,0 +1,67 @@
+//! Every target on its corpus, on every saved finding, and on a short
+//! deterministic run of mutations: a finding once made stays a test.
+
+use migration_fuzz::{Rng, TARGETS, mutate, seeds};
+use std::path::Path;
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<_> = entries
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).ok()?,
+            ))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn every_target_survives_its_corpus_and_saved_findings() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (name, run) in TARGETS {
+        let corpus = files(&root.join("corpus").join(name));
+        assert!(!corpus.is_empty(), "fuzz/corpus/{name} holds the seed corpus");
+        for (file, input) in corpus {
+            let _ = file;
+            run(&input);
+        }
+    }
+    for (file, input) in files(&root.join("regressions")) {
+        let target = TARGETS
+            .iter()
+            .find(|(name, _)| file.starts_with(&format!("{name}-")))
+            .unwrap_or_else(|| panic!("fuzz/regressions/{file} names no target"));
+        (target.1)(&input);
+    }
+}
+
+#[test]
+fn a_short_deterministic_run_of_every_target_finds_nothing() {
+    let mut rng = Rng::new(0x5eed);
+    for (name, run) in TARGETS {
+        let corpus = seeds(name);
+        for _ in 0..2_000 {
+            let base = &corpus[rng.next_u64() as usize % corpus.len()];
+            let other = &corpus[rng.next_u64() as usize % corpus.len()];
+            run(&mutate(&mut rng, base, other));
+        }
+    }
+}
+
+#[test]
+fn the_engine_target_reaches_the_end_it_checks() {
+    // Every seed runs to the finish, where the no-lost-write check is made.
+    for seed in seeds("engine") {
+        assert_eq!(
+            migration_fuzz::engine_outcome(&seed),
+            migration_fuzz::EngineOutcome::Finished,
+            "{seed:?}"
+        );
+    }
+}
