@@ -82,6 +82,25 @@ impl GuestRegion {
         Self::shared_file_at(file, 0, len)
     }
 
+    /// Anonymous memory like [`GuestRegion::anonymous`], with an inaccessible page
+    /// (`PROT_NONE`) right before and right after it, so that any access outside the region,
+    /// by this process or by the kernel on its behalf, faults instead of landing in
+    /// neighbouring memory. For tests that prove hostile input never writes outside guest RAM.
+    pub fn anonymous_guarded(len: usize) -> Result<Self, SysError> {
+        check_len(len)?;
+        let whole = std::sync::Arc::new(Self::anonymous(len + 2 * PAGE_SIZE)?);
+        for guard in [0, PAGE_SIZE + len] {
+            // SAFETY: `guard` is a page-aligned page inside the mapping `whole` owns (checked
+            // by `range`); removing access to it changes no byte, and nothing holds a
+            // reference to guest memory.
+            let rc = unsafe { libc::mprotect(whole.range(guard, PAGE_SIZE)?.cast(), PAGE_SIZE, libc::PROT_NONE) };
+            if rc != 0 {
+                return Err(SysError::last_os("mprotect"));
+            }
+        }
+        Self::part(&whole, PAGE_SIZE, len)
+    }
+
     /// Maps `len` bytes of `file` from byte `offset` (a multiple of [`PAGE_SIZE`]) read-write
     /// with `MAP_SHARED`, so several RAM blocks can live in one backing file. The same rules
     /// as [`GuestRegion::shared_file`] apply to the range `offset..offset + len`.
@@ -570,6 +589,19 @@ mod tests {
             0
         );
         assert!(region.read_file_at(&shm.file, 0, 4 * PAGE_SIZE, 1).is_err());
+    }
+
+    #[test]
+    fn a_guarded_region_is_usable_to_its_edges_and_no_further() {
+        let region = GuestRegion::anonymous_guarded(3 * PAGE_SIZE).unwrap();
+        assert_eq!(region.len(), 3 * PAGE_SIZE);
+        region.fill(0, 1, 0x11).unwrap();
+        region.fill(3 * PAGE_SIZE - 1, 1, 0x22).unwrap();
+        let mut byte = [0u8];
+        region.read(3 * PAGE_SIZE - 1, &mut byte).unwrap();
+        assert_eq!(byte, [0x22]);
+        assert!(region.read(3 * PAGE_SIZE, &mut byte).is_err());
+        assert!(region.fill(3 * PAGE_SIZE - 1, 2, 0).is_err());
     }
 
     #[test]

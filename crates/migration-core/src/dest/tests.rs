@@ -308,3 +308,68 @@ fn a_placed_batch_is_recorded_from_its_hashes_and_needs_them() {
     let zero = crate::verify::page_hash(&[0; 4096]);
     assert_eq!(placer.digests(), vec![crate::verify::block_digest(&[zero, 0, hash, 0])]);
 }
+
+/// Guest RAM between inaccessible pages: a write past a block's edge would
+/// fault, so a test that runs to its end proves none happened.
+fn guarded_ram(blocks: usize, pages: usize) -> (Ram, Vec<Arc<GuestRegion>>) {
+    let regions: Vec<_> = (0..blocks)
+        .map(|_| Arc::new(GuestRegion::anonymous_guarded(pages * 4096).expect("guarded mmap")))
+        .collect();
+    let ram = Ram::new(
+        regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RamBlock::new(format!("b{i}"), Arc::clone(r)))
+            .collect(),
+    );
+    (ram, regions)
+}
+
+#[test]
+fn hostile_batches_never_write_outside_guarded_guest_ram() {
+    let (ram, regions) = guarded_ram(2, 4);
+    // The edges are fair game: the last page of each block, plain and zero.
+    let (last, bytes) = one_page(3, 0x77);
+    let mut zero = Vec::new();
+    PageEntry {
+        page: 0,
+        encoding: PageEncoding::Zero,
+    }
+    .push_to(&mut zero);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut channel = Scripted::new(
+        0,
+        vec![
+            Message::Pages(PageBatch::new(0, 0, 4096, &last, &bytes).expect("batch")),
+            Message::Pages(PageBatch::new(1, 0, 4096, &last, &bytes).expect("batch")),
+            Message::Pages(PageBatch::new(1, 0, 4096, &zero, &[]).expect("batch")),
+            Message::SyncMarker(SyncMarker { epoch: 0, pages: 3 }),
+            Message::EndOfRam(EndOfRam { epochs: 1 }),
+        ],
+        Arc::clone(&log),
+    );
+    let shared = Shared {
+        placer: Placer::new(&ram, FreshMemory::Unknown),
+        ..shared_for(&ram, 1)
+    };
+    receive(0, &mut channel, &shared).expect("edge pages are placed");
+    let mut page = vec![0u8; 4096];
+    for region in &regions {
+        region.read(3 * 4096, &mut page).expect("read");
+        assert!(page.iter().all(|&b| b == 0x77));
+    }
+    // Past the edges: every lie is refused before anything is written.
+    for (block, page_index) in [(0u32, 4u64), (1, 4), (1, 1 << 40), (2, 0)] {
+        let (entries, bytes) = one_page(page_index, 0x66);
+        let mut liar = Scripted::new(
+            0,
+            vec![Message::Pages(
+                PageBatch::new(block, 0, 4096, &entries, &bytes).expect("batch"),
+            )],
+            Arc::clone(&log),
+        );
+        let shared = shared_for(&ram, 1);
+        let err = receive(0, &mut liar, &shared).expect_err("refused");
+        assert!(matches!(err, DestError::Protocol(_)), "{err}");
+    }
+}
