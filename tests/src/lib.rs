@@ -116,8 +116,25 @@ pub struct Proc {
 impl Proc {
     /// Spawns `migrate-cli ARGS`, stdin closed, stdout and stderr piped.
     pub fn spawn(name: &str, args: &[&str]) -> Self {
+        Self::spawn_limited(name, args, None)
+    }
+
+    /// Like [`Proc::spawn`], with the address space limited to
+    /// `address_space_kib` (`ulimit -v`) when given: a process that tries a
+    /// large allocation then fails instead of succeeding.
+    pub fn spawn_limited(name: &str, args: &[&str], address_space_kib: Option<u64>) -> Self {
         let path = cli_path();
-        let mut child = Command::new(&path)
+        let mut command = match address_space_kib {
+            Some(kib) => {
+                let mut c = Command::new("bash");
+                c.arg("-c")
+                    .arg(format!("ulimit -v {kib} && exec \"$0\" \"$@\""))
+                    .arg(&path);
+                c
+            }
+            None => Command::new(&path),
+        };
+        let mut child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

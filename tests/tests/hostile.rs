@@ -3,12 +3,13 @@
 //! the announced RAM, counts and lengths far past any cap, pages twice in
 //! one batch or out of order, markers that miscount, phases out of order.
 //! The destination refuses each with a protocol error that names the lie,
-//! never completes, and never runs a guest.
+//! never completes, never runs a guest, and never needs more memory than a
+//! small address-space limit allows.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
-use migration_tests::{MIGRATION_WAIT, WAIT, field, lock, spawn_recv};
+use migration_tests::{MIGRATION_WAIT, Proc, WAIT, field, lock};
 use migration_wire::frame::decode_frame;
 use migration_wire::{
     Block, BlockList, EndOfRam, FRAME_HEADER_LEN, Features, FrameHeader, Hello, Message, MessageKind, PROTOCOL_VERSION,
@@ -219,7 +220,15 @@ fn every_lie_is_refused_by_name_and_nothing_runs() {
         ),
     ];
     for (name, lies, problem) in cases {
-        let (recv, addr) = spawn_recv(&["--json", "--run-for", "0s"]);
+        // Memory stays bounded: the destination runs with 1 GiB of address
+        // space, far less than the lies claim (a 4 GiB frame, a million pages).
+        let mut recv = Proc::spawn_limited(
+            "recv",
+            &["recv", "--listen", "127.0.0.1:0", "--json", "--run-for", "0s"],
+            Some(1 << 20),
+        );
+        let line = recv.wait_stderr_prefix("listening on ");
+        let addr: SocketAddr = line["listening on ".len()..].trim().parse().expect("address");
         let told = lie(addr, &lies);
         let out = recv.wait(MIGRATION_WAIT);
         assert_eq!(out.code, Some(1), "{name}: the destination fails\n{}", out.describe());
