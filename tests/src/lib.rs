@@ -692,3 +692,20 @@ fn pump_frames(
     }
     let _ = to.shutdown(Shutdown::Write);
 }
+
+/// Reads from `stream` until the peer closes (a reset counts as a close),
+/// bounded by the stream's read timeout; panics if it never closes.
+pub fn read_until_closed(stream: &mut std::net::TcpStream) -> Vec<u8> {
+    use std::io::{ErrorKind, Read};
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return reply,
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return reply,
+            Err(e) => panic!("the peer did not close the connection ({e}); got {} bytes", reply.len()),
+        }
+    }
+}

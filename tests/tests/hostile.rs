@@ -6,7 +6,7 @@
 //! never completes, never runs a guest, and never needs more memory than a
 //! small address-space limit allows.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
 use migration_tests::{MIGRATION_WAIT, Proc, WAIT, field, lock};
@@ -89,17 +89,7 @@ fn lie(addr: SocketAddr, lies: &[Vec<u8>]) -> Vec<String> {
             break;
         }
     }
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => reply.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("the destination did not hang up ({e})"),
-        }
-    }
+    let reply = migration_tests::read_until_closed(&mut stream);
     let mut errors = Vec::new();
     let mut rest = &reply[..];
     while let Ok((message, used)) = decode_frame(rest) {

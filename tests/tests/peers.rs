@@ -1,7 +1,7 @@
 //! Foreign peers connecting to `recv`: refused with a reason, and the
 //! receiver keeps waiting for a real migration.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 
 use migration_tests::{WAIT, assert_pair_completed, garbage, lock, num, spawn_recv, spawn_send};
@@ -16,17 +16,7 @@ fn exchange(addr: SocketAddr, bytes: &[u8]) -> (SocketAddr, Vec<u8>) {
     stream.set_read_timeout(Some(WAIT)).expect("read timeout");
     let local = stream.local_addr().expect("local addr");
     stream.write_all(bytes).expect("write to recv");
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => reply.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("recv did not close the connection ({e}); got {} bytes", reply.len()),
-        }
-    }
+    let reply = migration_tests::read_until_closed(&mut stream);
     (local, reply)
 }
 
