@@ -236,3 +236,64 @@ fn every_lie_is_refused_by_name_and_nothing_runs() {
         );
     }
 }
+
+/// A destination that answers the handshake properly, then lies with
+/// `lie`; returns what the source reported.
+fn lying_destination(lie: Message<'_>) -> migration_tests::Output {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let send = migration_tests::spawn_send(addr, &["--mem-size", "16M", "--channels", "1", "--json"]);
+    let (mut stream, _) = listener.accept().expect("the source connects");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let hello = match decode_frame(&read_frame(&mut stream)).expect("hello").0 {
+        Message::Hello(hello) => hello,
+        other => panic!("wanted a hello, got {other:?}"),
+    };
+    stream
+        .write_all(&frame(&Message::HelloReply(migration_wire::HelloReply {
+            version: PROTOCOL_VERSION,
+            features: hello.features.intersect(Features::ZERO_PAGES),
+            session: hello.session,
+            channels: 1,
+        })))
+        .expect("reply");
+    assert!(matches!(
+        decode_frame(&read_frame(&mut stream)).expect("blocks").0,
+        Message::BlockList(_)
+    ));
+    stream.write_all(&frame(&Message::BlocksAccepted)).expect("accepted");
+    stream.write_all(&frame(&lie)).expect("the lie");
+    // Keep reading what the source sends until it hangs up.
+    let _ = migration_tests::read_until_closed(&mut stream);
+    send.wait(MIGRATION_WAIT)
+}
+
+#[test]
+fn a_lying_destination_is_caught_and_the_source_resumes() {
+    let _lock = lock();
+    let cases: Vec<(&str, Message<'_>, &str)> = vec![
+        (
+            "an acknowledgement of an epoch not sent",
+            Message::Ack(migration_wire::Ack {
+                epoch: 5,
+                pages: 0,
+                bytes: 0,
+            }),
+            "not sent yet",
+        ),
+        ("READY at once", Message::Ready, "before the stream ended"),
+        ("RESUMED before GO", Message::Resumed, "before go"),
+        (
+            "a verdict before the digests",
+            Message::Verdict(migration_wire::Verdict { mismatched: vec![] }),
+            "before the block digests",
+        ),
+        ("a source's message", Message::Go, "unexpected"),
+    ];
+    for (name, lie, problem) in cases {
+        let out = lying_destination(lie);
+        let json = migration_tests::assert_send_failed_resumed(&out);
+        let error = migration_tests::error_text(&json);
+        assert!(error.contains(problem), "{name}: wanted {problem:?}: {json:#}");
+    }
+}

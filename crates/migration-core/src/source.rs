@@ -208,6 +208,9 @@ pub fn run_source(
         handover: None,
         early: std::collections::VecDeque::new(),
         acked: None,
+        ended: None,
+        stream_ended: false,
+        complete_sent: false,
         zero_pages: true,
         abandon: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     };
@@ -266,6 +269,13 @@ struct SourceRun<'a> {
     early: std::collections::VecDeque<Returned>,
     /// The last epoch the destination acknowledged as placed.
     acked: Option<u64>,
+    /// The last epoch whose sync markers went out: a destination cannot
+    /// acknowledge a later one.
+    ended: Option<u64>,
+    /// End of RAM went out on every channel: READY may come.
+    stream_ended: bool,
+    /// The block digests went out: a verdict may come.
+    complete_sent: bool,
     /// Whether zero pages may travel as a flag (agreed in the handshake).
     zero_pages: bool,
     /// Set on failure: channel threads drop the page jobs still queued.
@@ -571,6 +581,7 @@ impl SourceRun<'_> {
                     self.submit(link, channel, Job::Pages(run))?;
                 }
                 Action::EndEpoch { epoch } => {
+                    self.ended = Some(epoch);
                     // Every channel closes the epoch with its own marker.
                     let mut waits = Vec::with_capacity(link.jobs.len());
                     for channel in 0..link.jobs.len() {
@@ -638,6 +649,7 @@ impl SourceRun<'_> {
             });
         }
         self.submit(link, 0, Job::DeviceState(state))?;
+        self.stream_ended = true;
         let mut waits = Vec::with_capacity(link.jobs.len());
         for channel in 0..link.jobs.len() {
             let end = EndOfRam {
@@ -692,6 +704,7 @@ impl SourceRun<'_> {
             Ok(digests) => digests,
             Err(err) => return unverified(format!("hashing the source's frozen RAM failed: {err}")),
         };
+        self.complete_sent = true;
         if link.jobs[0]
             .send(Job::Control(Message::Complete(Complete { digests })))
             .is_err()
@@ -790,9 +803,23 @@ impl SourceRun<'_> {
     fn handle_returned(&mut self, message: Returned) -> Result<(), SourceError> {
         match message {
             Returned::Ack(epoch) => {
+                if self.ended.is_none_or(|ended| epoch > ended) {
+                    return Err(SourceError::Protocol(format!(
+                        "the destination acknowledged epoch {epoch}, which was not sent yet"
+                    )));
+                }
                 self.acked = Some(self.acked.map_or(epoch, |a| a.max(epoch)));
                 Ok(())
             }
+            Returned::Ready if !self.stream_ended => Err(SourceError::Protocol(
+                "the destination said READY before the stream ended".into(),
+            )),
+            Returned::Resumed if !self.handed_over => Err(SourceError::Protocol(
+                "the destination said it runs the guest before GO".into(),
+            )),
+            Returned::Verdict(_) if !self.complete_sent => Err(SourceError::Protocol(
+                "the destination sent a verdict before the block digests".into(),
+            )),
             Returned::Error(err) => Err(SourceError::Peer(err)),
             Returned::Failed(err) => Err(err.into()),
             Returned::Unexpected(kind) => Err(SourceError::Protocol(format!("unexpected {kind} on the return path"))),
