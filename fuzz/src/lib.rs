@@ -33,6 +33,7 @@ pub const TARGETS: &[Target] = &[
     ("page-head", page_head),
     ("mapped-ram", mapped_ram_file),
     ("engine", engine),
+    ("destination", destination),
 ];
 
 /// Whole frames: decoding is total, and what decodes re-encodes to the same
@@ -281,6 +282,128 @@ pub fn engine_outcome(data: &[u8]) -> EngineOutcome {
     EngineOutcome::Unfinished
 }
 
+/// A channel that plays frames from the fuzz input, as a (hostile) source
+/// would send them; what the destination sends back is dropped.
+struct Played {
+    frames: std::collections::VecDeque<Vec<u8>>,
+    current: Vec<u8>,
+}
+
+impl Played {
+    /// Splits `data` into frames (each led by its frame header); trailing
+    /// bytes that are no frame are played as they are, and fail to decode.
+    fn new(data: &[u8]) -> Self {
+        let mut frames = std::collections::VecDeque::new();
+        let mut rest = data;
+        while !rest.is_empty() {
+            let len = rest
+                .first_chunk::<{ migration_wire::FRAME_HEADER_LEN }>()
+                .map(|h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize + migration_wire::FRAME_HEADER_LEN)
+                .unwrap_or(rest.len())
+                .min(rest.len());
+            frames.push_back(rest[..len].to_vec());
+            rest = &rest[len..];
+        }
+        Self {
+            frames,
+            current: Vec::new(),
+        }
+    }
+}
+
+impl migration_core::ChannelTx for Played {
+    fn send(&mut self, _: &Message<'_>) -> Result<(), migration_core::TransportError> {
+        Ok(())
+    }
+    fn bytes_sent(&self) -> u64 {
+        0
+    }
+    fn shutdown(&mut self) {}
+}
+
+impl migration_core::ChannelRx for Played {
+    fn recv(&mut self) -> Result<Message<'_>, migration_core::TransportError> {
+        self.current = self.frames.pop_front().ok_or(migration_core::TransportError::Closed)?;
+        Ok(decode_frame(&self.current)?.0)
+    }
+    fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
+        // The placement wants the frame body: drop the header.
+        let body = self
+            .current
+            .split_off(migration_wire::FRAME_HEADER_LEN.min(self.current.len()));
+        self.current = replacement;
+        body
+    }
+    fn set_timeout(&mut self, _: Option<Duration>) -> Result<(), migration_core::TransportError> {
+        Ok(())
+    }
+    fn bytes_received(&self) -> u64 {
+        0
+    }
+}
+
+impl migration_core::Channel for Played {
+    fn split(self: Box<Self>) -> Result<migration_core::transport::ChannelHalves, migration_core::TransportError> {
+        Err(migration_core::TransportError::Closed)
+    }
+    fn peer(&self) -> String {
+        "fuzz input".into()
+    }
+    fn closer(&self) -> Result<migration_core::transport::Closer, migration_core::TransportError> {
+        Ok(Box::new(|| {}))
+    }
+}
+
+/// The destination runtime fed a stream from the input on one channel:
+/// whatever it is, the runtime returns (no panic, no hang: every wait is
+/// bounded), never writes outside guest RAM (each block sits between
+/// inaccessible pages, so a stray write kills the run), and never lets a
+/// guest run without a complete, consistent stream.
+fn destination(data: &[u8]) {
+    let _ = destination_resumed(data);
+}
+
+/// The destination target, telling whether the guest was resumed (the
+/// stream was complete and consistent up to GO).
+pub fn destination_resumed(data: &[u8]) -> bool {
+    use migration_core::dest::{DestOptions, FreshMemory, accept, run_destination};
+    let options = DestOptions {
+        max_ram: 1 << 20,
+        max_channels: 1,
+        io_timeout: Duration::from_millis(20),
+        ..DestOptions::default()
+    };
+    let Ok(incoming) = accept(Box::new(Played::new(data)), &options) else {
+        return false;
+    };
+    let blocks: Vec<migration_core::RamBlock> = incoming
+        .blocks()
+        .blocks
+        .iter()
+        .map(|b| {
+            let region = migration_sys::GuestRegion::anonymous_guarded(b.length as usize).expect("guarded memory");
+            migration_core::RamBlock::new(b.name.clone(), std::sync::Arc::new(region))
+        })
+        .collect();
+    let ram = migration_core::Ram::new(blocks);
+    let mut vm = Paused;
+    let mut no_more = || -> Result<Box<dyn migration_core::Channel>, migration_core::TransportError> {
+        Err(migration_core::TransportError::Closed)
+    };
+    match run_destination(
+        incoming,
+        &mut no_more,
+        &ram,
+        FreshMemory::Zeroed,
+        &mut vm,
+        &options,
+        &mut |_| {},
+    ) {
+        Ok(_) => true,
+        Err(failure) => failure.resumed,
+    }
+}
+
 /// Valid inputs each target starts from.
 pub fn seeds(target: &str) -> Vec<Vec<u8>> {
     let mut frames = Vec::new();
@@ -348,6 +471,49 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 commit.encode(&header.layout),
                 vec![0b0000_0101, 0],
             ]
+        }
+        "destination" => {
+            let blocks = BlockList {
+                blocks: vec![Block {
+                    name: "ram".into(),
+                    length: 8 * 4096,
+                    page_size: 4096,
+                }],
+            };
+            let mut entries = Vec::new();
+            for page in 0..8 {
+                PageEntry {
+                    page,
+                    encoding: if page % 2 == 0 {
+                        PageEncoding::Plain
+                    } else {
+                        PageEncoding::Zero
+                    },
+                }
+                .push_to(&mut entries);
+            }
+            let payload = vec![0x42; 4 * 4096];
+            let stream = [
+                Message::Hello(Hello {
+                    min_version: 1,
+                    max_version: 1,
+                    features: Features::ZERO_PAGES,
+                    session: SessionId(3),
+                    channels: 1,
+                }),
+                Message::BlockList(blocks),
+                Message::Pages(PageBatch::new(0, 0, 4096, &entries, &payload).expect("batch")),
+                Message::SyncMarker(SyncMarker { epoch: 0, pages: 8 }),
+                Message::DeviceState(b"state"),
+                Message::EndOfRam(EndOfRam { epochs: 1 }),
+                Message::Go,
+                Message::Complete(Complete { digests: vec![0] }),
+            ];
+            let mut whole = Vec::new();
+            for message in &stream {
+                message.encode(&mut whole);
+            }
+            vec![whole]
         }
         "engine" => vec![
             vec![1, 50, 10, 3, 16, 1],

@@ -65,3 +65,17 @@ fn the_engine_target_reaches_the_end_it_checks() {
         );
     }
 }
+
+#[test]
+fn the_destination_target_reaches_the_resumed_guest() {
+    // The seed is a whole stream: the guest resumes, so mutations of it
+    // explore every phase up to the handover.
+    for seed in seeds("destination") {
+        assert!(migration_fuzz::destination_resumed(&seed));
+        // Cut anywhere before GO, it never resumes.
+        let go = seed.len() - 16 - 20;
+        for cut in [0, 16, seed.len() / 2, go - 1] {
+            assert!(!migration_fuzz::destination_resumed(&seed[..cut]), "cut at {cut}");
+        }
+    }
+}
