@@ -357,10 +357,18 @@ fn a_stream_file_saves_compressed_and_restores_verified() {
         (Some(1), &Value::Bool(false)),
         "{info:#}"
     );
-    // Nor does a stream without its final digests restore.
+    // Nor does a stream without its final digests (16 bytes of frame header
+    // and 20 of body for two blocks): refused before its guest runs.
     let headless = dir.file("nodigests.stream");
-    std::fs::write(&headless, &bytes[..bytes.len() - 40]).expect("write");
-    assert_eq!(restore(&headless, &[]).code, Some(1));
+    std::fs::write(&headless, &bytes[..bytes.len() - 36]).expect("write");
+    let out = restore(&headless, &[]);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    let json = out.json();
+    assert!(field(&json, "guest_check").is_null(), "no guest ran: {json:#}");
+    assert!(
+        migration_tests::error_text(&json).contains("the stream ends"),
+        "{json:#}"
+    );
 }
 
 #[test]

@@ -3,10 +3,13 @@
 //!
 //! A stream save records what the source sends on its one channel (the
 //! handshake as agreed, every page batch of every pass in order, sync
-//! markers, device state, end of RAM) and, last, the `Complete` frame with
-//! the digests of the frozen source RAM, which the file's own page hashes
-//! must match first. A stream that does not end with that frame is an
-//! unfinished save. Pages may be compressed (lz4, zstd) as on the wire.
+//! markers, device state, end of RAM) and, last, a `Complete` frame with
+//! the digests of the pages it holds; then it is synced and renamed into
+//! place, all before it tells the source READY, so a handed-over VM is
+//! always durable. The source's own digests of its frozen RAM, which come
+//! after the handover, are compared with the stream's for the verdict. A
+//! stream that does not end with its digests right after the end of RAM is
+//! an unfinished save, refused before the restored guest runs. Pages may be compressed (lz4, zstd) as on the wire.
 //! Played back, the file is the source of a migration into the destination
 //! runtime: later passes overwrite earlier copies of a page, in order.
 
@@ -17,7 +20,7 @@ use migration_core::transport::{ChannelHalves, Closer};
 use migration_core::verify::{block_digest, page_hash};
 use migration_core::{Channel, ChannelRx, ChannelTx, TransportError};
 use migration_wire::{
-    Ack, Codec, FRAME_HEADER_LEN, Features, FrameHeader, HelloReply, MAX_FRAME_BODY, Message, MessageKind,
+    Ack, Codec, Complete, FRAME_HEADER_LEN, Features, FrameHeader, HelloReply, MAX_FRAME_BODY, Message, MessageKind,
     PROTOCOL_VERSION, PageEncoding, Verdict,
 };
 use std::fs::File;
@@ -117,8 +120,9 @@ impl StreamTarget {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        let committed = self.committed.get_mut().map(|c| *c).unwrap_or(false);
-        if let Ok(Some(Sink::File { partial, .. })) = self.sink.get_mut().map(Option::take)
+        let committed = *self.committed.get_mut().unwrap_or_else(|e| e.into_inner());
+        let sink = self.sink.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(Sink::File { partial, .. }) = sink
             && !committed
         {
             let _ = std::fs::remove_file(partial);
@@ -173,6 +177,12 @@ impl Shared {
 }
 
 impl StreamChannel {
+    /// Each block's digest of the pages the stream holds.
+    fn digests(&self) -> Vec<u64> {
+        let hashes = self.shared.hashes.lock().unwrap_or_else(|e| e.into_inner());
+        hashes.iter().map(|h| block_digest(h)).collect()
+    }
+
     fn record(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
         self.frame.clear();
         message.encode(&mut self.frame);
@@ -264,25 +274,36 @@ impl ChannelTx for StreamChannel {
             }
             Message::DeviceState(_) => self.record(message)?,
             Message::EndOfRam(_) => {
+                // The stream ends with the digests of what it holds, and is
+                // made durable and put in place before READY: once the
+                // source hands over, the file is the VM.
                 self.record(message)?;
+                let digests = self.digests();
+                let committed = self
+                    .record(&Message::Complete(Complete { digests }))
+                    .and_then(|()| self.shared.commit());
+                if let Err(err) = committed {
+                    replies.push(&Message::Error(migration_wire::PeerError {
+                        code: migration_wire::ErrorCode::Internal,
+                        message: format!(
+                            "the stream did not commit: {}",
+                            migration_core::error_chain::ErrorChain(&err)
+                        ),
+                    }));
+                    return Err(err);
+                }
                 replies.push(&Message::Ready);
             }
             Message::Go => replies.push(&Message::Resumed),
             Message::Complete(complete) => {
-                let mismatched: Vec<u32> = {
-                    let hashes = self.shared.hashes.lock().unwrap_or_else(|e| e.into_inner());
-                    hashes
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, h)| complete.digests.get(*i) != Some(&block_digest(h)))
-                        .map(|(i, _)| i as u32)
-                        .collect()
-                };
-                if mismatched.is_empty() {
-                    // The digests end the stream: it is complete.
-                    self.record(message)?;
-                    self.shared.commit()?;
-                }
+                // The source's digests of its frozen RAM against the stream's.
+                let mismatched = self
+                    .digests()
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, digest)| complete.digests.get(i) != Some(digest))
+                    .map(|(i, _)| i as u32)
+                    .collect();
                 replies.push(&Message::Verdict(Verdict { mismatched }));
             }
             Message::Abort(_) => replies.close(),
@@ -353,6 +374,8 @@ pub struct StreamSource {
     /// Frame kinds read so far, to know what comes next.
     step: Step,
     hashes: Vec<u64>,
+    /// The body of the stream's final digests, read ahead at its end of RAM.
+    digests: Vec<u8>,
     received: u64,
 }
 
@@ -401,6 +424,7 @@ impl StreamSource {
             body: Vec::new(),
             step: Step::Frames,
             hashes: Vec::new(),
+            digests: Vec::new(),
             received: 0,
         })
     }
@@ -444,17 +468,24 @@ impl StreamSource {
 impl ChannelRx for StreamSource {
     fn recv(&mut self) -> Result<Message<'_>, TransportError> {
         match self.step {
-            Step::Frames | Step::Complete => {
+            Step::Frames => {
                 let header = self.read_frame()?;
-                match (self.step, header.kind) {
-                    (Step::Frames, MessageKind::EndOfRam) => self.step = Step::AwaitReady,
-                    (Step::Frames, MessageKind::Complete) => {
-                        return Err(refused("digests before the end of RAM in the stream"));
+                match header.kind {
+                    MessageKind::EndOfRam => {
+                        // The digests must follow at once: a stream without
+                        // them is an unfinished save, refused before READY.
+                        let end = std::mem::take(&mut self.body);
+                        let digests = self.read_frame()?;
+                        if digests.kind != MessageKind::Complete {
+                            return Err(refused(format!(
+                                "{} after the end of RAM: the stream's digests are missing (an unfinished save?)",
+                                digests.kind.name()
+                            )));
+                        }
+                        self.digests = std::mem::replace(&mut self.body, end);
+                        self.step = Step::AwaitReady;
                     }
-                    (Step::Complete, MessageKind::Complete) => self.step = Step::Done,
-                    (Step::Complete, kind) => {
-                        return Err(refused(format!("{} after the end of RAM in the stream", kind.name())));
-                    }
+                    MessageKind::Complete => return Err(refused("digests before the end of RAM in the stream")),
                     _ => {}
                 }
                 let message = Message::decode_body(header.kind, &self.body)?;
@@ -462,6 +493,10 @@ impl ChannelRx for StreamSource {
                     Message::Pages(batch) if !self.hashes.is_empty() => Message::Pages(batch.with_hashes(&self.hashes)),
                     other => other,
                 })
+            }
+            Step::Complete => {
+                self.step = Step::Done;
+                Ok(Message::decode_body(MessageKind::Complete, &self.digests)?)
             }
             Step::Go => {
                 self.step = Step::AwaitResumed;
