@@ -471,6 +471,15 @@ impl MissingPages {
     }
 }
 
+impl MissingPages {
+    /// Gives up serving faults but keeps the registration for good: a thread that touches a
+    /// page never placed waits forever instead of reading zeros where guest data belonged.
+    /// For a load that failed; the descriptor and the region stay allocated.
+    pub fn keep_absent_pages_blocked(self) {
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for MissingPages {
     fn drop(&mut self) {
         let mut r = range(self.region.addr(), self.region.len());

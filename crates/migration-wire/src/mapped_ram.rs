@@ -177,7 +177,10 @@ impl Layout {
             let pages = block.length / u64::from(block.page_size);
             let bitmap_offset = at;
             let bitmap_len = align_up(pages.div_ceil(8), BLOCK_ALIGN).ok_or_else(too_large)?;
-            let pages_offset = align_up(bitmap_offset + bitmap_len, AREA_ALIGN).ok_or_else(too_large)?;
+            let pages_offset = bitmap_offset
+                .checked_add(bitmap_len)
+                .and_then(|end| align_up(end, AREA_ALIGN))
+                .ok_or_else(too_large)?;
             at = pages_offset.checked_add(block.length).ok_or_else(too_large)?;
             laid.push(BlockLayout {
                 block: block.clone(),
@@ -216,7 +219,12 @@ impl Layout {
     /// The header bytes (`header_len` long, zero padded).
     pub fn encode_header(&self, session: SessionId) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.header_len as usize);
-        let ram_bytes = self.blocks.iter().map(|b| b.block.length).sum::<u64>();
+        // `Layout::new` checked that the blocks fit in a file, so this sum
+        // cannot overflow.
+        let ram_bytes = self
+            .blocks
+            .iter()
+            .fold(0u64, |sum, b| sum.saturating_add(b.block.length));
         put(
             &mut out,
             &RawFileHeader {
@@ -365,7 +373,11 @@ impl FileHeader {
         let layout = Layout::new(&BlockList { blocks })?;
         let agrees = layout.header_len == u64::from(raw.header_len.get())
             && layout.state_offset == raw.state_offset.get()
-            && layout.blocks.iter().map(|b| b.block.length).sum::<u64>() == raw.ram_bytes.get()
+            && layout
+                .blocks
+                .iter()
+                .try_fold(0u64, |sum, b| sum.checked_add(b.block.length))
+                == Some(raw.ram_bytes.get())
             && layout
                 .blocks
                 .iter()
@@ -649,6 +661,27 @@ mod tests {
         let mut magic = good;
         magic[0] = b'X';
         assert!(FileHeader::decode(&magic).unwrap_err().to_string().contains("magic"));
+    }
+
+    #[test]
+    fn offsets_that_would_overflow_are_refused_not_wrapped() {
+        // A block ending just below 2^64 and a second with a large bitmap:
+        // the second's offsets overflow (found by review).
+        let list = BlockList {
+            blocks: vec![
+                Block {
+                    name: "huge".into(),
+                    length: ((1u64 << 34) - 3) << 30,
+                    page_size: 1 << 30,
+                },
+                Block {
+                    name: "next".into(),
+                    length: 1 << 50,
+                    page_size: 4096,
+                },
+            ],
+        };
+        assert!(Layout::new(&list).is_err());
     }
 
     #[test]

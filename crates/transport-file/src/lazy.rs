@@ -176,10 +176,16 @@ impl LazyRestore {
             progress: Mutex::default(),
             moved: Condvar::new(),
         });
-        let mut threads = Vec::new();
+        // Threads go straight into the restore, whose drop stops and joins
+        // them if anything below fails.
+        let mut lazy = Self {
+            shared: Arc::clone(&shared),
+            threads: Vec::new(),
+            device_state: Vec::new(),
+        };
         for block in 0..shared.blocks.len() {
             let shared = Arc::clone(&shared);
-            threads.push(
+            lazy.threads.push(
                 std::thread::Builder::new()
                     .name(format!("lazy-fault-{block}"))
                     .spawn(move || shared.serve_faults(block))
@@ -194,18 +200,15 @@ impl LazyRestore {
         })??;
         for index in 0..prefetchers {
             let shared = Arc::clone(&shared);
-            threads.push(
+            lazy.threads.push(
                 std::thread::Builder::new()
                     .name(format!("lazy-prefetch-{index}"))
                     .spawn(move || shared.prefetch(index, prefetchers))
                     .map_err(|e| io_error("starting a prefetch thread", e))?,
             );
         }
-        Ok(Self {
-            shared,
-            threads,
-            device_state,
-        })
+        lazy.device_state = device_state;
+        Ok(lazy)
     }
 
     /// The guest's device state, checked against the save's hash.
@@ -219,8 +222,10 @@ impl LazyRestore {
     }
 
     /// Waits (at most `timeout`) until every page is loaded, then compares
-    /// digests. A failure to load a page is an error: the guest cannot go
-    /// on (threads touching that page wait until the memory goes away).
+    /// digests. A failure to load a page, or the timeout, is an error: the
+    /// guest cannot go on, and the pages never loaded stay unreadable (a
+    /// thread touching one waits for good rather than read zeros where guest
+    /// data belongs); the VMM must stop the guest.
     pub fn wait(mut self, timeout: Duration) -> Result<LazyReport, FileError> {
         let deadline = Instant::now() + timeout;
         let shared = Arc::clone(&self.shared);
@@ -295,6 +300,19 @@ impl LazyRestore {
 impl Drop for LazyRestore {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if self.loaded.load(Ordering::Acquire) < self.total {
+            // Pages are missing (a failure, a timeout): unregistering would
+            // let the guest read zeros where its data belongs. Keep them
+            // unreadable instead; a VMM stops such a guest.
+            for block in std::mem::take(&mut self.blocks) {
+                block.missing.keep_absent_pages_blocked();
+            }
+        }
     }
 }
 

@@ -83,6 +83,15 @@ impl Snapshot {
         }
         let record = read_at(&file, path, file_len - commit_len, commit_len as usize, "commit record")?;
         let commit = CommitRecord::decode(&header, file_len, &record).map_err(|e| unfinished(e.to_string()))?;
+        // Bitmaps are read whole: bound them before allocating (1 GiB of
+        // bitmap describes 32 TiB of 4 KiB pages).
+        let bitmap_bytes: u64 = layout.blocks.iter().map(|b| b.bitmap_bytes() as u64).sum();
+        if bitmap_bytes > 1 << 30 {
+            return Err(invalid(
+                path,
+                format!("{bitmap_bytes} bytes of page bitmaps: more guest RAM than supported"),
+            ));
+        }
         let mut bitmaps = Vec::with_capacity(layout.blocks.len());
         for (block, summary) in layout.blocks.iter().zip(&commit.blocks) {
             let bitmap = read_at(&file, path, block.bitmap_offset, block.bitmap_bytes(), "page bitmap")?;

@@ -68,6 +68,8 @@ struct State {
     ended: u16,
     device_state: Option<Vec<u8>>,
     committed: bool,
+    /// The source gave up: nothing may commit any more.
+    aborted: bool,
 }
 
 /// The file and what has been written to it.
@@ -190,6 +192,9 @@ impl Shared {
     }
 
     fn create(&self, blocks: &BlockList, session: SessionId) -> Result<(), TransportError> {
+        if self.file.get().is_some() {
+            return Err(refused("a second block list"));
+        }
         let layout = Layout::new(blocks).map_err(|e| refused(format!("a block list the file cannot hold: {e}")))?;
         let path = self.partial.display().to_string();
         let meta = OpenOptions::new()
@@ -462,6 +467,9 @@ impl SaveTx {
             Message::EndOfRam(end) => {
                 let mut state = shared.state();
                 state.ended += 1;
+                if state.aborted {
+                    return Err(refused("the source aborted the save"));
+                }
                 if state.ended == state.channels {
                     let device_state = state.device_state.take().unwrap_or_default();
                     match shared.commit(end.epochs, &device_state) {

@@ -222,3 +222,29 @@ fn the_prefetcher_loads_what_is_not_touched() {
         assert_eq!(got, page(i).unwrap_or_else(|| vec![0; 4096]), "page {i}");
     }
 }
+
+#[test]
+fn after_a_failed_lazy_restore_pages_never_loaded_stay_unreadable() {
+    let dir = Dir::new("lazy-fail");
+    let path = dir.0.join("s.snap");
+    save(&path, false);
+    let (ram, region) = lazy_guest();
+    // Nobody prefetches or touches: the wait times out, and the restore is
+    // dropped with every page still missing.
+    let lazy = LazyRestore::start(Snapshot::open(&path).expect("open"), &ram, 0, false).expect("start");
+    assert!(lazy.wait(Duration::from_millis(50)).is_err(), "nothing loaded in time");
+    drop(ram);
+    // A guest thread touching a page now must not read zeros in place of
+    // the saved bytes: it waits for good. (It can only pass late, never
+    // fail spuriously: a wrong read would complete at once.)
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut page = vec![0u8; 4096];
+        let _ = region.read(4096, &mut page);
+        let _ = tx.send(page);
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a page never loaded was read after the restore failed"
+    );
+}

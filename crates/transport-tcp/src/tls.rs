@@ -327,11 +327,16 @@ fn host_name(addr: &str) -> io::Result<ServerName<'static>> {
 #[derive(Debug)]
 pub(crate) struct TlsTx {
     pub(crate) session: Arc<Mutex<Connection>>,
+    /// Records of the slice being sent.
+    out: Vec<u8>,
 }
 
 impl TlsTx {
     pub(crate) fn new(session: Arc<Mutex<Connection>>) -> Self {
-        Self { session }
+        Self {
+            session,
+            out: Vec::new(),
+        }
     }
 
     /// Sends the close-notify alert that ends the session.
@@ -345,20 +350,25 @@ impl TlsTx {
     }
 
     /// Encrypts `parts` (and anything the session owes the peer) and
-    /// writes the records to `socket`, in order, a slice at a time, straight
-    /// from the session's buffers. The lock is held while writing: this half
-    /// is the only writer, and the receiving half takes the lock only for
-    /// data already read, never while it waits.
+    /// writes the records to `socket`, in order, a slice at a time. The
+    /// records are taken out under the session's lock and written with it
+    /// released: this half is the only writer, so they leave in order, and
+    /// the receiving half never waits for a socket write to finish.
     pub(crate) fn seal(&mut self, parts: &[&[u8]], socket: &mut dyn Write) -> io::Result<u64> {
         const SLICE: usize = 64 << 10;
         let mut sent = 0;
-        let mut conn = self.session.lock().unwrap_or_else(|e| e.into_inner());
         for part in parts {
             for slice in part.chunks(SLICE) {
-                conn.writer().write_all(slice)?;
-                while conn.wants_write() {
-                    sent += conn.write_tls(socket)? as u64;
+                self.out.clear();
+                {
+                    let mut conn = self.session.lock().unwrap_or_else(|e| e.into_inner());
+                    conn.writer().write_all(slice)?;
+                    while conn.wants_write() {
+                        conn.write_tls(&mut self.out)?;
+                    }
                 }
+                socket.write_all(&self.out)?;
+                sent += self.out.len() as u64;
             }
         }
         Ok(sent)
@@ -424,7 +434,13 @@ impl TlsRx {
             }
             let n = fill(&mut self.sealed)?;
             if n == 0 {
-                return Ok(0);
+                // End of the TCP stream: let the session judge it, so a
+                // close without close-notify (a truncation) is an error.
+                let mut conn = self.session.lock().unwrap_or_else(|e| e.into_inner());
+                conn.read_tls(&mut &[][..])?;
+                conn.process_new_packets()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                return conn.reader().read(buf);
             }
             self.received += n as u64;
             self.start = 0;
