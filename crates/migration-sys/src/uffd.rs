@@ -399,20 +399,43 @@ impl MissingPages {
     /// Places `src` (whole pages) at `offset` atomically and wakes any thread waiting on
     /// those pages. A page present already stops the copy there ([`Placed::UpTo`]).
     pub fn copy(&self, offset: usize, src: &[u8]) -> Result<Placed, SysError> {
-        let start = self.page_range(offset, src.len())?;
-        let mut copy = UffdioCopy {
-            dst: start as u64,
-            src: src.as_ptr() as u64,
-            len: src.len() as u64,
-            mode: 0,
-            copy: 0,
-        };
-        // SAFETY: `copy` is a `struct uffdio_copy`, the argument of UFFDIO_COPY. The kernel
-        // reads `src` (a private buffer, borrowed for the call) and fills absent pages of
-        // the registered range inside our region (checked by `page_range`); it never
-        // replaces a present page.
-        let result = unsafe { ioctl(&self.fd, UFFDIO_COPY, &mut copy, "UFFDIO_COPY") };
-        self.outcome(result, copy.copy)
+        let mut done = 0;
+        // EAGAIN (the address space changing under the copy) places part
+        // or none of it: go on from where it stopped, a bounded number of times.
+        for _ in 0..64 {
+            let (at, rest) = (offset + done, &src[done..]);
+            let start = self.page_range(at, rest.len())?;
+            let mut copy = UffdioCopy {
+                dst: start as u64,
+                src: rest.as_ptr() as u64,
+                len: rest.len() as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: `copy` is a `struct uffdio_copy`, the argument of UFFDIO_COPY. The
+            // kernel reads `rest` (a private buffer, borrowed for the call) and fills absent
+            // pages of the registered range inside our region (checked by `page_range`); it
+            // never replaces a present page.
+            let result = unsafe { ioctl(&self.fd, UFFDIO_COPY, &mut copy, "UFFDIO_COPY") };
+            match result {
+                Err(SysError::Os { ref source, .. }) if source.raw_os_error() == Some(libc::EAGAIN) => {
+                    done += copy.copy.max(0) as usize;
+                    if done >= src.len() {
+                        return Ok(Placed::All);
+                    }
+                }
+                other => {
+                    return match self.outcome(other, copy.copy)? {
+                        Placed::All => Ok(Placed::All),
+                        Placed::UpTo(n) => Ok(Placed::UpTo(done + n)),
+                    };
+                }
+            }
+        }
+        Err(SysError::Os {
+            op: "UFFDIO_COPY",
+            source: std::io::Error::from_raw_os_error(libc::EAGAIN),
+        })
     }
 
     /// Maps `len` bytes at `offset` as zero pages and wakes waiting threads; a present page

@@ -218,7 +218,20 @@ impl TlsConfig {
                     .into()
             }
         };
+        // The whole handshake is bounded, not just each read: a peer that
+        // trickles bytes cannot hold the listener.
+        let deadline = stream.read_timeout()?.map(|t| std::time::Instant::now() + t);
         while conn.is_handshaking() {
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the TLS handshake took too long",
+                    ));
+                }
+                stream.set_read_timeout(Some(left))?;
+            }
             conn.complete_io(stream)?;
         }
         // Flush what the handshake left to send (the client's Finished).
