@@ -75,7 +75,9 @@ pub trait DirectPlacement: Send + Sync {
 pub trait ChannelRx: Send {
     /// Receives the next message, borrowed from the channel's buffer until
     /// the next call. Fails with [`TransportError::TimedOut`] when nothing
-    /// arrives within the receive timeout.
+    /// arrives within the receive timeout; a timeout in the middle of a
+    /// message leaves the channel unusable (the part already read is gone),
+    /// so callers treat any receive error as the end of the channel.
     fn recv(&mut self) -> Result<Message<'_>, TransportError>;
 
     /// Hands over the buffer holding the body of the message last received
