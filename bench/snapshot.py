@@ -29,15 +29,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLI = os.path.join(ROOT, "target", "release", "migrate-cli")
-
-
-def size(text):
-    units = {"K": 10, "M": 20, "G": 30}
-    if text[-1].upper() in units:
-        return int(float(text[:-1]) * (1 << units[text[-1].upper()]))
-    return int(text)
+from precopy import CLI, ROOT, size
 
 
 def evict(path):
@@ -73,24 +65,15 @@ def save(mem, path, channels):
     return finished - started
 
 
-def restore(mem, path, channels):
+def restore(path, channels, mode):
+    """Restores with O_DIRECT, `mode` being --prealloc or --lazy; returns the JSON report."""
     out = subprocess.run(
-        [CLI, "restore", "--from", path, "--direct-io", "--prealloc", "--channels", str(channels),
+        [CLI, "restore", "--from", path, mode, "--direct-io", "--channels", str(channels),
          "--json", "--quiet", "--run-for", "0s"],
         capture_output=True, text=True, timeout=600)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["status"] == "completed" and report["verified"], report
-    return report["total_ms"] / 1e3
-
-
-def restore_lazy(path, channels):
-    out = subprocess.run(
-        [CLI, "restore", "--from", path, "--lazy", "--direct-io", "--channels", str(channels),
-         "--json", "--quiet", "--run-for", "0s"],
-        capture_output=True, text=True, timeout=600)
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["status"] == "completed" and report["verified"], report
-    return report["lazy"]
+    return report
 
 
 def main():
@@ -120,9 +103,9 @@ def main():
             results["dd read"].append(os.path.getsize(snap) / dd([f"if={snap}", "of=/dev/null", "bs=4M",
                                                                   "iflag=direct"]))
             evict(snap)
-            results["restore"].append(mem / restore(mem, snap, args.channels))
+            results["restore"].append(mem / (restore(snap, args.channels, "--prealloc")["total_ms"] / 1e3))
             evict(snap)
-            report = restore_lazy(snap, args.channels)
+            report = restore(snap, args.channels, "--lazy")["lazy"]
             lazy["first"].append(report["first_access_ms"])
             lazy["all"].append(report["all_loaded_ms"])
             lazy["faults"].append(report["faults"])

@@ -223,32 +223,14 @@ fn restore_stream(args: &RestoreArgs, report: &mut Report) -> Result<u8> {
     anyhow::ensure!(!args.direct_io, "--direct-io applies to mapped-ram files");
     let setup_start = Instant::now();
     let source = StreamSource::open(&args.from, Vec::new())?;
-    let options = DestOptions::default();
-    let incoming = dest::accept(Box::new(source), &options)
-        .map_err(anyhow::Error::new)
-        .context("reading the stream's handshake")?;
-    let prealloc = args
-        .prealloc
-        .then(|| memory::Preallocated::new(incoming.blocks().total_bytes()))
-        .transpose()
-        .context("preallocating guest RAM (--prealloc)")?;
-    let memory = restore_memory(args, incoming.blocks(), prealloc.as_ref())?;
-    report.setup(setup_start.elapsed());
     let mut accept = || -> Result<Box<dyn Channel>, TransportError> {
         Err(TransportError::Io {
             context: "a stream has one channel".into(),
             source: std::io::Error::from(std::io::ErrorKind::InvalidData),
         })
     };
-    receive(
-        incoming,
-        &mut accept,
-        memory,
-        &options,
-        args.quiet,
-        args.run_for,
-        report,
-    )
+    let options = DestOptions::default();
+    restore_from(args, report, setup_start, Box::new(source), &options, &mut accept)
 }
 
 fn restore_into(args: &RestoreArgs, report: &mut Report) -> Result<u8> {
@@ -257,35 +239,47 @@ fn restore_into(args: &RestoreArgs, report: &mut Report) -> Result<u8> {
     }
     let setup_start = Instant::now();
     let source = RestoreSource::open(&args.from, args.channels, args.direct_io)?;
-    let prealloc = args
-        .prealloc
-        .then(|| memory::Preallocated::new(source.snapshot().blocks().total_bytes()))
-        .transpose()
-        .context("preallocating guest RAM (--prealloc)")?;
     let options = DestOptions {
         max_channels: args.channels,
         ..DestOptions::default()
     };
-    let incoming = dest::accept(Box::new(source.channel(0)), &options)
-        .map_err(anyhow::Error::new)
-        .context("reading the snapshot's handshake")?;
-    let memory = restore_memory(args, incoming.blocks(), prealloc.as_ref())?;
-    report.setup(setup_start.elapsed());
     let mut next = 1u16;
     let mut accept = || -> Result<Box<dyn Channel>, TransportError> {
         let channel = source.channel(next);
         next += 1;
         Ok(Box::new(channel))
     };
-    receive(
-        incoming,
-        &mut accept,
-        memory,
-        &options,
-        args.quiet,
-        args.run_for,
+    restore_from(
+        args,
         report,
+        setup_start,
+        Box::new(source.channel(0)),
+        &options,
+        &mut accept,
     )
+}
+
+/// Receives a restore whose main channel is `main` and whose other
+/// channels come from `accept`, into the guest RAM `args` ask for.
+fn restore_from(
+    args: &RestoreArgs,
+    report: &mut Report,
+    setup_start: Instant,
+    main: Box<dyn Channel>,
+    options: &DestOptions,
+    accept: &mut dyn FnMut() -> Result<Box<dyn Channel>, TransportError>,
+) -> Result<u8> {
+    let incoming = dest::accept(main, options)
+        .map_err(anyhow::Error::new)
+        .context("reading the snapshot's handshake")?;
+    let prealloc = args
+        .prealloc
+        .then(|| memory::Preallocated::new(incoming.blocks().total_bytes()))
+        .transpose()
+        .context("preallocating guest RAM (--prealloc)")?;
+    let memory = restore_memory(args, incoming.blocks(), prealloc.as_ref())?;
+    report.setup(setup_start.elapsed());
+    receive(incoming, accept, memory, options, args.quiet, args.run_for, report)
 }
 
 #[derive(Debug, clap::Args)]

@@ -15,6 +15,13 @@ use xxhash_rust::xxh3::Xxh3;
 /// checking a frame serve the digest comparison too.
 pub use migration_wire::page::page_hash;
 
+/// The hash of a 4 KiB page of zeros (computed once): what every side
+/// records for a page that travels as a zero flag.
+pub fn zero_page_hash() -> u64 {
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HASH.get_or_init(|| page_hash(&[0; 4096]))
+}
+
 /// The digest of a block from its page hashes.
 pub fn block_digest(page_hashes: &[u64]) -> u64 {
     let mut hasher = Xxh3::new();

@@ -16,11 +16,11 @@
 use crate::restore::Snapshot;
 use crate::{FileError, io_error};
 use migration_core::Ram;
-use migration_core::verify::{block_digest, page_hash};
+use migration_core::verify::{block_digest, page_hash, zero_page_hash};
 use migration_sys::uffd::{MissingPages, Placed};
 use migration_sys::{AlignedBuf, SysError};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -47,7 +47,6 @@ struct Shared {
     loaded: AtomicU64,
     faulted: AtomicU64,
     stop: AtomicBool,
-    zero_hash: u64,
     /// Fault service times, in nanoseconds.
     latencies: Mutex<Vec<u64>>,
     failure: Mutex<Option<String>>,
@@ -110,40 +109,13 @@ impl LazyRestore {
                 problem: "guest RAM laid out unlike the snapshot's blocks".into(),
             });
         }
-        let mut options = OpenOptions::new();
-        options.read(true);
-        if direct_io {
-            options.custom_flags(libc::O_DIRECT);
-        }
-        let data = options
-            .open(path)
-            .map_err(|e| io_error(format!("opening {}", path.display()), e))?;
-        if direct_io {
-            crate::check_direct_io(&data, path)
-                .map_err(|e| io_error(format!("reading {} with O_DIRECT", path.display()), e))?;
-        }
+        let data = snapshot.open_pages(direct_io)?;
         // The guest needs its device state before it runs: read it while
         // the memory is registered.
         let state_reader = {
             let meta = File::open(path).map_err(|e| io_error(format!("opening {}", path.display()), e))?;
-            let (offset, len, hash) = (
-                layout.state_offset,
-                snapshot.commit.state_len as usize,
-                snapshot.commit.state_hash,
-            );
-            let path = path.to_owned();
-            std::thread::spawn(move || -> Result<Vec<u8>, FileError> {
-                let mut state = vec![0u8; len];
-                meta.read_exact_at(&mut state, offset)
-                    .map_err(|e| io_error(format!("reading the device state of {}", path.display()), e))?;
-                if migration_wire::mapped_ram::bitmap_hash(&state) != hash {
-                    return Err(FileError::Invalid {
-                        path: path.display().to_string(),
-                        problem: "the device state changed since the save".into(),
-                    });
-                }
-                Ok(state)
-            })
+            let read = snapshot.state_reader();
+            std::thread::spawn(move || read(&meta))
         };
         let mut blocks = Vec::with_capacity(ram.blocks().len());
         for (block, laid) in ram.blocks().iter().zip(&layout.blocks) {
@@ -170,7 +142,6 @@ impl LazyRestore {
             loaded: AtomicU64::new(0),
             faulted: AtomicU64::new(0),
             stop: AtomicBool::new(false),
-            zero_hash: page_hash(&[0u8; 4096]),
             latencies: Mutex::default(),
             failure: Mutex::default(),
             progress: Mutex::default(),
@@ -416,7 +387,7 @@ impl Shared {
                 target.missing.copy(offset, &buffer[..len])?
             } else {
                 for i in 0..run {
-                    target.hashes[(page + i) as usize].store(self.zero_hash, Ordering::Relaxed);
+                    target.hashes[(page + i) as usize].store(zero_page_hash(), Ordering::Relaxed);
                 }
                 target.missing.zero(offset, len)?
             };

@@ -128,17 +128,43 @@ impl Snapshot {
 
     /// Reads the device state, checked against its hash.
     pub fn device_state(&self, file: &File) -> Result<Vec<u8>, FileError> {
-        let state = read_at(
-            file,
-            &self.path,
+        self.state_reader()(file)
+    }
+
+    /// What reading the device state needs, owned, for a thread of its own.
+    pub(crate) fn state_reader(&self) -> impl FnOnce(&File) -> Result<Vec<u8>, FileError> + Send + 'static {
+        let (path, offset, len, hash) = (
+            self.path.clone(),
             self.header.layout.state_offset,
             self.commit.state_len as usize,
-            "device state",
-        )?;
-        if mapped_ram::bitmap_hash(&state) != self.commit.state_hash {
-            return Err(invalid(&self.path, "the device state changed since the save"));
+            self.commit.state_hash,
+        );
+        move |file| {
+            let state = read_at(file, &path, offset, len, "device state")?;
+            if mapped_ram::bitmap_hash(&state) != hash {
+                return Err(invalid(&path, "the device state changed since the save"));
+            }
+            Ok(state)
         }
-        Ok(state)
+    }
+
+    /// Opens the file for page reads, with `O_DIRECT` when asked (checked
+    /// against what the file system requires).
+    pub(crate) fn open_pages(&self, direct_io: bool) -> Result<File, FileError> {
+        let path = &self.path;
+        let mut options = OpenOptions::new();
+        options.read(true);
+        if direct_io {
+            options.custom_flags(libc::O_DIRECT);
+        }
+        let data = options
+            .open(path)
+            .map_err(|e| io_error(format!("opening {} for page reads", path.display()), e))?;
+        if direct_io {
+            crate::check_direct_io(&data, path)
+                .map_err(|e| io_error(format!("reading {} with O_DIRECT", path.display()), e))?;
+        }
+        Ok(data)
     }
 }
 
@@ -164,18 +190,7 @@ impl RestoreSource {
     /// `direct_io` reads page bytes with `O_DIRECT`.
     pub fn open(path: &Path, channels: u16, direct_io: bool) -> Result<Self, FileError> {
         let snapshot = Snapshot::open(path)?;
-        let mut data = OpenOptions::new();
-        data.read(true);
-        if direct_io {
-            data.custom_flags(libc::O_DIRECT);
-        }
-        let data = data
-            .open(path)
-            .map_err(|e| io_error(format!("opening {} for page reads", path.display()), e))?;
-        if direct_io {
-            crate::check_direct_io(&data, path)
-                .map_err(|e| io_error(format!("reading {} with O_DIRECT", path.display()), e))?;
-        }
+        let data = snapshot.open_pages(direct_io)?;
         let meta = File::open(path).map_err(|e| io_error(format!("opening {}", path.display()), e))?;
         Ok(Self {
             shared: Arc::new(Shared {
@@ -348,12 +363,17 @@ impl RestoreChannel {
         self.scratch.resize(page_size, 0);
         self.hashes.clear();
         let path = &self.shared.snapshot.path;
-        // The targets follow the stored pages in order, as the runs do.
-        let mut pages = runs.iter().flat_map(|&(start, n)| start..start + n);
+        // The targets cover the stored pages in order, each a stretch of
+        // adjacent ones, which are adjacent in the file too.
+        let stored: Vec<u64> = runs.iter().flat_map(|&(start, n)| start..start + n).collect();
+        let mut next = 0;
         for target in &targets {
-            let first = pages
-                .next()
-                .ok_or_else(|| self.unexpected("placement runs longer than the batch"))?;
+            let count = target.len / page_size;
+            let first = match stored.get(next..next + count) {
+                Some(&[first, ..]) if stored[next + count - 1] == first + count as u64 - 1 => first,
+                _ => return Err(self.unexpected("placement runs unlike the batch's stored pages")),
+            };
+            next += count;
             let mut done = 0;
             while done < target.len {
                 let n = target
@@ -376,10 +396,6 @@ impl RestoreChannel {
                     .read(target.offset + at, &mut self.scratch)
                     .map_err(|e| read_error(path, std::io::Error::other(e)))?;
                 self.hashes.push(migration_wire::page::page_hash(&self.scratch));
-            }
-            // Skip the rest of this target's pages.
-            for _ in 1..target.len / page_size {
-                pages.next();
             }
         }
         Ok(true)

@@ -3,7 +3,7 @@
 use crate::replies::{Replies, ReplyRx};
 use migration_core::error_chain::ErrorChain;
 use migration_core::transport::{ChannelHalves, Closer};
-use migration_core::verify::{block_digest, page_hash};
+use migration_core::verify::{block_digest, page_hash, zero_page_hash};
 use migration_core::{Channel, ChannelRx, ChannelTx, TransportError};
 use migration_sys::AlignedBuf;
 use migration_wire::mapped_ram::{BlockSummary, CommitRecord, Layout, bitmap_hash};
@@ -85,7 +85,6 @@ struct SaveFile {
     stored: Vec<Box<[AtomicU64]>>,
     /// Per block, the hash of every page as saved.
     hashes: Vec<Box<[AtomicU64]>>,
-    zero_hash: u64,
     pages: AtomicU64,
 }
 
@@ -232,7 +231,6 @@ impl Shared {
                 .iter()
                 .map(|b| migration_sys::zeroed_atomics(b.pages() as usize))
                 .collect(),
-            zero_hash: page_hash(&vec![0; 4096]),
             layout,
             header_checksum,
             data,
@@ -351,7 +349,7 @@ impl SaveTx {
                     at += page_size;
                     plain += 1;
                 }
-                PageEncoding::Zero => file.mark(index, entry.page, false, file.zero_hash),
+                PageEncoding::Zero => file.mark(index, entry.page, false, zero_page_hash()),
             }
         }
         if let Some(done) = run {

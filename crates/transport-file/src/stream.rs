@@ -17,7 +17,7 @@ use crate::replies::{Replies, ReplyRx};
 use crate::{FileError, io_error};
 use migration_core::compress::decompress;
 use migration_core::transport::{ChannelHalves, Closer};
-use migration_core::verify::{block_digest, page_hash};
+use migration_core::verify::{block_digest, page_hash, zero_page_hash};
 use migration_core::{Channel, ChannelRx, ChannelTx, TransportError};
 use migration_wire::{
     Ack, Codec, Complete, FRAME_HEADER_LEN, Features, FrameHeader, HelloReply, MAX_FRAME_BODY, Message, MessageKind,
@@ -220,7 +220,8 @@ impl StreamChannel {
                     at += page_size;
                     hash
                 }
-                PageEncoding::Zero => page_hash(&vec![0; page_size]),
+                // Pages are 4 KiB (the source's encoder asserts it).
+                PageEncoding::Zero => zero_page_hash(),
             };
         }
         Ok(())

@@ -201,13 +201,9 @@ impl TlsConfig {
                 let mut first = [0u8; 1];
                 if stream.peek(&mut first)? == 1 && first[0] != 0x16 {
                     // Tell a plaintext source why, in its own terms.
-                    let mut frame = Vec::new();
-                    migration_wire::Message::Error(migration_wire::PeerError {
-                        code: migration_wire::ErrorCode::Protocol,
-                        message: "this destination requires TLS (--tls-cert, --tls-key, --tls-ca)".into(),
-                    })
-                    .encode(&mut frame);
-                    let _ = stream.write_all(&frame);
+                    let _ = stream.write_all(&refusal(
+                        "this destination requires TLS (--tls-cert, --tls-key, --tls-ca)".into(),
+                    ));
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "the peer does not speak TLS (plaintext on a TLS listener)",
@@ -243,13 +239,7 @@ impl TlsConfig {
             && let Err(problem) = check_allowed(&conn, allow)
         {
             // Tell the source why, inside the session it opened.
-            let mut frame = Vec::new();
-            migration_wire::Message::Error(migration_wire::PeerError {
-                code: migration_wire::ErrorCode::Protocol,
-                message: problem.clone(),
-            })
-            .encode(&mut frame);
-            let _ = conn.writer().write_all(&frame);
+            let _ = conn.writer().write_all(&refusal(problem.clone()));
             while conn.wants_write() && conn.write_tls(stream).is_ok() {}
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, problem));
         }
@@ -301,6 +291,17 @@ pub fn generate_certs(dir: &Path) -> Result<(), TlsError> {
         std::fs::write(&path, text).map_err(|e| TlsError::Config(format!("writing {}: {e}", path.display())))?;
     }
     Ok(())
+}
+
+/// The frame that tells a refused source why.
+fn refusal(message: String) -> Vec<u8> {
+    let mut frame = Vec::new();
+    migration_wire::Message::Error(migration_wire::PeerError {
+        code: migration_wire::ErrorCode::Protocol,
+        message,
+    })
+    .encode(&mut frame);
+    frame
 }
 
 /// Whether the client's certificate is valid for one of `allow`.

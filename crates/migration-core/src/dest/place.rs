@@ -7,7 +7,7 @@ use crate::compress::decompress;
 use crate::ram::Ram;
 use crate::stats::Stats;
 use crate::transport::{DirectPlacement, GuestRun};
-use crate::verify::{block_digest, page_hash};
+use crate::verify::{block_digest, page_hash, zero_page_hash};
 use migration_wire::{Codec, PageBatch, PageEncoding};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -162,7 +162,6 @@ pub(crate) struct Placer {
     hashes: Vec<Box<[AtomicU64]>>,
     received: Vec<AtomicBitmap>,
     zeroed: Vec<AtomicBitmap>,
-    zero_hash: u64,
     pub(crate) placed: AtomicU64,
     zero_pages: AtomicU64,
     plain_pages: AtomicU64,
@@ -170,7 +169,6 @@ pub(crate) struct Placer {
 
 impl Placer {
     pub(crate) fn new(ram: &Ram, fresh: FreshMemory) -> Self {
-        let page = migration_sys::PAGE_SIZE;
         Self {
             ram: ram.clone(),
             hashes: ram
@@ -190,7 +188,6 @@ impl Placer {
                     map
                 })
                 .collect(),
-            zero_hash: page_hash(&vec![0; page]),
             placed: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
             plain_pages: AtomicU64::new(0),
@@ -313,7 +310,7 @@ impl Placer {
                         self.zeroed[index].set(entry.page);
                     }
                     zero += 1;
-                    self.zero_hash
+                    zero_page_hash()
                 }
             };
             self.hashes[index][entry.page as usize].store(hash, Ordering::Relaxed);
