@@ -454,10 +454,7 @@ impl RestoreChannel {
     }
 
     fn unexpected(&self, what: &str) -> TransportError {
-        TransportError::Io {
-            context: format!("restoring on channel {}", self.index),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned()),
-        }
+        crate::invalid_data(format!("restoring on channel {}", self.index), what)
     }
 }
 

@@ -96,10 +96,7 @@ fn io_error(context: impl Into<String>, source: std::io::Error) -> TransportErro
 }
 
 fn refused(what: impl Into<String>) -> TransportError {
-    io_error(
-        "saving",
-        std::io::Error::new(std::io::ErrorKind::InvalidData, what.into()),
-    )
+    crate::invalid_data("saving", what)
 }
 
 impl SaveTarget {

@@ -59,10 +59,7 @@ struct Shared {
 }
 
 fn refused(what: impl Into<String>) -> TransportError {
-    TransportError::Io {
-        context: "stream file".into(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, what.into()),
-    }
+    crate::invalid_data("stream file", what)
 }
 
 impl StreamTarget {
