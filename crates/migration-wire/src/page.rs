@@ -498,6 +498,59 @@ pub fn page_hash(bytes: &[u8]) -> u64 {
     xxh3_64(bytes)
 }
 
+/// [`page_hash`] of each page in a run of page bytes that arrives in
+/// pieces of any size (a page may straddle two pieces).
+#[derive(Clone)]
+pub struct PageHasher {
+    page_size: usize,
+    /// Bytes of the current page fed so far, and their running hash.
+    partial: usize,
+    hasher: Xxh3,
+}
+
+impl std::fmt::Debug for PageHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageHasher")
+            .field("page_size", &self.page_size)
+            .field("partial", &self.partial)
+            .finish()
+    }
+}
+
+impl PageHasher {
+    /// A hasher for pages of `page_size` bytes.
+    pub fn new(page_size: usize) -> Self {
+        Self {
+            page_size,
+            partial: 0,
+            hasher: Xxh3::new(),
+        }
+    }
+
+    /// Feeds the next `bytes`, pushing the hash of every page they complete.
+    pub fn feed(&mut self, mut bytes: &[u8], hashes: &mut Vec<u64>) {
+        if self.partial > 0 {
+            let take = (self.page_size - self.partial).min(bytes.len());
+            self.hasher.update(&bytes[..take]);
+            self.partial += take;
+            bytes = &bytes[take..];
+            if self.partial < self.page_size {
+                return;
+            }
+            hashes.push(self.hasher.digest());
+            self.hasher.reset();
+            self.partial = 0;
+        }
+        let mut pages = bytes.chunks_exact(self.page_size);
+        hashes.extend(pages.by_ref().map(page_hash));
+        let rest = pages.remainder();
+        if !rest.is_empty() {
+            self.hasher.update(rest);
+            self.partial = rest.len();
+        }
+    }
+}
+
 /// Checks a pages frame against its header's checksum (see the module
 /// docs). For a batch sent as is, `hashes` is left holding the xxh3-64 of
 /// every plain page, in order, for [`PageBatch::with_hashes`]; it is

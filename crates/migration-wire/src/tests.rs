@@ -148,6 +148,23 @@ fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
 
 proptest! {
     #[test]
+    fn page_hashes_of_bytes_in_pieces_equal_those_of_whole_pages(
+        pages in 1usize..6,
+        cuts in proptest::collection::vec(0usize..20_000, 0..8),
+    ) {
+        let bytes: Vec<u8> = (0..pages * 4096).map(|i| (i * 7 % 253) as u8).collect();
+        let whole: Vec<u64> = bytes.chunks(4096).map(page::page_hash).collect();
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % bytes.len()).collect();
+        cuts.sort_unstable();
+        let (mut hasher, mut hashes, mut at) = (page::PageHasher::new(4096), Vec::new(), 0);
+        for cut in cuts.into_iter().chain([bytes.len()]) {
+            hasher.feed(&bytes[at..cut], &mut hashes);
+            at = cut;
+        }
+        prop_assert_eq!(hashes, whole);
+    }
+
+    #[test]
     fn round_trip(frame in encoded_message()) {
         let (message, used) = decode_frame(&frame).expect("valid frame decodes");
         prop_assert_eq!(used, frame.len());

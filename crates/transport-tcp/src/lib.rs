@@ -7,9 +7,10 @@
 //! its receiver still finds it.
 #![forbid(unsafe_code)]
 
+mod record;
 mod tls;
+use record::{Opener, Sealer};
 pub use tls::{TlsConfig, TlsError, TlsFiles, generate_certs};
-use tls::{TlsRx, TlsTx};
 
 use migration_core::transport::{ChannelHalves, Closer};
 use migration_core::{Channel, ChannelRx, ChannelTx, DirectPlacement, TransportError};
@@ -188,7 +189,7 @@ pub struct TcpTx {
     uring: Option<UringSocket>,
     head: Vec<u8>,
     sent: u64,
-    tls: Option<TlsTx>,
+    tls: Option<Sealer>,
 }
 
 impl ChannelTx for TcpTx {
@@ -217,7 +218,7 @@ impl ChannelTx for TcpTx {
         let what = || format!("sending {}", message.kind().name());
         let (uring, stream) = (&mut self.uring, &mut self.stream);
         let sent = match &mut self.tls {
-            // Encrypted under the session's lock; written by this half only.
+            // Encrypted in place, a batch of records per write.
             Some(tls) => match uring {
                 Some(ring) => tls.seal(&[&self.head, payload], &mut RingWriter(ring)),
                 None => tls.seal(&[&self.head, payload], stream),
@@ -290,7 +291,7 @@ pub struct TcpRx {
     timeout: Option<Duration>,
     /// Where page bytes of batches sent as is go, when set.
     direct: Option<Arc<dyn DirectPlacement>>,
-    tls: Option<TlsRx>,
+    tls: Option<Opener>,
     /// One page read back from guest memory, to hash it.
     scratch: Vec<u8>,
 }
@@ -345,8 +346,7 @@ impl TcpRx {
         let (uring, stream, body) = (&mut self.uring, &self.stream, &mut self.body[from..to]);
         match &mut self.tls {
             Some(tls) => {
-                // The session reads ciphertext from the socket itself, once
-                // it is readable; waiting happens without its lock.
+                // Ciphertext is read in large reads and decrypted in place.
                 let before = tls.received();
                 let result = read_fully(what, at_frame_start, to - from, self.timeout, |filled| {
                     tls.read(&mut body[filled..], |sealed| match uring {
@@ -390,13 +390,32 @@ impl TcpRx {
         self.scratch.resize(page_size, 0);
         self.hashes.clear();
         let (uring, stream, hashes, scratch) = (&mut self.uring, &self.stream, &mut self.hashes, &mut self.scratch);
+        let tls = &mut self.tls;
+        let before = tls.as_ref().map_or(0, |tls| tls.received());
+        let mut hasher = migration_wire::page::PageHasher::new(page_size);
         for run in &runs {
             let mut hashed = 0;
             read_fully("page bytes", false, run.len, self.timeout, |filled| {
                 let at = run.offset + filled;
-                let n = match uring {
-                    Some(ring) => ring.recv_into(run.region, at, run.len - filled)?,
-                    None => run.region.recv_from(stream.as_fd(), at, run.len - filled)?,
+                let n = match (&mut *tls, &mut *uring) {
+                    // Decrypted where the ciphertext landed, hashed there
+                    // and copied once into guest memory.
+                    (Some(tls), uring) => {
+                        let n = tls.read_to(
+                            run.len - filled,
+                            |off, plain| {
+                                hasher.feed(plain, hashes);
+                                run.region.write(at + off, plain).map_err(io::Error::other)
+                            },
+                            |sealed| match uring {
+                                Some(ring) => ring.recv(sealed),
+                                None => (&*stream).read(sealed),
+                            },
+                        )?;
+                        return Ok(n);
+                    }
+                    (None, Some(ring)) => ring.recv_into(run.region, at, run.len - filled)?,
+                    (None, None) => run.region.recv_from(stream.as_fd(), at, run.len - filled)?,
                 };
                 // Hash the pages completed by this read while they are warm.
                 while hashed + page_size <= filled + n {
@@ -409,7 +428,10 @@ impl TcpRx {
                 Ok(n)
             })?;
         }
-        self.received += payload as u64;
+        self.received += match &self.tls {
+            Some(tls) => tls.received() - before,
+            None => payload as u64,
+        };
         let actual = migration_wire::page::pages_checksum(head, &self.hashes);
         if actual != header.checksum {
             self.hashes.clear();
@@ -492,10 +514,6 @@ impl ChannelRx for TcpRx {
     }
 
     fn place_directly(&mut self, target: Arc<dyn DirectPlacement>) -> bool {
-        // Decrypted bytes land in the session's buffers first.
-        if self.tls.is_some() {
-            return false;
-        }
         self.direct = Some(target);
         true
     }
@@ -530,7 +548,7 @@ impl TcpChannel {
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "unknown peer".into());
-        let session = match &options.tls {
+        let (sealer, opener) = match &options.tls {
             Some(tls) => {
                 stream
                     .set_read_timeout(Some(options.io_timeout))
@@ -542,9 +560,9 @@ impl TcpChannel {
                 stream
                     .set_read_timeout(None)
                     .map_err(|e| io_error("clearing the handshake timeout", e))?;
-                Some(session)
+                (Some(session.0), Some(session.1))
             }
-            None => None,
+            None => (None, None),
         };
         let reader = stream.try_clone().map_err(|e| io_error("cloning the socket", e))?;
         // A ring each for the sending and the receiving half, which two
@@ -561,7 +579,7 @@ impl TcpChannel {
                 stream,
                 head: Vec::new(),
                 sent: 0,
-                tls: session.clone().map(TlsTx::new),
+                tls: sealer,
             },
             rx: TcpRx {
                 uring: recv_ring,
@@ -572,7 +590,7 @@ impl TcpChannel {
                 timeout: None,
                 direct: None,
                 scratch: Vec::new(),
-                tls: session.map(TlsRx::new),
+                tls: opener,
             },
             peer,
         })
@@ -751,17 +769,28 @@ mod tests {
     }
 
     #[test]
-    fn page_bytes_land_straight_in_guest_memory_with_either_backend() {
-        for io_uring in [true, false] {
-            let (mut a, mut b) = pair_with(io_uring);
+    fn page_bytes_land_straight_in_guest_memory_with_either_backend_plain_or_tls() {
+        let pki = Pki::new("direct");
+        for (io_uring, tls) in [(true, false), (false, false), (true, true), (false, true)] {
+            let (mut a, mut b) = if tls {
+                let (a, b) = tls_pair(Some(pki.server()), Some(pki.client(&pki, None)), io_uring);
+                (a.expect("client"), b.expect("server"))
+            } else {
+                pair_with(io_uring)
+            };
             // Between inaccessible pages: the last page is written to its very end.
+            let pages = 16;
             let target = Arc::new(OneRegion(
-                migration_sys::GuestRegion::anonymous_guarded(8 * 4096).expect("region"),
+                migration_sys::GuestRegion::anonymous_guarded(pages * 4096).expect("region"),
             ));
             assert!(b.place_directly(Arc::clone(&target) as _));
+            // Twelve plain pages: over TLS they span records, and pages
+            // straddle record boundaries.
+            let mut list = vec![(1, false), (2, true)];
+            list.extend((5..pages as u64).map(|p| (p, false)));
             let mut entries = Vec::new();
-            plain_batch(&mut entries, &[(1, false), (2, true), (7, false)]);
-            let payload: Vec<u8> = (0..2 * 4096).map(|i| (i % 251) as u8).collect();
+            plain_batch(&mut entries, &list);
+            let payload: Vec<u8> = (0..12 * 4096).map(|i| (i % 251) as u8).collect();
             let batch = PageBatch::new(0, 0, 4096, &entries, &payload).expect("batch");
             a.send(&Message::Pages(batch.clone())).expect("send");
             // A batch for a block the target does not have arrives as usual.
@@ -780,9 +809,10 @@ mod tests {
             let mut page = vec![0u8; 4096];
             target.0.read(4096, &mut page).expect("read");
             assert_eq!(page, payload[..4096]);
-            target.0.read(7 * 4096, &mut page).expect("read");
-            assert_eq!(page, payload[4096..]);
-            assert!(target.0.is_zero(2 * 4096, 5 * 4096).expect("zero"));
+            let mut rest = vec![0u8; 11 * 4096];
+            target.0.read(5 * 4096, &mut rest).expect("read");
+            assert!(rest == payload[4096..], "pages 5.. landed where they belong (tls {tls})");
+            assert!(target.0.is_zero(2 * 4096, 3 * 4096).expect("zero"));
             match b.recv().expect("recv") {
                 Message::Pages(got) => {
                     assert!(!got.is_placed());

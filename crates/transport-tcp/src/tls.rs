@@ -4,20 +4,23 @@
 //! Both sides present a certificate from the same CA: the destination (the
 //! TLS server) refuses a source without one or with one from another CA,
 //! the source refuses a destination whose certificate does not name the
-//! address it dialled (or `--tls-server-name`). A connection's two halves
-//! share one rustls session: the sending half encrypts under its lock and
-//! is the only one to write to the socket, so records leave in order; the
-//! receiving half reads ciphertext from the socket without the lock and
-//! takes the lock only to decrypt.
+//! address it dialled (or `--tls-server-name`). rustls runs the handshake;
+//! the records that follow are this crate's (`record`), each half of the
+//! connection owning its direction.
 
+use crate::record::{NextKeys, Opener, Sealer, Shared};
+use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::UnbufferedServerConnection;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig, ServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Instant;
 
 /// Why TLS settings could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -137,12 +140,14 @@ impl TlsConfig {
                     .map_err(|e| TlsError::Config(format!("server name {name:?}: {e}")))
             })
             .transpose()?;
-        let config = ClientConfig::builder_with_provider(provider())
+        let mut config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_root_certificates(roots(files.ca)?)
             .with_client_auth_cert(read_certs("TLS certificate", files.cert)?, read_key(files.key)?)
             .map_err(|e| TlsError::Config(e.to_string()))?;
+        // The record layer after the handshake is this crate's.
+        config.enable_secret_extraction = true;
         Ok(Self {
             role: Role::Client {
                 config: Arc::new(config),
@@ -173,6 +178,7 @@ impl TlsConfig {
             .map_err(|e| TlsError::Config(e.to_string()))?;
         // Migrations do not resume TLS sessions.
         config.send_tls13_tickets = 0;
+        config.enable_secret_extraction = true;
         Ok(Self {
             role: Role::Server {
                 config: Arc::new(config),
@@ -181,21 +187,22 @@ impl TlsConfig {
         })
     }
 
-    /// Runs the handshake on `stream` (blocking, bounded by the stream's
-    /// timeouts): the client side for `addr` (`host:port`), or the server
-    /// side. The session it returns carries the rest of the connection.
-    pub(crate) fn handshake(&self, stream: &mut TcpStream, addr: &str) -> io::Result<Arc<Mutex<Connection>>> {
-        let mut conn: Connection = match &self.role {
+    /// Runs the handshake on `stream` (blocking, the whole of it bounded by
+    /// the stream's read timeout): the client side for `addr`
+    /// (`host:port`), or the server side. Returns the two directions of
+    /// the session, which carry the rest of the connection.
+    pub(crate) fn handshake(&self, stream: &mut TcpStream, addr: &str) -> io::Result<(Sealer, Opener)> {
+        let deadline = stream.read_timeout()?.map(|t| Instant::now() + t);
+        let session = match &self.role {
             Role::Client { config, server_name } => {
                 let name = match server_name {
                     Some(name) => name.clone(),
                     None => host_name(addr)?,
                 };
-                ClientConnection::new(Arc::clone(config), name)
-                    .map_err(io::Error::other)?
-                    .into()
+                let conn = UnbufferedClientConnection::new(Arc::clone(config), name).map_err(io::Error::other)?;
+                drive(conn, stream, deadline)?
             }
-            Role::Server { config, .. } => {
+            Role::Server { config, allow } => {
                 // A peer that does not open with a TLS handshake record is
                 // not speaking TLS: say so rather than "corrupt message".
                 let mut first = [0u8; 1];
@@ -209,17 +216,131 @@ impl TlsConfig {
                         "the peer does not speak TLS (plaintext on a TLS listener)",
                     ));
                 }
-                ServerConnection::new(Arc::clone(config))
-                    .map_err(io::Error::other)?
-                    .into()
+                let conn = UnbufferedServerConnection::new(Arc::clone(config)).map_err(io::Error::other)?;
+                let mut session = drive(conn, stream, deadline)?;
+                if !allow.is_empty()
+                    && let Err(problem) = check_allowed(session.peer.as_ref(), allow)
+                {
+                    // Tell the source why, inside the session it opened.
+                    let _ = session.sealer.seal(&[&refusal(problem.clone())], stream);
+                    return Err(io::Error::new(io::ErrorKind::PermissionDenied, problem));
+                }
+                session
             }
         };
-        // The whole handshake is bounded, not just each read: a peer that
-        // trickles bytes cannot hold the listener.
-        let deadline = stream.read_timeout()?.map(|t| std::time::Instant::now() + t);
-        while conn.is_handshaking() {
+        Ok((session.sealer, session.opener))
+    }
+}
+
+/// An established session: its two directions and the peer's certificate.
+struct Session {
+    sealer: Sealer,
+    opener: Opener,
+    peer: Option<CertificateDer<'static>>,
+}
+
+/// A rustls connection driven through its handshake without buffers of
+/// its own (client or server).
+trait Handshake: Sized {
+    type Data;
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn state(&self) -> &rustls::CommonState;
+    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Box<dyn NextKeys>), rustls::Error>;
+}
+
+macro_rules! handshake_for {
+    ($conn:ty, $data:ty) => {
+        impl Handshake for $conn {
+            type Data = $data;
+            fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, $data> {
+                self.process_tls_records(incoming)
+            }
+            fn state(&self) -> &rustls::CommonState {
+                self
+            }
+            fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Box<dyn NextKeys>), rustls::Error> {
+                let (secrets, kernel) = self.dangerous_into_kernel_connection()?;
+                Ok((secrets, Box::new(kernel)))
+            }
+        }
+    };
+}
+
+handshake_for!(UnbufferedClientConnection, rustls::client::ClientConnectionData);
+handshake_for!(UnbufferedServerConnection, rustls::server::ServerConnectionData);
+
+/// Runs `conn`'s handshake on `stream` until it is complete and hands the
+/// session's keys over to this crate's record layer.
+fn drive<H: Handshake>(mut conn: H, stream: &mut TcpStream, deadline: Option<Instant>) -> io::Result<Session> {
+    let mut incoming = vec![0u8; 64 << 10];
+    let mut used = 0;
+    let mut outgoing = Vec::new();
+    let mut chunk = Vec::new();
+    // Application data that arrived behind the peer's last handshake flight.
+    let mut early = Vec::new();
+    loop {
+        let status = conn.process(&mut incoming[..used]);
+        let mut discard = status.discard;
+        let (mut read, mut done) = (false, false);
+        let state = match status.state {
+            Ok(state) => state,
+            Err(e) => {
+                flush_alert(&mut conn, &mut incoming[..used], stream);
+                return Err(handshake_error(e));
+            }
+        };
+        match state {
+            ConnectionState::EncodeTlsData(mut data) => {
+                let n = match data.encode(&mut chunk) {
+                    Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                        chunk.resize(required_size, 0);
+                        data.encode(&mut chunk)
+                    }
+                    other => other,
+                }
+                .map_err(io::Error::other)?;
+                outgoing.extend_from_slice(&chunk[..n]);
+            }
+            ConnectionState::TransmitTlsData(transmit) => {
+                stream.write_all(&outgoing)?;
+                outgoing.clear();
+                transmit.done();
+            }
+            ConnectionState::ReadTraffic(mut traffic) => {
+                while let Some(record) = traffic.next_record() {
+                    let record = record.map_err(handshake_error)?;
+                    discard += record.discard;
+                    early.extend_from_slice(record.payload);
+                }
+            }
+            ConnectionState::BlockedHandshake => read = true,
+            // A server may send before the client's Finished arrives; the
+            // handshake is not complete until it has.
+            ConnectionState::WriteTraffic(_) => {
+                read = conn.state().is_handshaking();
+                done = !read;
+            }
+            ConnectionState::PeerClosed | ConnectionState::Closed => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the TLS session during the handshake",
+                ));
+            }
+            other => return Err(io::Error::other(format!("unexpected TLS handshake state {other:?}"))),
+        }
+        if discard > 0 {
+            incoming.copy_within(discard..used, 0);
+            used -= discard;
+        }
+        if done {
+            break;
+        }
+        if read {
+            if used == incoming.len() {
+                incoming.resize(incoming.len() * 2, 0);
+            }
             if let Some(deadline) = deadline {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -228,25 +349,48 @@ impl TlsConfig {
                 }
                 stream.set_read_timeout(Some(left))?;
             }
-            conn.complete_io(stream)?;
+            match stream.read(&mut incoming[used..])? {
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer closed the connection during the TLS handshake",
+                    ));
+                }
+                n => used += n,
+            }
         }
-        // Flush what the handshake left to send (the client's Finished).
-        while conn.wants_write() {
-            conn.write_tls(stream)?;
-        }
-        if let Role::Server { allow, .. } = &self.role
-            && !allow.is_empty()
-            && let Err(problem) = check_allowed(&conn, allow)
-        {
-            // Tell the source why, inside the session it opened.
-            let _ = conn.writer().write_all(&refusal(problem.clone()));
-            while conn.wants_write() && conn.write_tls(stream).is_ok() {}
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, problem));
-        }
-        // A whole page batch is encrypted at once; the sending half drains
-        // it right away.
-        conn.set_buffer_limit(None);
-        Ok(Arc::new(Mutex::new(conn)))
+    }
+    let peer = conn.state().peer_certificates().and_then(|c| c.first()).cloned();
+    let (secrets, keys) = conn.into_kernel().map_err(handshake_error)?;
+    let shared = Shared::new(keys);
+    let (tx_seq, tx) = &secrets.tx;
+    let (rx_seq, rx) = &secrets.rx;
+    Ok(Session {
+        sealer: Sealer::new(tx, *tx_seq, Arc::clone(&shared))?,
+        opener: Opener::new(rx, *rx_seq, shared, &incoming[..used], early)?,
+        peer,
+    })
+}
+
+/// Sends the alert a failed handshake left queued, so the peer learns why.
+fn flush_alert<H: Handshake>(conn: &mut H, incoming: &mut [u8], stream: &mut TcpStream) {
+    let mut chunk = vec![0u8; 1 << 10];
+    if let Ok(ConnectionState::EncodeTlsData(mut data)) = conn.process(incoming).state
+        && let Ok(n) = data.encode(&mut chunk)
+    {
+        let _ = stream.write_all(&chunk[..n]);
+    }
+}
+
+fn handshake_error(e: rustls::Error) -> io::Error {
+    match e {
+        // In TLS 1.3 a client learns that the server refused its
+        // certificate only after its own part of the handshake.
+        rustls::Error::AlertReceived(alert) => io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the peer ended the TLS session with {alert:?} (does it trust this side's certificate?)"),
+        ),
+        other => io::Error::new(io::ErrorKind::InvalidData, other),
     }
 }
 
@@ -305,8 +449,8 @@ fn refusal(message: String) -> Vec<u8> {
 }
 
 /// Whether the client's certificate is valid for one of `allow`.
-fn check_allowed(conn: &Connection, allow: &[ServerName<'static>]) -> Result<(), String> {
-    let Some(cert) = conn.peer_certificates().and_then(|c| c.first()) else {
+fn check_allowed(cert: Option<&CertificateDer<'_>>, allow: &[ServerName<'static>]) -> Result<(), String> {
+    let Some(cert) = cert else {
         return Err("the source presented no certificate".into());
     };
     let cert = webpki::EndEntityCert::try_from(cert).map_err(|e| format!("the source's certificate: {e}"))?;
@@ -335,137 +479,6 @@ fn host_name(addr: &str) -> io::Result<ServerName<'static>> {
             format!("{host:?} is not a name TLS can check ({e}); give --tls-server-name"),
         )
     })
-}
-
-/// The sending state of a TLS connection half.
-#[derive(Debug)]
-pub(crate) struct TlsTx {
-    pub(crate) session: Arc<Mutex<Connection>>,
-    /// Records of the slice being sent.
-    out: Vec<u8>,
-}
-
-impl TlsTx {
-    pub(crate) fn new(session: Arc<Mutex<Connection>>) -> Self {
-        Self {
-            session,
-            out: Vec::new(),
-        }
-    }
-
-    /// Sends the close-notify alert that ends the session.
-    pub(crate) fn close(&mut self, socket: &mut dyn Write) -> io::Result<()> {
-        let mut conn = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        conn.send_close_notify();
-        while conn.wants_write() {
-            conn.write_tls(socket)?;
-        }
-        Ok(())
-    }
-
-    /// Encrypts `parts` (and anything the session owes the peer) and
-    /// writes the records to `socket`, in order, a slice at a time. The
-    /// records are taken out under the session's lock and written with it
-    /// released: this half is the only writer, so they leave in order, and
-    /// the receiving half never waits for a socket write to finish.
-    pub(crate) fn seal(&mut self, parts: &[&[u8]], socket: &mut dyn Write) -> io::Result<u64> {
-        const SLICE: usize = 64 << 10;
-        let mut sent = 0;
-        for part in parts {
-            for slice in part.chunks(SLICE) {
-                self.out.clear();
-                {
-                    let mut conn = self.session.lock().unwrap_or_else(|e| e.into_inner());
-                    conn.writer().write_all(slice)?;
-                    while conn.wants_write() {
-                        conn.write_tls(&mut self.out)?;
-                    }
-                }
-                socket.write_all(&self.out)?;
-                sent += self.out.len() as u64;
-            }
-        }
-        Ok(sent)
-    }
-}
-
-/// The receiving state of a TLS connection half.
-#[derive(Debug)]
-pub(crate) struct TlsRx {
-    session: Arc<Mutex<Connection>>,
-    /// Ciphertext read from the socket and not fed to the session yet.
-    sealed: Vec<u8>,
-    start: usize,
-    end: usize,
-    received: u64,
-}
-
-impl TlsRx {
-    pub(crate) fn new(session: Arc<Mutex<Connection>>) -> Self {
-        Self {
-            session,
-            sealed: vec![0; 256 << 10],
-            start: 0,
-            end: 0,
-            received: 0,
-        }
-    }
-
-    /// Reads plaintext into `buf`; `fill` reads ciphertext from the socket
-    /// (without the session's lock held, so waiting never blocks the
-    /// sending half). 0 means the peer closed.
-    pub(crate) fn read(
-        &mut self,
-        buf: &mut [u8],
-        mut fill: impl FnMut(&mut [u8]) -> io::Result<usize>,
-    ) -> io::Result<usize> {
-        loop {
-            {
-                let mut conn = self.session.lock().unwrap_or_else(|e| e.into_inner());
-                match conn.reader().read(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-                // No plaintext: feed what ciphertext is here.
-                if self.start < self.end {
-                    let mut sealed = &self.sealed[self.start..self.end];
-                    let fed = conn.read_tls(&mut sealed)?;
-                    self.start += fed;
-                    conn.process_new_packets().map_err(|e| match e {
-                        // In TLS 1.3 a client learns that the server refused
-                        // its certificate only here, after its handshake.
-                        rustls::Error::AlertReceived(alert) => io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!(
-                                "the peer ended the TLS session with {alert:?} (does it trust this side's certificate?)"
-                            ),
-                        ),
-                        other => io::Error::new(io::ErrorKind::InvalidData, other),
-                    })?;
-                    continue;
-                }
-            }
-            let n = fill(&mut self.sealed)?;
-            if n == 0 {
-                // End of the TCP stream: let the session judge it, so a
-                // close without close-notify (a truncation) is an error.
-                let mut conn = self.session.lock().unwrap_or_else(|e| e.into_inner());
-                conn.read_tls(&mut &[][..])?;
-                conn.process_new_packets()
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                return conn.reader().read(buf);
-            }
-            self.received += n as u64;
-            self.start = 0;
-            self.end = n;
-        }
-    }
-
-    /// Ciphertext bytes read so far.
-    pub(crate) fn received(&self) -> u64 {
-        self.received
-    }
 }
 
 #[cfg(test)]
