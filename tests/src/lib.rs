@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Mutex, MutexGuard};
@@ -123,7 +123,12 @@ impl Proc {
     /// `address_space_kib` (`ulimit -v`) when given: a process that tries a
     /// large allocation then fails instead of succeeding.
     pub fn spawn_limited(name: &str, args: &[&str], address_space_kib: Option<u64>) -> Self {
-        let path = cli_path();
+        Self::spawn_program(&cli_path(), name, args, address_space_kib)
+    }
+
+    /// Spawns `path ARGS` as [`Proc::spawn_limited`] does.
+    pub fn spawn_program(path: &Path, name: &str, args: &[&str], address_space_kib: Option<u64>) -> Self {
+        let path = path.to_path_buf();
         let mut command = match address_space_kib {
             Some(kib) => {
                 let mut c = Command::new("bash");

@@ -146,11 +146,13 @@ impl Preallocated {
 }
 
 /// The destination's RAM for an announced block list: in preallocated
-/// memory, in a file (created or resized to fit), or in fresh shared memory.
+/// memory, in a file (created or resized to fit), in anonymous memory
+/// between inaccessible pages (`guarded`), or in fresh shared memory.
 pub fn destination(
     blocks: &BlockList,
     mem_file: Option<&Path>,
     prealloc: Option<&Preallocated>,
+    guarded: bool,
 ) -> Result<GuestMemory> {
     let layout: Vec<(String, u64)> = blocks.blocks.iter().map(|b| (b.name.clone(), b.length)).collect();
     if let Some(memory) = prealloc {
@@ -161,6 +163,11 @@ pub fn destination(
             memory.size()
         );
         return memory.blocks(&layout);
+    }
+    if guarded {
+        return fresh_blocks(&layout, "anonymous memory between guard pages", |_, len| {
+            GuestRegion::anonymous_guarded(len)
+        });
     }
     let Some(path) = mem_file else {
         return shared_anonymous(&layout);

@@ -27,6 +27,12 @@ pub struct RecvArgs {
     /// refused.
     #[arg(long, value_parser = parse_size, conflicts_with = "mem_file")]
     pub prealloc: Option<u64>,
+    /// Put an inaccessible page right before and right after every RAM
+    /// block (anonymous memory), so that a write outside guest RAM faults
+    /// instead of landing in other memory: hardening, and how the tests
+    /// prove hostile input writes nothing outside the announced RAM.
+    #[arg(long, conflicts_with_all = ["mem_file", "prealloc"])]
+    pub guard_pages: bool,
     /// Largest guest RAM accepted (e.g. 8G; default: this host's memory).
     #[arg(long, value_parser = parse_size)]
     pub max_mem: Option<u64>,
@@ -123,7 +129,12 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
     };
 
     let setup_start = Instant::now();
-    let memory = match memory::destination(incoming.blocks(), args.mem_file.as_deref(), prealloc.as_ref()) {
+    let memory = match memory::destination(
+        incoming.blocks(),
+        args.mem_file.as_deref(),
+        prealloc.as_ref(),
+        args.guard_pages,
+    ) {
         Ok(memory) => memory,
         Err(err) => {
             incoming.refuse(

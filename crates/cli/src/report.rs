@@ -58,6 +58,8 @@ pub struct Report {
     /// Lazy restore: pages loaded on first touch and in the background.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lazy: Option<LazyStats>,
+    /// The most memory this process had resident at any time (`VmHWM`).
+    pub peak_resident_bytes: Option<u64>,
     /// Print the JSON object on stderr (stdout carries a stream).
     #[serde(skip)]
     pub json_to_stderr: bool,
@@ -112,6 +114,7 @@ impl Report {
             guest_check: None,
             mismatched_blocks: Vec::new(),
             lazy: None,
+            peak_resident_bytes: None,
             json_to_stderr: false,
         }
     }
@@ -204,8 +207,23 @@ pub fn finish(mut report: Report, json: bool, outcome: anyhow::Result<u8>) -> u8
         report.error = Some(crate::chain(&err));
         crate::exit::FAILED
     });
+    report.peak_resident_bytes = peak_resident_bytes();
     report.print(json);
     code
+}
+
+/// This process's peak resident memory, from `/proc/self/status`.
+fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// Renders events on stderr: a progress bar on a terminal, plain

@@ -215,7 +215,7 @@ fn restore_memory(
         let layout: Vec<(String, u64)> = blocks.blocks.iter().map(|b| (b.name.clone(), b.length)).collect();
         return memory::anonymous(&layout);
     }
-    memory::destination(blocks, args.mem_file.as_deref(), prealloc)
+    memory::destination(blocks, args.mem_file.as_deref(), prealloc, false)
 }
 
 fn restore_stream(args: &RestoreArgs, report: &mut Report) -> Result<u8> {

@@ -85,7 +85,8 @@ impl GuestRegion {
     /// Anonymous memory like [`GuestRegion::anonymous`], with an inaccessible page
     /// (`PROT_NONE`) right before and right after it, so that any access outside the region,
     /// by this process or by the kernel on its behalf, faults instead of landing in
-    /// neighbouring memory. For tests that prove hostile input never writes outside guest RAM.
+    /// neighbouring memory. For `recv --guard-pages`, and the tests that prove hostile input
+    /// never writes outside guest RAM.
     pub fn anonymous_guarded(len: usize) -> Result<Self, SysError> {
         check_len(len)?;
         let whole = std::sync::Arc::new(Self::anonymous(len + 2 * PAGE_SIZE)?);

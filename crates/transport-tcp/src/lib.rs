@@ -811,7 +811,10 @@ mod tests {
             assert_eq!(page, payload[..4096]);
             let mut rest = vec![0u8; 11 * 4096];
             target.0.read(5 * 4096, &mut rest).expect("read");
-            assert!(rest == payload[4096..], "pages 5.. landed where they belong (tls {tls})");
+            assert!(
+                rest == payload[4096..],
+                "pages 5.. landed where they belong (tls {tls})"
+            );
             assert!(target.0.is_zero(2 * 4096, 3 * 4096).expect("zero"));
             match b.recv().expect("recv") {
                 Message::Pages(got) => {
