@@ -56,15 +56,25 @@ fn connect_pairs(c: &mut Criterion) {
     ] {
         let listener = TcpListener::bind("127.0.0.1:0", options(server)).expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
-        let accepting = std::thread::spawn(
+        // Accepts until the measurement is over (a client may wait out a
+        // connect backoff longer than any fixed accept timeout).
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let accepting = std::thread::spawn({
+            let done = std::sync::Arc::clone(&done);
             move || {
-                while listener.accept_within(Some(Duration::from_secs(5))).is_ok() {}
-            },
-        );
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    match listener.accept_within(Some(Duration::from_millis(200))) {
+                        Ok(_) | Err(migration_core::TransportError::TimedOut(_)) => {}
+                        Err(e) => panic!("accept: {e}"),
+                    }
+                }
+            }
+        });
         let client = options(client);
         group.bench_function(name, |b| {
             b.iter(|| transport_tcp::connect(&addr, &client).expect("connect"));
         });
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
         accepting.join().expect("accept thread");
     }
     group.finish();

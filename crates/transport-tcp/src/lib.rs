@@ -1057,6 +1057,38 @@ mod tests {
     }
 
     #[test]
+    fn hundreds_of_tls_connections_in_a_row_all_complete_their_handshakes() {
+        // Each client hangs up as soon as its side is done: the server must
+        // still see a whole handshake every time (an interrupted read on
+        // the client once left the server with half of one).
+        let pki = Pki::new("many");
+        let listener = TcpListener::bind(
+            "127.0.0.1:0",
+            TcpOptions {
+                tls: Some(pki.server()),
+                ..TcpOptions::default()
+            },
+        )
+        .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let accepting = std::thread::spawn(move || {
+            (0..300)
+                .filter_map(|_| listener.accept_within(Some(Duration::from_secs(30))).err())
+                .map(|e| handshake_error::<()>(Err(e)))
+                .collect::<Vec<_>>()
+        });
+        let options = TcpOptions {
+            tls: Some(pki.client(&pki, None)),
+            ..TcpOptions::default()
+        };
+        for _ in 0..300 {
+            drop(connect(&addr, &options).expect("connect"));
+        }
+        let failed = accepting.join().expect("join");
+        assert!(failed.is_empty(), "{failed:?}");
+    }
+
+    #[test]
     fn plaintext_and_tls_peers_are_told_apart() {
         let pki = Pki::new("plain");
         // A plaintext client at a TLS listener: it speaks first, as a

@@ -205,8 +205,7 @@ impl TlsConfig {
             Role::Server { config, allow } => {
                 // A peer that does not open with a TLS handshake record is
                 // not speaking TLS: say so rather than "corrupt message".
-                let mut first = [0u8; 1];
-                if stream.peek(&mut first)? == 1 && first[0] != 0x16 {
+                if first_byte(stream)?.is_some_and(|byte| byte != 0x16) {
                     // Tell a plaintext source why, in its own terms.
                     let _ = stream.write_all(&refusal(
                         "this destination requires TLS (--tls-cert, --tls-key, --tls-ca)".into(),
@@ -349,14 +348,16 @@ fn drive<H: Handshake>(mut conn: H, stream: &mut TcpStream, deadline: Option<Ins
                 }
                 stream.set_read_timeout(Some(left))?;
             }
-            match stream.read(&mut incoming[used..])? {
-                0 => {
+            match stream.read(&mut incoming[used..]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+                Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "the peer closed the connection during the TLS handshake",
                     ));
                 }
-                n => used += n,
+                Ok(n) => used += n,
             }
         }
     }
@@ -370,6 +371,20 @@ fn drive<H: Handshake>(mut conn: H, stream: &mut TcpStream, deadline: Option<Ins
         opener: Opener::new(rx, *rx_seq, shared, &incoming[..used], early)?,
         peer,
     })
+}
+
+/// The first byte the peer sent, without taking it (`None`: it closed).
+fn first_byte(stream: &TcpStream) -> io::Result<Option<u8>> {
+    let mut first = [0u8; 1];
+    loop {
+        return match stream.peek(&mut first) {
+            // io_uring's task work can interrupt a blocking call.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+            Ok(0) => Ok(None),
+            Ok(_) => Ok(Some(first[0])),
+        };
+    }
 }
 
 /// Sends the alert a failed handshake left queued, so the peer learns why.
