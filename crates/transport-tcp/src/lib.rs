@@ -874,6 +874,18 @@ mod tests {
             )
         }
 
+        /// A TLS listener on a free loopback port with this PKI's server side.
+        fn listener(&self) -> TcpListener {
+            TcpListener::bind(
+                "127.0.0.1:0",
+                TcpOptions {
+                    tls: Some(self.server()),
+                    ..TcpOptions::default()
+                },
+            )
+            .expect("bind")
+        }
+
         fn server(&self) -> TlsConfig {
             let (cert, key, ca) = self.files("server");
             TlsConfig::server(
@@ -1011,14 +1023,7 @@ mod tests {
     #[test]
     fn a_client_without_a_certificate_is_refused() {
         let pki = Pki::new("nocert");
-        let listener = TcpListener::bind(
-            "127.0.0.1:0",
-            TcpOptions {
-                tls: Some(pki.server()),
-                ..TcpOptions::default()
-            },
-        )
-        .expect("bind");
+        let listener = pki.listener();
         let addr = listener.local_addr().expect("addr");
         let ca = pki.0.join("ca.pem");
         let bare = std::thread::spawn(move || {
@@ -1062,14 +1067,7 @@ mod tests {
         // still see a whole handshake every time (an interrupted read on
         // the client once left the server with half of one).
         let pki = Pki::new("many");
-        let listener = TcpListener::bind(
-            "127.0.0.1:0",
-            TcpOptions {
-                tls: Some(pki.server()),
-                ..TcpOptions::default()
-            },
-        )
-        .expect("bind");
+        let listener = pki.listener();
         let addr = listener.local_addr().expect("addr").to_string();
         let accepting = std::thread::spawn(move || {
             (0..300)
@@ -1093,14 +1091,7 @@ mod tests {
         let pki = Pki::new("plain");
         // A plaintext client at a TLS listener: it speaks first, as a
         // source does.
-        let listener = TcpListener::bind(
-            "127.0.0.1:0",
-            TcpOptions {
-                tls: Some(pki.server()),
-                ..TcpOptions::default()
-            },
-        )
-        .expect("bind");
+        let listener = pki.listener();
         let addr = listener.local_addr().expect("addr").to_string();
         let plain = std::thread::spawn(move || {
             let mut client = connect(&addr, &TcpOptions::default()).expect("connect");
