@@ -587,6 +587,9 @@ pub enum Fault {
     /// Flip a bit of it (of its body, or of its checksum when the body is
     /// empty) and forward it.
     Corrupt,
+    /// Forward nothing from it on (that way), keeping the connection open
+    /// until the sender closes: the moment to kill a side at that phase.
+    Hold,
 }
 
 /// A forwarding proxy on loopback, outside the product, that reads the
@@ -642,6 +645,15 @@ impl FaultProxy {
         });
         Self { addr, fired }
     }
+
+    /// Waits (bounded) until the fault was applied.
+    pub fn wait_fired(&self, what: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.fired.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "{what}: the fault never fired");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 /// Forwards frames from `from` to `to`, applying `rule` (kind, nth, fault).
@@ -682,6 +694,10 @@ fn pump_frames(
                             let _ = s.shutdown(Shutdown::Both);
                         }
                         return;
+                    }
+                    Fault::Hold => {
+                        let _ = std::io::copy(&mut from, &mut std::io::sink());
+                        break;
                     }
                     Fault::Corrupt if body.is_empty() => head[migration_wire::FRAME_HEADER_LEN - 1] ^= 0x10,
                     Fault::Corrupt => {

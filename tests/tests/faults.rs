@@ -1,8 +1,9 @@
 //! Faults injected from outside at every phase of a migration: a proxy that
 //! reads the frames with `migration-wire` cuts the link at, or corrupts, a
-//! named message. Before GO the source guest runs on and the destination
-//! discards; a GO that never arrives leaves both sides stopped, and the
-//! source says an operator must decide.
+//! named message, or holds it while the test kills one side (SIGKILL).
+//! Before GO the source guest runs on and the destination discards; a GO
+//! that never arrives leaves both sides stopped, and the source says an
+//! operator must decide.
 
 use migration_tests::{
     FaultProxy, MIGRATION_WAIT, Proc, Toward, assert_send_failed_resumed, error_text, field, lock, spawn_recv,
@@ -85,4 +86,39 @@ fn a_link_cut_at_any_phase_loses_nothing() {
 fn a_frame_corrupted_at_any_phase_is_caught_and_loses_nothing() {
     let _lock = lock();
     run_matrix(migration_tests::Fault::Corrupt);
+}
+
+#[test]
+fn a_side_killed_at_any_phase_loses_nothing() {
+    let _lock = lock();
+    for &(phase, toward, kind, nth) in PHASES {
+        let before_accept = matches!(kind, MessageKind::Hello | MessageKind::BlockList);
+        for kill_source in [true, false] {
+            let what = format!("{phase}, {} killed", if kill_source { "source" } else { "destination" });
+            let (recv, addr) = spawn_recv(&["--json", "--run-for", "0s"]);
+            let proxy = FaultProxy::start(addr, 0, toward, kind, nth, migration_tests::Fault::Hold);
+            let send = spawn_send(
+                proxy.addr,
+                &["--mem-size", "32M", "--dirty-rate", "8M", "--channels", "2", "--json"],
+            );
+            proxy.wait_fired(&what);
+            if kill_source {
+                let out = send.kill();
+                assert_eq!(out.code, None, "{what}: killed\n{}", out.describe());
+                assert_recv_discarded(recv, &what, before_accept);
+                continue;
+            }
+            let out = recv.kill();
+            assert_eq!(out.code, None, "{what}: killed\n{}", out.describe());
+            let out = send.wait(MIGRATION_WAIT);
+            if kind == MessageKind::Go {
+                // GO left the source: it cannot take the guest back, and
+                // says an operator must decide.
+                assert_eq!(out.code, Some(4), "{what}\n{}", out.describe());
+            } else {
+                let json = assert_send_failed_resumed(&out);
+                assert!(!error_text(&json).is_empty(), "{what}: {json:#}");
+            }
+        }
+    }
 }
