@@ -224,10 +224,10 @@ fn restore_stream(args: &RestoreArgs, report: &mut Report) -> Result<u8> {
     let setup_start = Instant::now();
     let source = StreamSource::open(&args.from, Vec::new())?;
     let mut accept = || -> Result<Box<dyn Channel>, TransportError> {
-        Err(TransportError::Io {
-            context: "a stream has one channel".into(),
-            source: std::io::Error::from(std::io::ErrorKind::InvalidData),
-        })
+        Err(TransportError::io(
+            "a stream has one channel",
+            std::io::Error::from(std::io::ErrorKind::InvalidData),
+        ))
     };
     let options = DestOptions::default();
     restore_from(args, report, setup_start, Box::new(source), &options, &mut accept)

@@ -423,7 +423,7 @@ impl SourceRun<'_> {
     }
 
     fn proposed_features(&self) -> Features {
-        Features::ZERO_PAGES.union(compression_feature(self.options.compression))
+        Features::ZERO_PAGES.union(self.options.compression.codec().feature())
     }
 
     /// The handshake on the main connection, then the extra channels.
@@ -490,7 +490,7 @@ impl SourceRun<'_> {
                     )));
                 }
                 self.zero_pages = reply.features.contains(Features::ZERO_PAGES);
-                let codec = compression_feature(self.options.compression);
+                let codec = self.options.compression.codec().feature();
                 if !reply.features.contains(codec) {
                     return Err(SourceError::Protocol(format!(
                         "the source asks for {} compression, the destination does not allow it (its --compress)",
@@ -830,15 +830,6 @@ impl SourceRun<'_> {
                 Ok(())
             }
         }
-    }
-}
-
-/// The handshake feature that allows `compression`.
-fn compression_feature(compression: Compression) -> Features {
-    match compression {
-        Compression::None => Features::default(),
-        Compression::Lz4 => Features::LZ4,
-        Compression::Zstd(_) => Features::ZSTD,
     }
 }
 

@@ -34,6 +34,25 @@ pub enum TransportError {
     Malformed(#[from] WireError),
 }
 
+impl TransportError {
+    /// An operating-system error met while doing `context`.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        TransportError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Bad data (a peer's or a file's), described by `what`, met while
+    /// doing `context`.
+    pub fn invalid_data(context: impl Into<String>, what: impl Into<String>) -> Self {
+        Self::io(
+            context,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, what.into()),
+        )
+    }
+}
+
 /// The sending half of a channel.
 pub trait ChannelTx: Send {
     /// Sends one message. A [`Message::Pages`] batch's payload may be large;

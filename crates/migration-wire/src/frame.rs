@@ -171,7 +171,7 @@ impl FrameHeader {
     /// Checks `body` against the header's checksum, whatever the kind.
     pub fn verify(&self, body: &[u8]) -> Result<(), WireError> {
         if self.kind == MessageKind::Pages {
-            return crate::page::verify_pages(self, body, &mut Vec::new());
+            return crate::page::check_pages(self, body, &mut Vec::new()).map(|_| ());
         }
         self.verify_plain(body)
     }
@@ -297,19 +297,35 @@ impl<'a> Message<'a> {
 
     /// Appends the whole frame (header and body) to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        let payload = self.encode_head(out);
+        out.extend_from_slice(payload);
+    }
+
+    /// Appends the frame to `out` but for a page batch's payload, which it
+    /// returns (empty for other messages): the frame is what `out` gained
+    /// followed by that payload, so a writer sends the page bytes from
+    /// where they are instead of copying them after the head.
+    pub fn encode_head(&self, out: &mut Vec<u8>) -> &'a [u8] {
         let start = out.len();
         out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
-        self.encode_body(out);
-        let body = &out[start + FRAME_HEADER_LEN..];
+        let (payload, checksum) = match self {
+            Message::Pages(batch) => {
+                batch.encode_head(out);
+                let payload = batch.payload();
+                (payload, batch.checksum_with_head(&out[start + FRAME_HEADER_LEN..]))
+            }
+            _ => {
+                self.encode_body(out);
+                (&[][..], checksum(&[&out[start + FRAME_HEADER_LEN..]]))
+            }
+        };
         let header = FrameHeader {
             kind: self.kind(),
-            len: body.len() as u32,
-            checksum: match self {
-                Message::Pages(batch) => batch.frame_checksum(),
-                _ => checksum(&[body]),
-            },
+            len: (out.len() - start - FRAME_HEADER_LEN + payload.len()) as u32,
+            checksum,
         };
         out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header.encode());
+        payload
     }
 
     /// Decodes a body of the given kind. The checksum is not checked here
@@ -374,6 +390,10 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Message<'_>, usize), WireError> {
             have: bytes.len(),
         });
     };
+    if header.kind == MessageKind::Pages {
+        let batch = crate::page::check_pages(&header, body, &mut Vec::new())?;
+        return Ok((Message::Pages(batch), total));
+    }
     header.verify(body)?;
     Ok((Message::decode_body(header.kind, body)?, total))
 }

@@ -71,6 +71,16 @@ pub enum Codec {
 }
 
 impl Codec {
+    /// The handshake feature both sides must agree before a batch may
+    /// travel this way (none for pages as they are).
+    pub fn feature(self) -> crate::Features {
+        match self {
+            Codec::None => crate::Features::default(),
+            Codec::Lz4 => crate::Features::LZ4,
+            Codec::Zstd => crate::Features::ZSTD,
+        }
+    }
+
     fn from_raw(raw: u16) -> Result<Self, WireError> {
         Ok(match raw {
             1 => Codec::None,
@@ -309,19 +319,18 @@ impl<'a> PageBatch<'a> {
     pub fn frame_checksum(&self) -> u64 {
         let mut head = Vec::with_capacity(self.payload_offset());
         self.encode_head(&mut head);
+        self.checksum_with_head(&head)
+    }
+
+    /// [`PageBatch::frame_checksum`] for a batch whose head (from
+    /// [`PageBatch::encode_head`]) is already encoded as `head`.
+    pub fn checksum_with_head(&self, head: &[u8]) -> u64 {
         if self.codec != Codec::None {
-            return crate::frame::checksum(&[&head, self.payload]);
+            return crate::frame::checksum(&[head, self.payload]);
         }
         match self.hashes {
-            Some(hashes) => pages_checksum(&head, hashes),
-            None => {
-                let hashes: Vec<u64> = self
-                    .payload
-                    .chunks_exact(self.page_size as usize)
-                    .map(page_hash)
-                    .collect();
-                pages_checksum(&head, &hashes)
-            }
+            Some(hashes) => pages_checksum(head, hashes),
+            None => checksum_of_hashes(head, self.payload.chunks_exact(self.page_size as usize).map(page_hash)),
         }
     }
 
@@ -427,13 +436,7 @@ impl<'a> PageBatch<'a> {
             hashes: None,
             placed: true,
         };
-        let plain = batch
-            .entries()
-            .flatten()
-            .filter(|e| e.encoding == PageEncoding::Plain)
-            .count() as u64;
-        let len = usize::try_from(plain.saturating_mul(page_size.into())).unwrap_or(usize::MAX);
-        batch.validate(len)?;
+        batch.validate(batch.plain_len())?;
         Ok(batch)
     }
 
@@ -484,6 +487,10 @@ pub fn batch_lengths(header: &[u8]) -> Result<(usize, usize), WireError> {
 /// The checksum of a pages frame sent as is, from its batch header and
 /// entry table (`head`) and the xxh3-64 of each plain page, in order.
 pub fn pages_checksum(head: &[u8], hashes: &[u64]) -> u64 {
+    checksum_of_hashes(head, hashes.iter().copied())
+}
+
+fn checksum_of_hashes(head: &[u8], hashes: impl Iterator<Item = u64>) -> u64 {
     let mut hasher = Xxh3::new();
     hasher.update(head);
     for hash in hashes {
@@ -552,10 +559,29 @@ impl PageHasher {
 }
 
 /// Checks a pages frame against its header's checksum (see the module
-/// docs). For a batch sent as is, `hashes` is left holding the xxh3-64 of
-/// every plain page, in order, for [`PageBatch::with_hashes`]; it is
-/// cleared otherwise.
-pub fn verify_pages(header: &crate::FrameHeader, body: &[u8], hashes: &mut Vec<u64>) -> Result<(), WireError> {
+/// docs) and returns its batch. For a batch sent as is, the batch carries
+/// the xxh3-64 of every plain page, in order, kept in `hashes` (see
+/// [`PageBatch::page_hashes`]); `hashes` is cleared otherwise.
+pub fn verify_pages<'a>(
+    header: &crate::FrameHeader,
+    body: &'a [u8],
+    hashes: &'a mut Vec<u64>,
+) -> Result<PageBatch<'a>, WireError> {
+    let batch = check_pages(header, body, hashes)?;
+    let hashes: &'a [u64] = hashes;
+    Ok(if hashes.is_empty() {
+        batch
+    } else {
+        batch.with_hashes(hashes)
+    })
+}
+
+/// [`verify_pages`] without attaching the hashes.
+pub(crate) fn check_pages<'a>(
+    header: &crate::FrameHeader,
+    body: &'a [u8],
+    hashes: &mut Vec<u64>,
+) -> Result<PageBatch<'a>, WireError> {
     hashes.clear();
     let batch = PageBatch::decode(body)?;
     let actual = if batch.codec == Codec::None {
@@ -565,7 +591,7 @@ pub fn verify_pages(header: &crate::FrameHeader, body: &[u8], hashes: &mut Vec<u
         crate::frame::checksum(&[body])
     };
     if actual == header.checksum {
-        Ok(())
+        Ok(batch)
     } else {
         hashes.clear();
         Err(WireError::Checksum {

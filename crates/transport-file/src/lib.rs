@@ -74,13 +74,6 @@ pub enum FileError {
 
 /// A transport error for something a file channel will not do or take:
 /// `what` is refused while `context`.
-fn invalid_data(context: impl Into<String>, what: impl Into<String>) -> migration_core::TransportError {
-    migration_core::TransportError::Io {
-        context: context.into(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, what.into()),
-    }
-}
-
 /// Puts a finished file in place: renames `partial` over `path`, then syncs
 /// the directory so the rename survives a crash.
 fn install(partial: &std::path::Path, path: &std::path::Path) -> std::io::Result<()> {

@@ -296,10 +296,7 @@ pub struct RestoreChannel {
 }
 
 fn read_error(path: &Path, e: std::io::Error) -> TransportError {
-    TransportError::Io {
-        context: format!("reading pages from {}", path.display()),
-        source: e,
-    }
+    TransportError::io(format!("reading pages from {}", path.display()), e)
 }
 
 impl RestoreChannel {
@@ -454,7 +451,7 @@ impl RestoreChannel {
     }
 
     fn unexpected(&self, what: &str) -> TransportError {
-        crate::invalid_data(format!("restoring on channel {}", self.index), what)
+        TransportError::invalid_data(format!("restoring on channel {}", self.index), what)
     }
 }
 

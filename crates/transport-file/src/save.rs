@@ -88,15 +88,8 @@ struct SaveFile {
     pages: AtomicU64,
 }
 
-fn io_error(context: impl Into<String>, source: std::io::Error) -> TransportError {
-    TransportError::Io {
-        context: context.into(),
-        source,
-    }
-}
-
 fn refused(what: impl Into<String>) -> TransportError {
-    crate::invalid_data("saving", what)
+    TransportError::invalid_data("saving", what)
 }
 
 impl SaveTarget {
@@ -199,12 +192,12 @@ impl Shared {
             .create(true)
             .truncate(true)
             .open(&self.partial)
-            .map_err(|e| io_error(format!("creating {path}"), e))?;
+            .map_err(|e| TransportError::io(format!("creating {path}"), e))?;
         meta.set_len(layout.state_offset)
-            .map_err(|e| io_error(format!("sizing {path}"), e))?;
+            .map_err(|e| TransportError::io(format!("sizing {path}"), e))?;
         let header = layout.encode_header(session);
         meta.write_all_at(&header, 0)
-            .map_err(|e| io_error(format!("writing the header of {path}"), e))?;
+            .map_err(|e| TransportError::io(format!("writing the header of {path}"), e))?;
         let mut data = OpenOptions::new();
         data.write(true);
         if self.options.direct_io {
@@ -212,10 +205,10 @@ impl Shared {
         }
         let data = data
             .open(&self.partial)
-            .map_err(|e| io_error(format!("opening {path} for page writes"), e))?;
+            .map_err(|e| TransportError::io(format!("opening {path} for page writes"), e))?;
         if self.options.direct_io {
             crate::check_direct_io(&data, &self.partial)
-                .map_err(|e| io_error(format!("writing {path} with O_DIRECT"), e))?;
+                .map_err(|e| TransportError::io(format!("writing {path} with O_DIRECT"), e))?;
         }
         let header_checksum = migration_wire::mapped_ram::FileHeader::decode(&header)
             .map_err(|e| refused(format!("the header just encoded does not decode: {e}")))?
@@ -252,7 +245,7 @@ impl Shared {
             bitmap.truncate(block.bitmap_bytes());
             file.meta
                 .write_all_at(&bitmap, block.bitmap_offset)
-                .map_err(|e| io_error(format!("writing the bitmap of {}", block.block.name), e))?;
+                .map_err(|e| TransportError::io(format!("writing the bitmap of {}", block.block.name), e))?;
             let hashes: Vec<u64> = file.hashes[i].iter().map(|h| h.load(Ordering::Relaxed)).collect();
             summaries.push(BlockSummary {
                 digest: block_digest(&hashes),
@@ -262,14 +255,14 @@ impl Shared {
         }
         file.meta
             .write_all_at(device_state, layout.state_offset)
-            .map_err(|e| io_error(format!("writing the device state to {path}"), e))?;
+            .map_err(|e| TransportError::io(format!("writing the device state to {path}"), e))?;
         let state_len = device_state.len() as u64;
         file.meta
             .set_len(layout.file_len(state_len))
-            .map_err(|e| io_error(format!("sizing {path}"), e))?;
+            .map_err(|e| TransportError::io(format!("sizing {path}"), e))?;
         file.meta
             .sync_data()
-            .map_err(|e| io_error(format!("syncing {path}"), e))?;
+            .map_err(|e| TransportError::io(format!("syncing {path}"), e))?;
         let record = CommitRecord {
             state_len,
             state_hash: migration_wire::mapped_ram::bitmap_hash(device_state),
@@ -279,12 +272,12 @@ impl Shared {
         };
         file.meta
             .write_all_at(&record.encode(layout), layout.commit_offset(state_len))
-            .map_err(|e| io_error(format!("writing the commit record of {path}"), e))?;
+            .map_err(|e| TransportError::io(format!("writing the commit record of {path}"), e))?;
         file.meta
             .sync_data()
-            .map_err(|e| io_error(format!("syncing {path}"), e))?;
+            .map_err(|e| TransportError::io(format!("syncing {path}"), e))?;
         crate::install(&self.partial, &self.path)
-            .map_err(|e| io_error(format!("renaming {path} to {}", self.path.display()), e))?;
+            .map_err(|e| TransportError::io(format!("renaming {path} to {}", self.path.display()), e))?;
         Ok(())
     }
 }
@@ -387,7 +380,7 @@ impl SaveTx {
             Some(ring) => ring.write_all_at(bytes, offset),
             None => file.data.write_all_at(bytes, offset),
         };
-        result.map_err(|e| io_error(format!("writing pages of {} at offset {offset}", layout.block.name), e))
+        result.map_err(|e| TransportError::io(format!("writing pages of {} at offset {offset}", layout.block.name), e))
     }
 
     fn handle(&mut self, message: &Message<'_>) -> Result<(), TransportError> {

@@ -59,7 +59,7 @@ struct Shared {
 }
 
 fn refused(what: impl Into<String>) -> TransportError {
-    crate::invalid_data("stream file", what)
+    TransportError::invalid_data("stream file", what)
 }
 
 impl StreamTarget {
@@ -138,23 +138,24 @@ pub struct StreamChannel {
 }
 
 impl Shared {
-    fn write(&self, frame: &[u8]) -> Result<(), TransportError> {
+    /// Writes `parts`, one after the other, as one frame.
+    fn write(&self, parts: &[&[u8]]) -> Result<(), TransportError> {
         let mut sink = self.sink.lock().unwrap_or_else(|e| e.into_inner());
-        let result = match sink.as_mut() {
-            Some(Sink::File { writer, .. }) => writer.write_all(frame),
-            Some(Sink::Stdout(writer)) => writer.write_all(frame),
+        let writer: &mut dyn Write = match sink.as_mut() {
+            Some(Sink::File { writer, .. }) => writer,
+            Some(Sink::Stdout(writer)) => writer,
             None => return Err(TransportError::Closed),
         };
-        result.map_err(|e| TransportError::Io {
-            context: "writing the stream".into(),
-            source: e,
-        })
+        parts
+            .iter()
+            .try_for_each(|part| writer.write_all(part))
+            .map_err(|e| TransportError::io("writing the stream", e))
     }
 
     /// Flushes and syncs the stream; renames a file into place.
     fn commit(&self) -> Result<(), TransportError> {
         let mut guard = self.sink.lock().unwrap_or_else(|e| e.into_inner());
-        let io = |context: String| move |source| TransportError::Io { context, source };
+        let io = |context: String| move |source| TransportError::io(context, source);
         match guard.as_mut() {
             Some(Sink::File { writer, partial, path }) => {
                 writer.flush().map_err(io(format!("writing {}", partial.display())))?;
@@ -182,9 +183,10 @@ impl StreamChannel {
 
     fn record(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
         self.frame.clear();
-        message.encode(&mut self.frame);
-        self.shared.write(&self.frame)?;
-        self.sent += self.frame.len() as u64;
+        // Page bytes are written from where they are, not copied first.
+        let payload = message.encode_head(&mut self.frame);
+        self.shared.write(&[&self.frame, payload])?;
+        self.sent += (self.frame.len() + payload.len()) as u64;
         Ok(())
     }
 
@@ -195,6 +197,7 @@ impl StreamChannel {
             return Err(refused(format!("pages of block {}, which does not exist", batch.block)));
         };
         let page_size = batch.page_size as usize;
+        let known = batch.page_hashes();
         let plain: &[u8] = if batch.codec() == Codec::None {
             batch.payload()
         } else {
@@ -213,7 +216,10 @@ impl StreamChannel {
             };
             *slot = match entry.encoding {
                 PageEncoding::Plain => {
-                    let hash = page_hash(&plain[at..at + page_size]);
+                    // The source hashed the pages it sent as is already.
+                    let hash = known
+                        .and_then(|known| known.get(at / page_size).copied())
+                        .unwrap_or_else(|| page_hash(&plain[at..at + page_size]));
                     at += page_size;
                     hash
                 }
@@ -429,34 +435,25 @@ impl StreamSource {
 
     fn read_frame(&mut self) -> Result<FrameHeader, TransportError> {
         let mut head = [0u8; FRAME_HEADER_LEN];
-        let ended = |what: String| TransportError::Io {
-            context: format!("reading {}", self.name),
-            source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, what),
+        // An end of file says where the stream stopped short.
+        let failed = |e: std::io::Error, short: &dyn Fn() -> String| {
+            let source = match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => std::io::Error::new(e.kind(), short()),
+                _ => e,
+            };
+            TransportError::io(format!("reading {}", self.name), source)
         };
-        self.reader.read_exact(&mut head).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => {
-                ended("the stream ends before its digests: not a finished save".into())
-            }
-            _ => TransportError::Io {
-                context: format!("reading {}", self.name),
-                source: e,
-            },
-        })?;
+        self.reader
+            .read_exact(&mut head)
+            .map_err(|e| failed(e, &|| "the stream ends before its digests: not a finished save".into()))?;
         let header = FrameHeader::decode(&head, MAX_FRAME_BODY)?;
         self.body.resize(header.len as usize, 0);
-        self.reader.read_exact(&mut self.body).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => {
-                ended(format!("the stream ends inside a {} frame", header.kind.name()))
-            }
-            _ => TransportError::Io {
-                context: format!("reading {}", self.name),
-                source: e,
-            },
-        })?;
+        self.reader
+            .read_exact(&mut self.body)
+            .map_err(|e| failed(e, &|| format!("the stream ends inside a {} frame", header.kind.name())))?;
         self.received += (FRAME_HEADER_LEN + self.body.len()) as u64;
-        if header.kind == MessageKind::Pages {
-            migration_wire::page::verify_pages(&header, &self.body, &mut self.hashes)?;
-        } else {
+        // A pages frame is checked where it is decoded, in `recv`.
+        if header.kind != MessageKind::Pages {
             header.verify(&self.body)?;
         }
         Ok(header)
@@ -486,11 +483,11 @@ impl ChannelRx for StreamSource {
                     MessageKind::Complete => return Err(refused("digests before the end of RAM in the stream")),
                     _ => {}
                 }
-                let message = Message::decode_body(header.kind, &self.body)?;
-                Ok(match message {
-                    Message::Pages(batch) if !self.hashes.is_empty() => Message::Pages(batch.with_hashes(&self.hashes)),
-                    other => other,
-                })
+                if header.kind == MessageKind::Pages {
+                    let batch = migration_wire::page::verify_pages(&header, &self.body, &mut self.hashes)?;
+                    return Ok(Message::Pages(batch));
+                }
+                Ok(Message::decode_body(header.kind, &self.body)?)
             }
             Step::Complete => {
                 self.step = Step::Done;

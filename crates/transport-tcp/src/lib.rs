@@ -55,13 +55,6 @@ impl Default for TcpOptions {
     }
 }
 
-fn io_error(context: impl Into<String>, source: io::Error) -> TransportError {
-    TransportError::Io {
-        context: context.into(),
-        source,
-    }
-}
-
 fn configure(stream: &TcpStream, options: &TcpOptions) -> io::Result<()> {
     let socket = SockRef::from(stream);
     socket.set_tcp_nodelay(true)?;
@@ -83,10 +76,10 @@ fn configure(stream: &TcpStream, options: &TcpOptions) -> io::Result<()> {
 pub fn resolve(addr: &str) -> Result<Vec<SocketAddr>, TransportError> {
     let addrs: Vec<_> = addr
         .to_socket_addrs()
-        .map_err(|e| io_error(format!("resolving {addr}"), e))?
+        .map_err(|e| TransportError::io(format!("resolving {addr}"), e))?
         .collect();
     if addrs.is_empty() {
-        return Err(io_error(
+        return Err(TransportError::io(
             format!("resolving {addr}"),
             io::Error::new(io::ErrorKind::NotFound, "no address"),
         ));
@@ -107,7 +100,7 @@ pub fn connect(addr: &str, options: &TcpOptions) -> Result<TcpChannel, Transport
                 .max(Duration::from_millis(100));
             match TcpStream::connect_timeout(target, remaining) {
                 Ok(stream) => {
-                    configure(&stream, options).map_err(|e| io_error("configuring the socket", e))?;
+                    configure(&stream, options).map_err(|e| TransportError::io("configuring the socket", e))?;
                     return TcpChannel::new(stream, options, addr);
                 }
                 Err(err) => last = Some(err),
@@ -115,7 +108,7 @@ pub fn connect(addr: &str, options: &TcpOptions) -> Result<TcpChannel, Transport
         }
         let err = last.expect("at least one address");
         if Instant::now() + backoff >= deadline {
-            return Err(io_error(
+            return Err(TransportError::io(
                 format!("connecting to {addr} (gave up after {:?})", options.connect_timeout),
                 err,
             ));
@@ -137,16 +130,16 @@ impl TcpListener {
     pub fn bind(addr: &str, options: TcpOptions) -> Result<Self, TransportError> {
         let target = resolve(addr)?[0];
         let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)
-            .map_err(|e| io_error("creating a socket", e))?;
+            .map_err(|e| TransportError::io("creating a socket", e))?;
         socket
             .set_reuse_address(true)
-            .map_err(|e| io_error("setting SO_REUSEADDR", e))?;
+            .map_err(|e| TransportError::io("setting SO_REUSEADDR", e))?;
         socket
             .bind(&target.into())
-            .map_err(|e| io_error(format!("binding {addr}"), e))?;
+            .map_err(|e| TransportError::io(format!("binding {addr}"), e))?;
         socket
             .listen(16)
-            .map_err(|e| io_error(format!("listening on {addr}"), e))?;
+            .map_err(|e| TransportError::io(format!("listening on {addr}"), e))?;
         Ok(Self {
             listener: socket.into(),
             options,
@@ -157,7 +150,7 @@ impl TcpListener {
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
         self.listener
             .local_addr()
-            .map_err(|e| io_error("reading the bound address", e))
+            .map_err(|e| TransportError::io("reading the bound address", e))
     }
 
     /// Waits for the next connection.
@@ -170,14 +163,14 @@ impl TcpListener {
         // Linux applies the receive timeout of a listening socket to accept.
         SockRef::from(&self.listener)
             .set_read_timeout(timeout)
-            .map_err(|e| io_error("setting the accept timeout", e))?;
+            .map_err(|e| TransportError::io("setting the accept timeout", e))?;
         let (stream, _) = self.listener.accept().map_err(|e| match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                 TransportError::TimedOut(timeout.unwrap_or_default())
             }
-            _ => io_error("accepting a connection", e),
+            _ => TransportError::io("accepting a connection", e),
         })?;
-        configure(&stream, &self.options).map_err(|e| io_error("configuring the socket", e))?;
+        configure(&stream, &self.options).map_err(|e| TransportError::io("configuring the socket", e))?;
         TcpChannel::new(stream, &self.options, "")
     }
 }
@@ -195,26 +188,9 @@ pub struct TcpTx {
 impl ChannelTx for TcpTx {
     fn send(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
         self.head.clear();
-        let payload: &[u8] = match message {
-            // Header and entry table go in one buffer; the page bytes are
-            // written from the channel thread's buffer without a copy.
-            Message::Pages(batch) => {
-                let mut body_head = Vec::new();
-                batch.encode_head(&mut body_head);
-                let header = FrameHeader {
-                    kind: MessageKind::Pages,
-                    len: batch.body_len() as u32,
-                    checksum: batch.frame_checksum(),
-                };
-                self.head.extend_from_slice(&header.encode());
-                self.head.extend_from_slice(&body_head);
-                batch.payload()
-            }
-            other => {
-                other.encode(&mut self.head);
-                &[]
-            }
-        };
+        // The page bytes are written from the channel thread's buffer
+        // without a copy.
+        let payload = message.encode_head(&mut self.head);
         let what = || format!("sending {}", message.kind().name());
         let (uring, stream) = (&mut self.uring, &mut self.stream);
         let sent = match &mut self.tls {
@@ -229,7 +205,7 @@ impl ChannelTx for TcpTx {
             }
             .map(|()| (self.head.len() + payload.len()) as u64),
         }
-        .map_err(|e| io_error(what(), e))?;
+        .map_err(|e| TransportError::io(what(), e))?;
         self.sent += sent;
         Ok(())
     }
@@ -321,7 +297,7 @@ fn read_fully(
         match read(filled) {
             Ok(0) if filled == 0 && at_frame_start => return Err(TransportError::Closed),
             Ok(0) => {
-                return Err(io_error(
+                return Err(TransportError::io(
                     format!("reading {what}"),
                     io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -334,7 +310,7 @@ fn read_fully(
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 return Err(TransportError::TimedOut(timeout.unwrap_or_default()));
             }
-            Err(e) => return Err(io_error(format!("reading {what}"), e)),
+            Err(e) => return Err(TransportError::io(format!("reading {what}"), e)),
         }
     }
     Ok(())
@@ -462,7 +438,7 @@ impl ChannelRx for TcpRx {
                     && raw[1] == 0x03
                     && matches!(raw[0], 0x15 | 0x16) =>
             {
-                return Err(io_error(
+                return Err(TransportError::io(
                     "reading the first frame",
                     io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -499,11 +475,8 @@ impl ChannelRx for TcpRx {
         let body = &self.body[..len];
         if header.kind == MessageKind::Pages {
             // Hashes every page once; the hashes travel with the batch.
-            migration_wire::page::verify_pages(&header, body, &mut self.hashes)?;
-            return Ok(match Message::decode_body(header.kind, body)? {
-                Message::Pages(batch) if !self.hashes.is_empty() => Message::Pages(batch.with_hashes(&self.hashes)),
-                other => other,
-            });
+            let batch = migration_wire::page::verify_pages(&header, body, &mut self.hashes)?;
+            return Ok(Message::Pages(batch));
         }
         header.verify(body)?;
         Ok(Message::decode_body(header.kind, body)?)
@@ -521,7 +494,7 @@ impl ChannelRx for TcpRx {
     fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
         self.stream
             .set_read_timeout(timeout)
-            .map_err(|e| io_error("setting the receive timeout", e))?;
+            .map_err(|e| TransportError::io("setting the receive timeout", e))?;
         if let Some(ring) = &mut self.uring {
             ring.set_timeout(timeout);
         }
@@ -552,19 +525,21 @@ impl TcpChannel {
             Some(tls) => {
                 stream
                     .set_read_timeout(Some(options.io_timeout))
-                    .map_err(|e| io_error("setting the handshake timeout", e))?;
+                    .map_err(|e| TransportError::io("setting the handshake timeout", e))?;
                 let session = tls.handshake(&mut stream, addr).map_err(|e| match e.kind() {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TransportError::TimedOut(options.io_timeout),
-                    _ => io_error(format!("TLS handshake with {peer}"), e),
+                    _ => TransportError::io(format!("TLS handshake with {peer}"), e),
                 })?;
                 stream
                     .set_read_timeout(None)
-                    .map_err(|e| io_error("clearing the handshake timeout", e))?;
+                    .map_err(|e| TransportError::io("clearing the handshake timeout", e))?;
                 (Some(session.0), Some(session.1))
             }
             None => (None, None),
         };
-        let reader = stream.try_clone().map_err(|e| io_error("cloning the socket", e))?;
+        let reader = stream
+            .try_clone()
+            .map_err(|e| TransportError::io("cloning the socket", e))?;
         // A ring each for the sending and the receiving half, which two
         // threads may own; no ring where the kernel refuses io_uring.
         let ring = |s: &TcpStream| options.io_uring.then(|| UringSocket::new(s).ok()).flatten();
@@ -662,7 +637,7 @@ impl Channel for TcpChannel {
             .tx
             .stream
             .try_clone()
-            .map_err(|e| io_error("cloning the socket", e))?;
+            .map_err(|e| TransportError::io("cloning the socket", e))?;
         Ok(Box::new(move || {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }))

@@ -142,12 +142,7 @@ pub(crate) fn receive(index: usize, channel: &mut dyn Channel, shared: &Shared) 
                         batch.epoch
                     )));
                 }
-                let agreed = match batch.codec() {
-                    migration_wire::Codec::None => true,
-                    migration_wire::Codec::Lz4 => shared.codecs.contains(migration_wire::Features::LZ4),
-                    migration_wire::Codec::Zstd => shared.codecs.contains(migration_wire::Features::ZSTD),
-                };
-                if !agreed {
+                if !shared.codecs.contains(batch.codec().feature()) {
                     return Err(DestError::Protocol(format!(
                         "channel {index}: a {:?} batch, a codec the handshake did not agree",
                         batch.codec()
