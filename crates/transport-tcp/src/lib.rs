@@ -13,7 +13,7 @@ use record::{Opener, Sealer};
 pub use tls::{TlsConfig, TlsError, TlsFiles, generate_certs};
 
 use migration_core::transport::{ChannelHalves, Closer};
-use migration_core::{Channel, ChannelRx, ChannelTx, DirectPlacement, TransportError};
+use migration_core::{Channel, ChannelRx, ChannelTx, DirectPlacement, GuestRun, TransportError};
 use migration_sys::uring::UringSocket;
 use migration_wire::page::BATCH_HEADER_LEN;
 use migration_wire::{FRAME_HEADER_LEN, FrameHeader, MAX_FRAME_BODY, Message, MessageKind, PageBatch};
@@ -195,10 +195,10 @@ impl ChannelTx for TcpTx {
         let (uring, stream) = (&mut self.uring, &mut self.stream);
         let sent = match &mut self.tls {
             // Encrypted in place, a batch of records per write.
-            Some(tls) => match uring {
-                Some(ring) => tls.seal(&[&self.head, payload], &mut RingWriter(ring)),
-                None => tls.seal(&[&self.head, payload], stream),
-            },
+            Some(tls) => tls.seal(&[&self.head, payload], &mut |records| match uring {
+                Some(ring) => ring.send_all(&[records]),
+                None => stream.write_all(records),
+            }),
             None => match uring {
                 Some(ring) => ring.send_all(&[&self.head, payload]),
                 None => write_all_vectored(stream, &mut [IoSlice::new(&self.head), IoSlice::new(payload)]),
@@ -216,30 +216,10 @@ impl ChannelTx for TcpTx {
 
     fn shutdown(&mut self) {
         if let Some(tls) = &mut self.tls {
-            let _ = tls.close(&mut self.stream);
+            let _ = tls.close(&mut |records| self.stream.write_all(records));
         }
         let _ = self.stream.flush();
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
-    }
-}
-
-/// A ring as a `Write` for the TLS session to write its records to.
-struct RingWriter<'a>(&'a mut UringSocket);
-
-impl Write for RingWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.send_all(&[buf])?;
-        Ok(buf.len())
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let parts: Vec<&[u8]> = bufs.iter().map(|b| &**b).collect();
-        self.0.send_all(&parts)?;
-        Ok(parts.iter().map(|p| p.len()).sum())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
@@ -258,16 +238,12 @@ fn write_all_vectored(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> i
 
 /// The receiving half of a TCP channel.
 pub struct TcpRx {
-    stream: TcpStream,
-    uring: Option<UringSocket>,
+    wire: RxWire,
     /// The page hashes of the last pages frame, verified.
     hashes: Vec<u64>,
     body: Vec<u8>,
-    received: u64,
-    timeout: Option<Duration>,
     /// Where page bytes of batches sent as is go, when set.
     direct: Option<Arc<dyn DirectPlacement>>,
-    tls: Option<Opener>,
     /// One page read back from guest memory, to hash it.
     scratch: Vec<u8>,
 }
@@ -275,11 +251,29 @@ pub struct TcpRx {
 impl std::fmt::Debug for TcpRx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TcpRx")
-            .field("stream", &self.stream)
-            .field("uring", &self.uring)
-            .field("received", &self.received)
+            .field("stream", &self.wire.stream)
+            .field("uring", &self.wire.uring)
+            .field("received", &self.wire.received())
             .field("direct", &self.direct.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+/// How the receiving half reads bytes off its connection.
+struct RxWire {
+    stream: TcpStream,
+    uring: Option<UringSocket>,
+    tls: Option<Opener>,
+    timeout: Option<Duration>,
+    /// Plaintext connections: bytes read so far.
+    plain_received: u64,
+}
+
+/// Reads what is there (at least a byte, 0 at end of stream) into `buf`.
+fn recv_some(uring: &mut Option<UringSocket>, stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    match uring {
+        Some(ring) => ring.recv(buf),
+        None => (&*stream).read(buf),
     }
 }
 
@@ -316,82 +310,66 @@ fn read_fully(
     Ok(())
 }
 
-impl TcpRx {
-    /// Reads body bytes `[from, to)` into the buffer.
-    fn read_exact(&mut self, what: &str, at_frame_start: bool, from: usize, to: usize) -> Result<(), TransportError> {
-        let (uring, stream, body) = (&mut self.uring, &self.stream, &mut self.body[from..to]);
+impl RxWire {
+    /// Wire bytes read so far (ciphertext on a TLS connection).
+    fn received(&self) -> u64 {
+        self.tls.as_ref().map_or(self.plain_received, Opener::received)
+    }
+
+    /// Fills `buf` with the next bytes of the stream (plaintext).
+    fn read_exact(&mut self, what: &str, at_frame_start: bool, buf: &mut [u8]) -> Result<(), TransportError> {
+        let (uring, stream) = (&mut self.uring, &self.stream);
         match &mut self.tls {
-            Some(tls) => {
-                // Ciphertext is read in large reads and decrypted in place.
-                let before = tls.received();
-                let result = read_fully(what, at_frame_start, to - from, self.timeout, |filled| {
-                    tls.read(&mut body[filled..], |sealed| match uring {
-                        Some(ring) => ring.recv(sealed),
-                        None => (&*stream).read(sealed),
-                    })
-                });
-                self.received += tls.received() - before;
-                result
-            }
+            // Ciphertext is read in large reads and decrypted in place.
+            Some(tls) => read_fully(what, at_frame_start, buf.len(), self.timeout, |filled| {
+                tls.read(&mut buf[filled..], |sealed| recv_some(uring, stream, sealed))
+            }),
             None => {
-                read_fully(what, at_frame_start, to - from, self.timeout, |filled| match uring {
-                    Some(ring) => ring.recv(&mut body[filled..]),
-                    None => (&*stream).read(&mut body[filled..]),
+                read_fully(what, at_frame_start, buf.len(), self.timeout, |filled| {
+                    recv_some(uring, stream, &mut buf[filled..])
                 })?;
-                self.received += (to - from) as u64;
+                self.plain_received += buf.len() as u64;
                 Ok(())
             }
         }
     }
 
-    /// For a pages frame whose batch header and entry table (`head_len`
-    /// bytes) are in the buffer: reads the payload straight into guest
-    /// memory where the direct placement says, hashing each page as it
-    /// completes, and checks the frame's checksum. Returns false, having
-    /// read nothing more, when the batch is not one to place this way.
-    fn place_payload(&mut self, header: &FrameHeader, head_len: usize) -> Result<bool, TransportError> {
-        let Some(direct) = self.direct.clone() else {
-            return Ok(false);
-        };
-        let head = &self.body[..head_len];
-        let Ok(batch) = PageBatch::decode_head(head) else {
-            return Ok(false);
-        };
-        let mut runs = Vec::new();
-        let payload = header.len as usize - head_len;
-        if !direct.runs(&batch, &mut runs) || runs.iter().map(|r| r.len).sum::<usize>() != payload {
-            return Ok(false);
-        }
-        let page_size = batch.page_size as usize;
-        self.scratch.resize(page_size, 0);
-        self.hashes.clear();
-        let (uring, stream, hashes, scratch) = (&mut self.uring, &self.stream, &mut self.hashes, &mut self.scratch);
-        let tls = &mut self.tls;
-        let before = tls.as_ref().map_or(0, |tls| tls.received());
+    /// Reads the next bytes of the stream straight into guest memory,
+    /// `runs` after one another, leaving in `hashes` the hash of each page
+    /// (`page_size` bytes) as it landed.
+    fn place(
+        &mut self,
+        runs: &[GuestRun<'_>],
+        page_size: usize,
+        hashes: &mut Vec<u64>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), TransportError> {
+        scratch.resize(page_size, 0);
+        hashes.clear();
+        let plain = self.tls.is_none();
+        let (uring, stream, tls) = (&mut self.uring, &self.stream, &mut self.tls);
         let mut hasher = migration_wire::page::PageHasher::new(page_size);
-        for run in &runs {
+        for run in runs {
             let mut hashed = 0;
             read_fully("page bytes", false, run.len, self.timeout, |filled| {
                 let at = run.offset + filled;
-                let n = match (&mut *tls, &mut *uring) {
+                let n = match tls {
                     // Decrypted where the ciphertext landed, hashed there
                     // and copied once into guest memory.
-                    (Some(tls), uring) => {
-                        let n = tls.read_to(
+                    Some(tls) => {
+                        return tls.read_to(
                             run.len - filled,
                             |off, plain| {
                                 hasher.feed(plain, hashes);
                                 run.region.write(at + off, plain).map_err(io::Error::other)
                             },
-                            |sealed| match uring {
-                                Some(ring) => ring.recv(sealed),
-                                None => (&*stream).read(sealed),
-                            },
-                        )?;
-                        return Ok(n);
+                            |sealed| recv_some(uring, stream, sealed),
+                        );
                     }
-                    (None, Some(ring)) => ring.recv_into(run.region, at, run.len - filled)?,
-                    (None, None) => run.region.recv_from(stream.as_fd(), at, run.len - filled)?,
+                    None => match uring {
+                        Some(ring) => ring.recv_into(run.region, at, run.len - filled)?,
+                        None => run.region.recv_from(stream.as_fd(), at, run.len - filled)?,
+                    },
                 };
                 // Hash the pages completed by this read while they are warm.
                 while hashed + page_size <= filled + n {
@@ -403,11 +381,36 @@ impl TcpRx {
                 }
                 Ok(n)
             })?;
+            if plain {
+                self.plain_received += run.len as u64;
+            }
         }
-        self.received += match &self.tls {
-            Some(tls) => tls.received() - before,
-            None => payload as u64,
+        Ok(())
+    }
+}
+
+impl TcpRx {
+    /// Reads body bytes `[from, to)` into the buffer.
+    fn read_exact(&mut self, what: &str, at_frame_start: bool, from: usize, to: usize) -> Result<(), TransportError> {
+        self.wire.read_exact(what, at_frame_start, &mut self.body[from..to])
+    }
+
+    /// For a pages frame whose batch header and entry table (`head_len`
+    /// bytes) are in the buffer: reads the `payload` bytes straight into
+    /// guest memory where the direct placement says, hashing each page as
+    /// it lands, and checks the frame's checksum. Returns false, having
+    /// read nothing more, when the batch is not one to place this way.
+    fn place_payload(&mut self, header: &FrameHeader, head_len: usize, payload: usize) -> Result<bool, TransportError> {
+        let head = &self.body[..head_len];
+        let mut runs = Vec::new();
+        let (Some(direct), Ok(batch)) = (&self.direct, PageBatch::decode_head(head)) else {
+            return Ok(false);
         };
+        if !direct.runs(&batch, &mut runs) || runs.iter().map(|r| r.len).sum::<usize>() != payload {
+            return Ok(false);
+        }
+        self.wire
+            .place(&runs, batch.page_size as usize, &mut self.hashes, &mut self.scratch)?;
         let actual = migration_wire::page::pages_checksum(head, &self.hashes);
         if actual != header.checksum {
             self.hashes.clear();
@@ -433,8 +436,8 @@ impl ChannelRx for TcpRx {
             Ok(header) => header,
             // A TLS record (handshake or alert) where a first frame belongs.
             Err(_)
-                if self.tls.is_none()
-                    && self.received == FRAME_HEADER_LEN as u64
+                if self.wire.tls.is_none()
+                    && self.wire.received() == FRAME_HEADER_LEN as u64
                     && raw[1] == 0x03
                     && matches!(raw[0], 0x15 | 0x16) =>
             {
@@ -465,7 +468,12 @@ impl ChannelRx for TcpRx {
                 let head_len = BATCH_HEADER_LEN + entries;
                 self.read_exact("a page batch's entries", false, have, head_len)?;
                 have = head_len;
-                if self.place_payload(&header, head_len)? {
+                // The payload goes straight into guest memory where the
+                // direct placement says, if it describes the whole batch;
+                // anything else is read into the buffer and checked there.
+                if self.place_payload(&header, head_len, payload)? {
+                    // Decoded again: returning the batch decoded above on
+                    // one path only is beyond the borrow checker.
                     let batch = PageBatch::decode_head(&self.body[..head_len])?;
                     return Ok(Message::Pages(batch.with_hashes(&self.hashes)));
                 }
@@ -492,18 +500,19 @@ impl ChannelRx for TcpRx {
     }
 
     fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
-        self.stream
+        let wire = &mut self.wire;
+        wire.stream
             .set_read_timeout(timeout)
             .map_err(|e| TransportError::io("setting the receive timeout", e))?;
-        if let Some(ring) = &mut self.uring {
+        if let Some(ring) = &mut wire.uring {
             ring.set_timeout(timeout);
         }
-        self.timeout = timeout;
+        wire.timeout = timeout;
         Ok(())
     }
 
     fn bytes_received(&self) -> u64 {
-        self.received
+        self.wire.received()
     }
 }
 
@@ -557,15 +566,17 @@ impl TcpChannel {
                 tls: sealer,
             },
             rx: TcpRx {
-                uring: recv_ring,
+                wire: RxWire {
+                    stream: reader,
+                    uring: recv_ring,
+                    tls: opener,
+                    timeout: None,
+                    plain_received: 0,
+                },
                 hashes: Vec::new(),
-                stream: reader,
                 body: Vec::new(),
-                received: 0,
-                timeout: None,
                 direct: None,
                 scratch: Vec::new(),
-                tls: opener,
             },
             peer,
         })
@@ -578,7 +589,7 @@ impl TcpChannel {
 
     /// `io_uring` or `plain`: how this channel moves bytes.
     pub fn backend(&self) -> &'static str {
-        if self.tx.uring.is_some() && self.rx.uring.is_some() {
+        if self.tx.uring.is_some() && self.rx.wire.uring.is_some() {
             "io_uring"
         } else {
             "plain"
@@ -678,16 +689,7 @@ mod tests {
 
     fn exchange_frames(mut a: TcpChannel, mut b: TcpChannel) {
         let mut entries = Vec::new();
-        PageEntry {
-            page: 9,
-            encoding: PageEncoding::Plain,
-        }
-        .push_to(&mut entries);
-        PageEntry {
-            page: 10,
-            encoding: PageEncoding::Zero,
-        }
-        .push_to(&mut entries);
+        plain_batch(&mut entries, &[(9, false), (10, true)]);
         let payload = vec![7u8; 4096];
         let batch = PageBatch::new(1, 3, 4096, &entries, &payload).expect("batch");
         a.send(&Message::Pages(batch.clone())).expect("send");
@@ -804,23 +806,13 @@ mod tests {
 
     #[test]
     fn a_corrupt_page_placed_directly_fails_the_frame_checksum() {
-        let listener = TcpListener::bind("127.0.0.1:0", TcpOptions::default()).expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let writer = std::thread::spawn(move || {
-            let mut stream = TcpStream::connect(addr).expect("connect");
-            let mut entries = Vec::new();
-            plain_batch(&mut entries, &[(0, false)]);
-            let payload = vec![3u8; 4096];
-            let mut frame = Vec::new();
-            Message::Pages(PageBatch::new(0, 0, 4096, &entries, &payload).expect("batch")).encode(&mut frame);
-            let last = frame.len() - 1;
-            frame[last] ^= 1;
-            stream.write_all(&frame).expect("write");
-        });
-        let mut server = listener.accept().expect("accept");
+        let mut entries = Vec::new();
+        plain_batch(&mut entries, &[(0, false)]);
+        let payload = vec![3u8; 4096];
+        let mut frame = Vec::new();
+        Message::Pages(PageBatch::new(0, 0, 4096, &entries, &payload).expect("batch")).encode(&mut frame);
         let target = Arc::new(OneRegion(migration_sys::GuestRegion::anonymous(4096).expect("region")));
-        server.place_directly(target);
-        let err = server.recv().expect_err("corrupt page");
+        let err = recv_with_last_bit_flipped(frame, 1, Some(target));
         assert!(
             matches!(
                 err,
@@ -828,7 +820,26 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    /// What a receiver (placing pages in `target`, if any) makes of `frame`
+    /// with its last byte XORed with `flip`, sent by a raw socket.
+    fn recv_with_last_bit_flipped(mut frame: Vec<u8>, flip: u8, target: Option<Arc<OneRegion>>) -> TransportError {
+        let listener = TcpListener::bind("127.0.0.1:0", TcpOptions::default()).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let writer = std::thread::spawn(move || {
+            let mut stream = TcpStream::connect(addr).expect("connect");
+            let last = frame.len() - 1;
+            frame[last] ^= flip;
+            stream.write_all(&frame).expect("write");
+        });
+        let mut server = listener.accept().expect("accept");
+        if let Some(target) = target {
+            server.place_directly(target);
+        }
+        let err = server.recv().expect_err("corrupt frame");
         writer.join().expect("join");
+        err
     }
 
     /// A throwaway PKI in a directory removed on drop.
@@ -935,13 +946,7 @@ mod tests {
             let (mut a2, mut b2) = (a, b);
             let payload: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
             let mut entries = Vec::new();
-            for page in 0..256u64 {
-                PageEntry {
-                    page,
-                    encoding: PageEncoding::Plain,
-                }
-                .push_to(&mut entries);
-            }
+            plain_batch(&mut entries, &(0..256).map(|page| (page, false)).collect::<Vec<_>>());
             let batch = PageBatch::new(0, 0, 4096, &entries, &payload).expect("batch");
             a2.send(&Message::Pages(batch.clone())).expect("send");
             match b2.recv().expect("recv") {
@@ -1104,18 +1109,9 @@ mod tests {
 
     #[test]
     fn corrupt_frame_is_rejected_by_checksum() {
-        let listener = TcpListener::bind("127.0.0.1:0", TcpOptions::default()).expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let writer = std::thread::spawn(move || {
-            let mut stream = TcpStream::connect(addr).expect("connect");
-            let mut frame = Vec::new();
-            Message::SyncMarker(SyncMarker { epoch: 1, pages: 1 }).encode(&mut frame);
-            let last = frame.len() - 1;
-            frame[last] ^= 0x40;
-            stream.write_all(&frame).expect("write");
-        });
-        let mut server = listener.accept().expect("accept");
-        let err = server.recv().expect_err("corrupt frame");
+        let mut frame = Vec::new();
+        Message::SyncMarker(SyncMarker { epoch: 1, pages: 1 }).encode(&mut frame);
+        let err = recv_with_last_bit_flipped(frame, 0x40, None);
         assert!(
             matches!(
                 err,
@@ -1123,7 +1119,6 @@ mod tests {
             ),
             "{err}"
         );
-        writer.join().expect("join");
     }
 
     #[test]

@@ -12,9 +12,12 @@
 
 use ring::aead::{AES_128_GCM, AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use rustls::ConnectionTrafficSecrets;
-use std::io::{self, Write};
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// Where sealed records go: writes all the bytes it is given, or fails.
+pub(crate) type Write<'a> = dyn FnMut(&[u8]) -> io::Result<()> + 'a;
 
 /// Most plaintext one record carries.
 pub(crate) const MAX_PLAINTEXT: usize = 1 << 14;
@@ -157,9 +160,9 @@ impl Sealer {
         self
     }
 
-    /// Encrypts `parts` as application data and writes the records to
-    /// `socket`, in order. Returns the bytes written.
-    pub(crate) fn seal(&mut self, parts: &[&[u8]], socket: &mut dyn Write) -> io::Result<u64> {
+    /// Encrypts `parts` as application data and hands the records to
+    /// `write`, in order. Returns the bytes written.
+    pub(crate) fn seal(&mut self, parts: &[&[u8]], write: &mut Write<'_>) -> io::Result<u64> {
         let mut written = 0;
         if self.shared.update_requested.swap(false, Ordering::AcqRel) {
             self.update_keys()?;
@@ -178,7 +181,7 @@ impl Sealer {
                 if take == room {
                     self.finish(APPLICATION_DATA)?;
                     if self.out.len() >= WRITE_BATCH {
-                        written += self.flush(socket)?;
+                        written += self.flush(write)?;
                     }
                 }
             }
@@ -186,16 +189,16 @@ impl Sealer {
         if self.open.is_some() {
             self.finish(APPLICATION_DATA)?;
         }
-        written += self.flush(socket)?;
+        written += self.flush(write)?;
         Ok(written)
     }
 
     /// Sends the close_notify alert that ends the session.
-    pub(crate) fn close(&mut self, socket: &mut dyn Write) -> io::Result<()> {
+    pub(crate) fn close(&mut self, write: &mut Write<'_>) -> io::Result<()> {
         self.begin(ALERT)?;
         self.out.extend_from_slice(&[1, 0]);
         self.finish(ALERT)?;
-        self.flush(socket).map(|_| ())
+        self.flush(write).map(|_| ())
     }
 
     /// Opens a record in `out`, first updating the key if this one has
@@ -239,8 +242,8 @@ impl Sealer {
         Ok(())
     }
 
-    fn flush(&mut self, socket: &mut dyn Write) -> io::Result<u64> {
-        socket.write_all(&self.out)?;
+    fn flush(&mut self, write: &mut Write<'_>) -> io::Result<u64> {
+        write(&self.out)?;
         let written = self.out.len() as u64;
         self.out.clear();
         Ok(written)
@@ -322,9 +325,9 @@ impl Opener {
     }
 
     /// Hands up to `max` bytes of plaintext to `sink` (with the count
-    /// handed so far, in one or two slices, straight from where they were
-    /// decrypted); `fill` reads ciphertext from the socket. Returns the
-    /// bytes handed over, 0 when the peer ended the session.
+    /// handed so far; at most a record's worth per call, straight from
+    /// where it was decrypted); `fill` reads ciphertext from the socket.
+    /// Returns the bytes handed over, 0 when the peer ended the session.
     pub(crate) fn read_to(
         &mut self,
         max: usize,
@@ -507,6 +510,14 @@ mod tests {
         (sealer, opener)
     }
 
+    /// A writer of records that appends them to `wire`.
+    fn into(wire: &mut Vec<u8>) -> impl FnMut(&[u8]) -> io::Result<()> + '_ {
+        |records| {
+            wire.extend_from_slice(records);
+            Ok(())
+        }
+    }
+
     /// Reads everything in `wire` through `opener`, the socket giving
     /// `chunk` bytes at a time.
     fn read_all(opener: &mut Opener, wire: &[u8], chunk: usize, want: usize) -> io::Result<Vec<u8>> {
@@ -535,8 +546,10 @@ mod tests {
         let (mut sealer, mut opener) = pair(3);
         let data: Vec<u8> = (0..200 << 10).map(|i| (i % 251) as u8).collect();
         let mut wire = Vec::new();
-        sealer.seal(&[&data[..1000], &data[1000..]], &mut wire).expect("seal");
-        sealer.close(&mut wire).expect("close");
+        sealer
+            .seal(&[&data[..1000], &data[1000..]], &mut into(&mut wire))
+            .expect("seal");
+        sealer.close(&mut into(&mut wire)).expect("close");
         let got = read_all(&mut opener, &wire, 7000, data.len()).expect("read");
         assert_eq!(got, data);
         let mut byte = [0u8];
@@ -551,7 +564,7 @@ mod tests {
     fn a_stream_cut_without_close_notify_is_an_error() {
         let (mut sealer, mut opener) = pair(u64::MAX);
         let mut wire = Vec::new();
-        sealer.seal(&[b"hello"], &mut wire).expect("seal");
+        sealer.seal(&[b"hello"], &mut into(&mut wire)).expect("seal");
         let err = read_all(&mut opener, &wire, 1 << 20, 6).expect_err("cut");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
     }
@@ -560,7 +573,7 @@ mod tests {
     fn every_flipped_bit_fails_authentication() {
         let (mut sealer, _) = pair(u64::MAX);
         let mut wire = Vec::new();
-        sealer.seal(&[b"page bytes"], &mut wire).expect("seal");
+        sealer.seal(&[b"page bytes"], &mut into(&mut wire)).expect("seal");
         for bit in 0..wire.len() * 8 {
             let mut bad = wire.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
@@ -585,7 +598,7 @@ mod tests {
             let data: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| vec![i as u8 + 1; n]).collect();
             let parts: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
             let mut wire = Vec::new();
-            sealer.seal(&parts, &mut wire).expect("seal");
+            sealer.seal(&parts, &mut into(&mut wire)).expect("seal");
             let all = data.concat();
             let got = read_all(&mut opener, &wire, chunk, all.len()).expect("read");
             prop_assert_eq!(got, all);

@@ -221,7 +221,9 @@ impl TlsConfig {
                     && let Err(problem) = check_allowed(session.peer.as_ref(), allow)
                 {
                     // Tell the source why, inside the session it opened.
-                    let _ = session.sealer.seal(&[&refusal(problem.clone())], stream);
+                    let _ = session
+                        .sealer
+                        .seal(&[&refusal(problem.clone())], &mut |records| stream.write_all(records));
                     return Err(io::Error::new(io::ErrorKind::PermissionDenied, problem));
                 }
                 session

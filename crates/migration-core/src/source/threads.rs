@@ -8,7 +8,7 @@ use crate::engine::PageRun;
 use crate::ram::Ram;
 use crate::transport::{ChannelRx, ChannelTx, TransportError};
 use crossbeam_channel::{Receiver, Sender, bounded};
-use migration_sys::{PAGE_SIZE, is_zero_buf};
+use migration_sys::PAGE_SIZE;
 use migration_wire::{Message, PageBatch, PageEncoding, PageEntry, SyncMarker};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -94,8 +94,9 @@ pub(super) fn spawn_channel_thread(
 }
 
 /// What a channel thread does to pages between guest memory and the wire,
-/// with the buffers it reuses: every page is copied once from guest RAM
-/// into `payload`, classified there, and (optionally) compressed from there.
+/// with the buffers it reuses: a zero page is recognised where it lies and
+/// never copied; every other page is copied once from guest RAM into
+/// `payload`, hashed there, and (optionally) compressed from there.
 pub(super) struct PageEncoder {
     zero_pages: bool,
     compression: Compression,
@@ -149,14 +150,12 @@ impl PageEncoder {
                     .region()
                     .is_zero(offset, page_size)
                     .map_err(ChannelFailure::Memory)?;
-            let slot = &mut self.payload[filled..filled + page_size];
-            if !zero_in_place {
-                block.region().read(offset, slot).map_err(ChannelFailure::Memory)?;
-            }
-            let encoding = if zero_in_place || (self.zero_pages && is_zero_buf(slot)) {
+            let encoding = if zero_in_place {
                 zero += 1;
                 PageEncoding::Zero
             } else {
+                let slot = &mut self.payload[filled..filled + page_size];
+                block.region().read(offset, slot).map_err(ChannelFailure::Memory)?;
                 if self.compression == Compression::None {
                     self.hashes.push(migration_wire::page::page_hash(slot));
                 }
@@ -181,7 +180,7 @@ impl PageEncoder {
             )
         } else {
             PageBatch::new(run.block.0, run.epoch, page_size as u32, &self.entries, plain).map(|batch| {
-                if self.hashes.len() * page_size == filled {
+                if self.compression == Compression::None {
                     batch.with_hashes(&self.hashes)
                 } else {
                     batch
