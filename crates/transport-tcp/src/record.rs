@@ -297,7 +297,8 @@ impl Opener {
             plain: 0..0,
             early,
             closed: false,
-            received: 0,
+            // Read from the socket by the handshake, past its end.
+            received: pending.len() as u64,
         })
     }
 
