@@ -197,15 +197,7 @@ impl Userfaultfd {
     /// Returns the features this kernel offers, probed on a throwaway descriptor (a
     /// descriptor can do the `UFFDIO_API` handshake only once).
     pub fn available_features() -> Result<u64, SysError> {
-        let fd = open()?;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            ..UffdioApi::default()
-        };
-        // SAFETY: `fd` is a userfaultfd and `api` a `struct uffdio_api`, the argument of
-        // UFFDIO_API; the handshake only configures the descriptor.
-        unsafe { ioctl(&fd, UFFDIO_API, &mut api, "UFFDIO_API") }?;
-        Ok(api.features)
+        open_with(0).map(|(_, offered)| offered)
     }
 
     /// Creates a userfaultfd (without `UFFD_USER_MODE_ONLY`) and negotiates exactly
@@ -220,17 +212,9 @@ impl Userfaultfd {
                 ),
             });
         }
-        let fd = open()?;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features,
-            ioctls: 0,
-        };
-        // SAFETY: `fd` is a userfaultfd and `api` a `struct uffdio_api`, the argument of
-        // UFFDIO_API; the handshake only configures the descriptor.
-        unsafe { ioctl(&fd, UFFDIO_API, &mut api, "UFFDIO_API") }?;
-        // On return `api.features` lists everything the kernel offers; the descriptor enables
-        // only what was asked for (and WP_UNPOPULATED along with WP_ASYNC, which needs it).
+        let (fd, _) = open_with(features)?;
+        // The descriptor enables only what was asked for (and WP_UNPOPULATED along with
+        // WP_ASYNC, which needs it).
         Ok(Self {
             fd,
             features: features | UFFD_FEATURE_WP_UNPOPULATED,
@@ -312,15 +296,7 @@ impl MissingPages {
         if region.is_shared() {
             return Err(SysError::Unsupported("missing-page faults on file-backed guest memory"));
         }
-        let fd = open()?;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: 0,
-            ioctls: 0,
-        };
-        // SAFETY: `fd` is a userfaultfd and `api` a `struct uffdio_api`, the argument of
-        // UFFDIO_API; the handshake only configures the descriptor.
-        unsafe { ioctl(&fd, UFFDIO_API, &mut api, "UFFDIO_API") }?;
+        let (fd, _) = open_with(0)?;
         let mut reg = UffdioRegister {
             range: range(region.addr(), region.len()),
             mode: UFFDIO_REGISTER_MODE_MISSING,
@@ -521,6 +497,21 @@ fn range(start: usize, len: usize) -> UffdioRange {
 }
 
 /// Opens a new userfaultfd, `O_CLOEXEC | O_NONBLOCK`, without `UFFD_USER_MODE_ONLY`.
+/// A new userfaultfd that did the `UFFDIO_API` handshake for `features`, and the features
+/// the kernel offers (a descriptor does the handshake once).
+fn open_with(features: u64) -> Result<(OwnedFd, u64), SysError> {
+    let fd = open()?;
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: `fd` is a userfaultfd and `api` a `struct uffdio_api`, the argument of
+    // UFFDIO_API; the handshake only configures the descriptor.
+    unsafe { ioctl(&fd, UFFDIO_API, &mut api, "UFFDIO_API") }?;
+    Ok((fd, api.features))
+}
+
 fn open() -> Result<OwnedFd, SysError> {
     let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
     // SAFETY: userfaultfd(2) takes one integer flag argument and returns a new descriptor or
