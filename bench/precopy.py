@@ -45,6 +45,24 @@ def listen(cmd):
     raise RuntimeError(f"{cmd[0]} did not listen: {proc.wait()}")
 
 
+def last_json(text):
+    """The last line of `text` (a report printed with --json), parsed."""
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def timed_sender(cmd, timeout):
+    """Runs a sender to its exit; returns its JSON report and the seconds from
+    its "handshake done" stderr line to its exit."""
+    send = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = None
+    for line in send.stderr:
+        if "handshake done" in line and started is None:
+            started = time.monotonic()
+    report = last_json(send.stdout.read())
+    send.wait(timeout=timeout)
+    return report, time.monotonic() - started
+
+
 def baseline(nbytes, streams, fresh=False):
     extra = ["--into-memfd", str(nbytes)] if fresh else []
     streams = ["--streams", str(streams)]
@@ -82,24 +100,16 @@ def migrate(mem, content, channels, populated=False, compress="none", tls=False)
     send_tls = tls_args("client") if tls else []
     recv, addr = listen([CLI, "recv", "--listen", "127.0.0.1:0", "--json", "--quiet", "--run-for", "0s"]
                         + extra + IO + recv_tls)
-    send = subprocess.Popen(
+    sent, seconds = timed_sender(
         [CLI, "send", "--to", addr, "--mem-size", str(mem), "--content", content, "--json",
-         "--channels", str(channels), "--compress", compress] + IO + send_tls,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    started = None
-    for line in send.stderr:
-        if "handshake done" in line and started is None:
-            started = time.monotonic()
-    sent = json.loads(send.stdout.read().strip().splitlines()[-1])
-    send.wait(timeout=300)
-    finished = time.monotonic()
+         "--channels", str(channels), "--compress", compress] + IO + send_tls, timeout=300)
     recv_out, _ = recv.communicate(timeout=300)
-    received = json.loads(recv_out.strip().splitlines()[-1])
+    received = last_json(recv_out)
     if sent["status"] != "completed" or not sent["verified"] or not received["verified"]:
         raise RuntimeError(f"migration failed: {sent} {received}")
     return {
         "json": sent["ram_bytes"] / (sent["total_ms"] / 1000.0),
-        "outside": sent["ram_bytes"] / (finished - started),
+        "outside": sent["ram_bytes"] / seconds,
         "downtime_ms": sent["downtime_ms"],
         "wire": sent["transferred_bytes"],
         "setup_ms": sent["setup_ms"],

@@ -22,14 +22,13 @@ Each repetition runs, in this order:
 Needs a disk file system under --dir.
 """
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
 
-from precopy import CLI, ROOT, size
+from precopy import CLI, ROOT, last_json, size, timed_sender
 
 
 def evict(path):
@@ -50,19 +49,11 @@ def dd(args):
 
 
 def save(mem, path, channels):
-    send = subprocess.Popen(
+    report, seconds = timed_sender(
         [CLI, "save", "--mapped-ram", "--to", path, "--mem-size", str(mem), "--content", "random", "--direct-io",
-         "--channels", str(channels), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    started = None
-    for line in send.stderr:
-        if "handshake done" in line and started is None:
-            started = time.monotonic()
-    report = json.loads(send.stdout.read().strip().splitlines()[-1])
-    send.wait(timeout=600)
-    finished = time.monotonic()
+         "--channels", str(channels), "--json"], timeout=600)
     assert report["status"] == "completed" and report["verified"], report
-    return finished - started
+    return seconds
 
 
 def restore(path, channels, mode):
@@ -71,7 +62,7 @@ def restore(path, channels, mode):
         [CLI, "restore", "--from", path, mode, "--direct-io", "--channels", str(channels),
          "--json", "--quiet", "--run-for", "0s"],
         capture_output=True, text=True, timeout=600)
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = last_json(out.stdout)
     assert report["status"] == "completed" and report["verified"], report
     return report
 

@@ -16,12 +16,19 @@ fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus")
 }
 
+/// The target's checked-in corpus (`--write-corpus` output, which may
+/// predate a seed) and every built-in seed not in it.
 fn load(target: &str) -> Vec<Vec<u8>> {
-    let mut inputs = seeds(target);
+    let mut inputs = Vec::new();
     if let Ok(entries) = std::fs::read_dir(corpus_dir().join(target)) {
         let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
         paths.sort();
         inputs.extend(paths.iter().filter_map(|p| std::fs::read(p).ok()));
+    }
+    for seed in seeds(target) {
+        if !inputs.contains(&seed) {
+            inputs.push(seed);
+        }
     }
     inputs
 }

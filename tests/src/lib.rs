@@ -101,6 +101,17 @@ impl Output {
     }
 }
 
+/// A `ulimit` a child runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// Address space in KiB (`ulimit -v`): a process that tries a large
+    /// allocation then fails instead of succeeding.
+    AddressSpaceKib(u64),
+    /// Size of any file it writes in KiB (`ulimit -f`): a write past it
+    /// fails as on a full disk.
+    FileSizeKib(u64),
+}
+
 /// A running `migrate-cli`; killed and reaped on drop.
 #[derive(Debug)]
 pub struct Proc {
@@ -119,21 +130,23 @@ impl Proc {
         Self::spawn_limited(name, args, None)
     }
 
-    /// Like [`Proc::spawn`], with the address space limited to
-    /// `address_space_kib` (`ulimit -v`) when given: a process that tries a
-    /// large allocation then fails instead of succeeding.
-    pub fn spawn_limited(name: &str, args: &[&str], address_space_kib: Option<u64>) -> Self {
-        Self::spawn_program(&cli_path(), name, args, address_space_kib)
+    /// Like [`Proc::spawn`], under `limit` when given.
+    pub fn spawn_limited(name: &str, args: &[&str], limit: Option<Limit>) -> Self {
+        Self::spawn_program(&cli_path(), name, args, limit)
     }
 
     /// Spawns `path ARGS` as [`Proc::spawn_limited`] does.
-    pub fn spawn_program(path: &Path, name: &str, args: &[&str], address_space_kib: Option<u64>) -> Self {
+    pub fn spawn_program(path: &Path, name: &str, args: &[&str], limit: Option<Limit>) -> Self {
         let path = path.to_path_buf();
-        let mut command = match address_space_kib {
-            Some(kib) => {
+        let mut command = match limit {
+            Some(limit) => {
+                let (flag, kib) = match limit {
+                    Limit::AddressSpaceKib(kib) => ("-v", kib),
+                    Limit::FileSizeKib(kib) => ("-f", kib),
+                };
                 let mut c = Command::new("bash");
                 c.arg("-c")
-                    .arg(format!("ulimit -v {kib} && exec \"$0\" \"$@\""))
+                    .arg(format!("ulimit {flag} {kib} && exec \"$0\" \"$@\""))
                     .arg(&path);
                 c
             }
@@ -229,6 +242,21 @@ impl Proc {
         })
     }
 
+    /// Waits for the `listening on ADDR` stderr line and returns `ADDR`,
+    /// checking it is on 127.0.0.1 with a real port (not 0).
+    pub fn wait_listening(&mut self) -> SocketAddr {
+        let line = self.wait_stderr_prefix("listening on ");
+        let addr = line["listening on ".len()..].trim();
+        let addr: SocketAddr = addr.parse().unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"));
+        assert_eq!(
+            addr.ip().to_string(),
+            "127.0.0.1",
+            "bound to the asked address: {line:?}"
+        );
+        assert_ne!(addr.port(), 0, "real port printed, not 0: {line:?}");
+        addr
+    }
+
     /// Waits (at most `timeout`) for the child to exit on its own and returns
     /// its output. Panics with the output so far on timeout.
     pub fn wait(mut self, timeout: Duration) -> Output {
@@ -292,15 +320,7 @@ pub fn spawn_recv(args: &[&str]) -> (Proc, SocketAddr) {
     let mut all = vec!["recv", "--listen", "127.0.0.1:0"];
     all.extend_from_slice(args);
     let mut proc = Proc::spawn("recv", &all);
-    let line = proc.wait_stderr_prefix("listening on ");
-    let addr = line["listening on ".len()..].trim();
-    let addr: SocketAddr = addr.parse().unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"));
-    assert_eq!(
-        addr.ip().to_string(),
-        "127.0.0.1",
-        "bound to the asked address: {line:?}"
-    );
-    assert_ne!(addr.port(), 0, "real port printed, not 0: {line:?}");
+    let addr = proc.wait_listening();
     (proc, addr)
 }
 
@@ -470,6 +490,52 @@ impl Drop for TempFile {
     }
 }
 
+/// A directory removed on drop (with everything in it).
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A unique path in the temp dir for this process and `tag`; nothing is
+    /// there (whatever was is removed) until the test makes it.
+    pub fn new(tag: &str) -> Self {
+        Self::new_in(&std::env::temp_dir(), tag)
+    }
+
+    /// Like [`TempDir::new`], under `base` if it is a directory (else the temp dir).
+    pub fn new_in(base: &Path, tag: &str) -> Self {
+        let base = if base.is_dir() {
+            base.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!("migration-tests-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self(dir)
+    }
+
+    /// Creates the directory (and its parents).
+    pub fn create(self) -> Self {
+        std::fs::create_dir_all(&self.0).expect("creating a test directory");
+        self
+    }
+
+    /// The path as a `&str` for command lines.
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+
+    /// The path of `name` in the directory, for command lines.
+    pub fn file(&self, name: &str) -> String {
+        self.0.join(name).to_str().expect("utf-8 temp path").to_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Waits for a migration between `send` and `recv` and checks both report
 /// it completed and verified. If one side fails, the panic shows both sides
 /// (a destination still waiting after a failed send is killed first).
@@ -508,66 +574,70 @@ pub struct CutProxy {
 impl CutProxy {
     pub fn start(server: SocketAddr, cut_connection: usize, cut_after: u64) -> Self {
         use std::io::{Read, Write};
-        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::net::Shutdown;
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, Ordering};
-        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
-        let addr = listener.local_addr().expect("proxy addr");
         let cut = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&cut);
-        std::thread::spawn(move || {
-            for (index, client) in listener.incoming().enumerate() {
-                let Ok(client) = client else { return };
-                let Ok(upstream) = TcpStream::connect(server) else {
-                    return;
+        // Client to server counting and maybe cutting; server to client as is.
+        let addr = proxy(server, move |index, way, mut from, mut to, both| {
+            let limit = (index == cut_connection && way == Toward::Destination).then_some(cut_after);
+            let mut buf = vec![0u8; 64 << 10];
+            let mut total = 0u64;
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
                 };
-                let limit = (index == cut_connection).then_some(cut_after);
-                let flag = Arc::clone(&flag);
-                // Client to server, counting and maybe cutting.
-                let (mut from, mut to) = (client.try_clone().expect("clone"), upstream.try_clone().expect("clone"));
-                let (c2, u2) = (client.try_clone().expect("clone"), upstream.try_clone().expect("clone"));
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 << 10];
-                    let mut total = 0u64;
-                    loop {
-                        let n = match from.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if let Some(limit) = limit
-                            && total + n as u64 >= limit
-                        {
-                            flag.store(true, Ordering::SeqCst);
-                            let _ = c2.shutdown(Shutdown::Both);
-                            let _ = u2.shutdown(Shutdown::Both);
-                            return;
-                        }
-                        total += n as u64;
-                        if to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
+                if let Some(limit) = limit
+                    && total + n as u64 >= limit
+                {
+                    flag.store(true, Ordering::SeqCst);
+                    for s in &both {
+                        let _ = s.shutdown(Shutdown::Both);
                     }
-                    let _ = to.shutdown(Shutdown::Write);
-                });
-                // Server to client, as is.
-                let (mut from, mut to) = (upstream, client);
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        let n = match from.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = to.shutdown(Shutdown::Write);
-                });
+                    return;
+                }
+                total += n as u64;
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
             }
+            let _ = to.shutdown(Shutdown::Write);
         });
         Self { addr, cut }
     }
+}
+
+/// Binds a forwarding proxy to `server` on loopback and returns its address.
+/// For every accepted connection (numbered from 0) it connects to `server`
+/// and runs `pump(index, way, from, to, [client, upstream])` on its own
+/// thread for each way.
+fn proxy<P>(server: SocketAddr, pump: P) -> SocketAddr
+where
+    P: Fn(usize, Toward, std::net::TcpStream, std::net::TcpStream, [std::net::TcpStream; 2]) + Send + Clone + 'static,
+{
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+    let addr = listener.local_addr().expect("proxy addr");
+    std::thread::spawn(move || {
+        for (index, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { return };
+            let Ok(upstream) = TcpStream::connect(server) else {
+                return;
+            };
+            let clone = |s: &TcpStream| s.try_clone().expect("clone");
+            for (way, from, to) in [
+                (Toward::Destination, &client, &upstream),
+                (Toward::Source, &upstream, &client),
+            ] {
+                let (from, to, both) = (clone(from), clone(to), [clone(&client), clone(&upstream)]);
+                let pump = pump.clone();
+                std::thread::spawn(move || pump(index, way, from, to, both));
+            }
+        }
+    });
+    addr
 }
 
 /// Which way a frame travels through a [`FaultProxy`].
@@ -612,36 +682,13 @@ impl FaultProxy {
         nth: usize,
         fault: Fault,
     ) -> Self {
-        use std::net::{TcpListener, TcpStream};
         use std::sync::Arc;
         use std::sync::atomic::AtomicBool;
-        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
-        let addr = listener.local_addr().expect("proxy addr");
         let fired = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&fired);
-        std::thread::spawn(move || {
-            for (index, client) in listener.incoming().enumerate() {
-                let Ok(client) = client else { return };
-                let Ok(upstream) = TcpStream::connect(server) else {
-                    return;
-                };
-                let target = (index == connection).then_some((kind, nth, fault));
-                let both = [client.try_clone().expect("clone"), upstream.try_clone().expect("clone")];
-                let pumps = [
-                    (
-                        Toward::Destination,
-                        client.try_clone().expect("clone"),
-                        upstream.try_clone().expect("clone"),
-                    ),
-                    (Toward::Source, upstream, client),
-                ];
-                for (way, from, to) in pumps {
-                    let rule = target.filter(|_| way == toward);
-                    let flag = Arc::clone(&flag);
-                    let both = [both[0].try_clone().expect("clone"), both[1].try_clone().expect("clone")];
-                    std::thread::spawn(move || pump_frames(from, to, rule, &flag, &both));
-                }
-            }
+        let addr = proxy(server, move |index, way, from, to, both| {
+            let rule = (index == connection && way == toward).then_some((kind, nth, fault));
+            pump_frames(from, to, rule, &flag, &both);
         });
         Self { addr, fired }
     }

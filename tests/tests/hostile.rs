@@ -11,10 +11,9 @@
 //! A lying destination: the source refuses each lie by name and resumes
 //! its guest.
 
-use std::net::SocketAddr;
 use std::path::Path;
 
-use migration_tests::{MIGRATION_WAIT, Proc, field, lock};
+use migration_tests::{Limit, MIGRATION_WAIT, Proc, field, lock};
 
 /// Runs the suite's malicious peer with `args`.
 fn malicious_peer(args: &[&str]) -> Proc {
@@ -56,10 +55,9 @@ fn every_lie_is_refused_by_name_and_nothing_runs() {
                 "--run-for",
                 "0s",
             ],
-            Some(1 << 20),
+            Some(Limit::AddressSpaceKib(1 << 20)),
         );
-        let line = recv.wait_stderr_prefix("listening on ");
-        let addr: SocketAddr = line["listening on ".len()..].trim().parse().expect("address");
+        let addr = recv.wait_listening();
         let peer = malicious_peer(&["source", &addr.to_string(), lie]).wait(MIGRATION_WAIT);
         assert_eq!(peer.code, Some(0), "{lie}: the peer ran its lie\n{}", peer.describe());
         let out = recv.wait(MIGRATION_WAIT);
@@ -104,8 +102,7 @@ fn a_lying_destination_is_caught_and_the_source_resumes() {
     ];
     for (lie, problem) in cases {
         let mut peer = malicious_peer(&["destination", lie]);
-        let line = peer.wait_stderr_prefix("listening on ");
-        let addr: SocketAddr = line["listening on ".len()..].trim().parse().expect("address");
+        let addr = peer.wait_listening();
         let out =
             migration_tests::spawn_send(addr, &["--mem-size", "16M", "--channels", "1", "--json"]).wait(MIGRATION_WAIT);
         let json = migration_tests::assert_send_failed_resumed(&out);

@@ -2,47 +2,35 @@
 //! and `inspect`, and what a broken file gets. Files live on a disk file
 //! system (`/var/tmp`), where O_DIRECT means something.
 
-use migration_tests::{MIGRATION_WAIT, Output, Proc, field, lock, num, run};
+use migration_tests::{Limit, MIGRATION_WAIT, Output, Proc, TempDir, field, lock, num, run};
 use serde_json::Value;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// A directory on disk, removed on drop.
-struct DiskDir(PathBuf);
-
-impl DiskDir {
-    fn new(tag: &str) -> Self {
-        let base = PathBuf::from("/var/tmp");
-        let base = if base.is_dir() { base } else { std::env::temp_dir() };
-        let dir = base.join(format!("migration-tests-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating a test directory");
-        Self(dir)
-    }
-
-    fn file(&self, name: &str) -> String {
-        self.0.join(name).to_str().expect("utf-8").to_owned()
-    }
+/// A directory on disk (`/var/tmp`, else the temp dir), removed on drop.
+fn disk_dir(tag: &str) -> TempDir {
+    TempDir::new_in(Path::new("/var/tmp"), tag).create()
 }
 
-impl Drop for DiskDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// `save` arguments for a mapped-ram snapshot or a stream file.
+fn save_args<'a>(file: &'a str, mapped_ram: bool, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["save"];
+    if mapped_ram {
+        args.push("--mapped-ram");
     }
+    args.extend(["--to", file, "--json"]);
+    args.extend_from_slice(extra);
+    args
 }
 
 /// Saves a mapped-ram snapshot.
 fn save(file: &str, extra: &[&str]) -> Value {
-    let mut args = vec!["save", "--mapped-ram", "--to", file, "--json"];
-    args.extend_from_slice(extra);
-    save_with(&args)
+    save_with(&save_args(file, true, extra))
 }
 
 /// Saves a stream file.
 fn save_stream(file: &str, extra: &[&str]) -> Value {
-    let mut args = vec!["save", "--to", file, "--json"];
-    args.extend_from_slice(extra);
-    save_with(&args)
+    save_with(&save_args(file, false, extra))
 }
 
 fn save_with(args: &[&str]) -> Value {
@@ -82,7 +70,7 @@ fn inspect(file: &str) -> (Option<i32>, Value) {
 #[test]
 fn a_dirtying_guest_saves_live_and_restores_verified_every_way() {
     let _lock = lock();
-    let dir = DiskDir::new("roundtrip");
+    let dir = disk_dir("roundtrip");
     let file = dir.file("guest.snap");
     let saved = save(
         &file,
@@ -132,7 +120,7 @@ fn a_dirtying_guest_saves_live_and_restores_verified_every_way() {
 #[test]
 fn a_lazy_restore_runs_the_guest_first_and_loads_every_page_verified() {
     let _lock = lock();
-    let dir = DiskDir::new("lazy");
+    let dir = disk_dir("lazy");
     let file = dir.file("guest.snap");
     save(
         &file,
@@ -159,14 +147,14 @@ fn a_lazy_restore_runs_the_guest_first_and_loads_every_page_verified() {
 
 /// A good small snapshot to break, with block 0 of 2050 pages (so its
 /// bitmap's last byte has unused bits).
-fn good_snapshot(dir: &DiskDir) -> String {
+fn good_snapshot(dir: &TempDir) -> String {
     let file = dir.file("good.snap");
     let size = ((4100 * 4096) as u64).to_string();
     save(&file, &["--mem-size", &size, "--channels", "1"]);
     file
 }
 
-fn broken_copy(dir: &DiskDir, good: &str, name: &str, damage: impl FnOnce(&std::fs::File, u64)) -> String {
+fn broken_copy(dir: &TempDir, good: &str, name: &str, damage: impl FnOnce(&std::fs::File, u64)) -> String {
     let path = dir.file(name);
     std::fs::copy(good, &path).expect("copying the snapshot");
     let file = std::fs::OpenOptions::new()
@@ -198,7 +186,7 @@ fn assert_refused(file: &str, problem: &str) {
 #[test]
 fn broken_files_are_refused_naming_the_problem() {
     let _lock = lock();
-    let dir = DiskDir::new("broken");
+    let dir = disk_dir("broken");
     let good = good_snapshot(&dir);
     let header_len = 4096u64;
     let cases: Vec<(&str, String)> = vec![
@@ -257,7 +245,7 @@ fn broken_files_are_refused_naming_the_problem() {
 #[test]
 fn a_damaged_page_never_passes_for_a_good_restore() {
     let _lock = lock();
-    let dir = DiskDir::new("damaged-page");
+    let dir = disk_dir("damaged-page");
     let good = good_snapshot(&dir);
     // Page 0 of block 0 (random content: stored) starts at 1 MiB.
     let bad = broken_copy(&dir, &good, "page", |f, _| {
@@ -275,7 +263,7 @@ fn a_damaged_page_never_passes_for_a_good_restore() {
 #[test]
 fn an_unfinished_save_never_replaces_a_good_snapshot() {
     let _lock = lock();
-    let dir = DiskDir::new("unfinished");
+    let dir = disk_dir("unfinished");
     let file = dir.file("guest.snap");
     save(&file, &["--mem-size", "16M"]);
     let (_, before) = inspect(&file);
@@ -318,7 +306,7 @@ fn an_unfinished_save_never_replaces_a_good_snapshot() {
 #[test]
 fn a_stream_file_saves_compressed_and_restores_verified() {
     let _lock = lock();
-    let dir = DiskDir::new("stream");
+    let dir = disk_dir("stream");
     let file = dir.file("guest.stream");
     let saved = save_stream(
         &file,
@@ -380,7 +368,7 @@ fn a_stream_goes_through_a_pipe() {
         "set -o pipefail; '{cli}' save --to - --mem-size 16M --dirty-rate 8M --json 2>save.err \\
          | '{cli}' restore --from - --json --run-for 0s 2>/dev/null"
     );
-    let dir = DiskDir::new("pipe");
+    let dir = disk_dir("pipe");
     let out = std::process::Command::new("bash")
         .arg("-c")
         .arg(&script)
@@ -405,32 +393,15 @@ fn a_stream_goes_through_a_pipe() {
 #[test]
 fn a_save_that_cannot_write_fails_cleanly_and_keeps_the_good_snapshot() {
     let _lock = lock();
-    let dir = DiskDir::new("full");
-    let cli = migration_tests::cli_path();
-    let cli = cli.to_str().expect("utf-8");
-    for (file, format) in [("guest.stream", ""), ("guest.snap", "--mapped-ram")] {
+    let dir = disk_dir("full");
+    for (file, mapped_ram) in [("guest.stream", false), ("guest.snap", true)] {
         let path = dir.file(file);
-        let mut args = vec!["--to", &path, "--mem-size", "16M"];
-        if !format.is_empty() {
-            args.insert(0, format);
-        }
-        let mut full = vec!["save"];
-        full.extend_from_slice(&args);
-        save_with(&[&full[..], &["--json"]].concat());
+        save_with(&save_args(&path, mapped_ram, &["--mem-size", "16M"]));
         let before = std::fs::read(&path).expect("the good snapshot");
         // 8 MiB of file at most, for a 32 MiB guest.
-        let script =
-            format!("ulimit -f 8192; exec '{cli}' save {format} --to '{path}' --mem-size 32M --dirty-rate 8M --json");
-        let out = std::process::Command::new("bash")
-            .arg("-c")
-            .arg(&script)
-            .output()
-            .expect("running save");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(1), "{format}: {stdout}");
-        let json: Value = serde_json::from_str(stdout.trim()).expect("JSON");
-        assert_eq!(field(&json, "status"), "failed", "{json:#}");
-        assert_eq!(field(&json, "source_resumed"), true, "{json:#}");
+        let args = save_args(&path, mapped_ram, &["--mem-size", "32M", "--dirty-rate", "8M"]);
+        let out = Proc::spawn_limited("save", &args, Some(Limit::FileSizeKib(8192))).wait(MIGRATION_WAIT);
+        let json = migration_tests::assert_send_failed_resumed(&out);
         assert!(
             migration_tests::error_text(&json).contains("file too large"),
             "{json:#}"
@@ -438,7 +409,7 @@ fn a_save_that_cannot_write_fails_cleanly_and_keeps_the_good_snapshot() {
         assert_eq!(
             std::fs::read(&path).expect("still there"),
             before,
-            "{format}: the good snapshot is untouched"
+            "{file}: the good snapshot is untouched"
         );
         let names: Vec<_> = std::fs::read_dir(&dir.0)
             .expect("ls")

@@ -3,18 +3,16 @@
 //! nothing reaches guest memory.
 
 use migration_tests::{
-    MIGRATION_WAIT, Proc, TempFile, assert_pair_completed, error_text, lock, spawn_recv, spawn_send,
+    MIGRATION_WAIT, Proc, TempDir, TempFile, assert_pair_completed, error_text, lock, spawn_recv, spawn_send,
 };
-use std::path::PathBuf;
 
 /// `migrate-cli gen-certs` output in a directory removed on drop.
-struct Pki(PathBuf);
+struct Pki(TempDir);
 
 impl Pki {
     fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("migration-tests-{}-pki-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let out = Proc::spawn("gen-certs", &["gen-certs", dir.to_str().expect("utf-8")]).wait(MIGRATION_WAIT);
+        let dir = TempDir::new(&format!("pki-{tag}"));
+        let out = Proc::spawn("gen-certs", &["gen-certs", dir.as_str()]).wait(MIGRATION_WAIT);
         assert_eq!(out.code, Some(0), "gen-certs\n{}", out.describe());
         for name in [
             "ca.pem",
@@ -23,13 +21,9 @@ impl Pki {
             "client-cert.pem",
             "client-key.pem",
         ] {
-            assert!(dir.join(name).is_file(), "gen-certs wrote {name}");
+            assert!(dir.0.join(name).is_file(), "gen-certs wrote {name}");
         }
         Self(dir)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_str().expect("utf-8").to_owned()
     }
 
     /// `--tls-cert --tls-key --tls-ca` for `side` ("server" or "client"),
@@ -37,18 +31,12 @@ impl Pki {
     fn args(&self, side: &str, ca: &Pki) -> Vec<String> {
         vec![
             "--tls-cert".into(),
-            self.path(&format!("{side}-cert.pem")),
+            self.0.file(&format!("{side}-cert.pem")),
             "--tls-key".into(),
-            self.path(&format!("{side}-key.pem")),
+            self.0.file(&format!("{side}-key.pem")),
             "--tls-ca".into(),
-            ca.path("ca.pem"),
+            ca.0.file("ca.pem"),
         ]
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -23,6 +23,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use migration_tests::read_until_closed;
 use migration_wire::frame::decode_frame;
 use migration_wire::{
     Ack, Block, BlockList, EndOfRam, FRAME_HEADER_LEN, Features, FrameHeader, Hello, HelloReply, Message, MessageKind,
@@ -191,19 +192,6 @@ fn read_message<T>(stream: &mut TcpStream, take: impl FnOnce(Message<'_>) -> Res
     let bytes = read_frame(stream)?;
     let (message, _) = decode_frame(&bytes).map_err(|e| e.to_string())?;
     take(message)
-}
-
-/// Everything the peer sends until it closes (or goes quiet for `WAIT`).
-fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
-    let mut all = Vec::new();
-    let mut buf = [0u8; 64 << 10];
-    while let Ok(n) = stream.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        all.extend_from_slice(&buf[..n]);
-    }
-    all
 }
 
 /// Opens a migration as a real source would (one channel, two blocks),
