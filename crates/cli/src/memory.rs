@@ -38,6 +38,11 @@ pub fn source_layout(total: u64) -> Result<Vec<(String, u64)>> {
     Ok(vec![("pc.ram".into(), low), ("pc.ram.high".into(), total - low)])
 }
 
+/// The layout of the blocks of `blocks`: each one's name and length.
+pub fn layout(blocks: &BlockList) -> Vec<(String, u64)> {
+    blocks.blocks.iter().map(|b| (b.name.clone(), b.length)).collect()
+}
+
 /// Fresh memory (reads as zero) for the blocks of `layout`, each region
 /// made by `make(name, len)`.
 fn fresh_blocks(
@@ -71,18 +76,27 @@ pub fn shared_anonymous(layout: &[(String, u64)]) -> Result<GuestMemory> {
     fresh_blocks(layout, "shared memory (memfd)", GuestRegion::memfd)
 }
 
-/// Maps the blocks of `layout` back to back from the start of `file`.
-fn map_file(file: &File, path: &Path, layout: &[(String, u64)]) -> Result<GuestMemory> {
+/// The blocks of `layout` back to back, each region made by
+/// `make(name, offset, len)`.
+fn back_to_back(layout: &[(String, u64)], make: impl Fn(&str, u64, usize) -> Result<GuestRegion>) -> Result<Ram> {
     let mut offset = 0u64;
     let mut blocks = Vec::new();
     for (name, len) in layout {
-        let region = GuestRegion::shared_file_at(file, offset, usize::try_from(*len)?)
-            .with_context(|| format!("mapping {name} from {} at offset {offset}", path.display()))?;
+        let region = make(name, offset, usize::try_from(*len)?)?;
         blocks.push(RamBlock::new(name.clone(), Arc::new(region)));
         offset += len;
     }
+    Ok(Ram::new(blocks))
+}
+
+/// Maps the blocks of `layout` back to back from the start of `file`.
+fn map_file(file: &File, path: &Path, layout: &[(String, u64)]) -> Result<GuestMemory> {
+    let ram = back_to_back(layout, |name, offset, len| {
+        GuestRegion::shared_file_at(file, offset, len)
+            .with_context(|| format!("mapping {name} from {} at offset {offset}", path.display()))
+    })?;
     Ok(GuestMemory {
-        ram: Ram::new(blocks),
+        ram,
         fresh: FreshMemory::Unknown,
     })
 }
@@ -129,17 +143,12 @@ impl Preallocated {
 
     /// The blocks of `layout`, back to back.
     fn blocks(&self, layout: &[(String, u64)]) -> Result<GuestMemory> {
-        let mut offset = 0;
-        let mut blocks = Vec::new();
-        for (name, len) in layout {
-            let len = usize::try_from(*len)?;
-            let region = GuestRegion::part(&self.whole, offset, len)
-                .with_context(|| format!("placing {name} in preallocated memory at offset {offset}"))?;
-            blocks.push(RamBlock::new(name.clone(), Arc::new(region)));
-            offset += len;
-        }
+        let ram = back_to_back(layout, |name, offset, len| {
+            GuestRegion::part(&self.whole, offset as usize, len)
+                .with_context(|| format!("placing {name} in preallocated memory at offset {offset}"))
+        })?;
         Ok(GuestMemory {
-            ram: Ram::new(blocks),
+            ram,
             fresh: FreshMemory::Preallocated,
         })
     }
@@ -154,14 +163,10 @@ pub fn destination(
     prealloc: Option<&Preallocated>,
     guarded: bool,
 ) -> Result<GuestMemory> {
-    let layout: Vec<(String, u64)> = blocks.blocks.iter().map(|b| (b.name.clone(), b.length)).collect();
+    let layout = layout(blocks);
+    // A preallocation is of the announced size: the handshake refuses
+    // another (`DestOptions::ram_size`), or it was made for these blocks.
     if let Some(memory) = prealloc {
-        anyhow::ensure!(
-            blocks.total_bytes() == memory.size(),
-            "source RAM of {} bytes, this destination preallocated {} (--prealloc)",
-            blocks.total_bytes(),
-            memory.size()
-        );
         return memory.blocks(&layout);
     }
     if guarded {

@@ -74,18 +74,6 @@ pub fn run(args: RecvArgs) -> u8 {
 }
 
 fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
-    let options = DestOptions {
-        max_ram: args.max_mem.unwrap_or_else(host_memory),
-        max_channels: args.channels,
-        compression: match args.compress.as_str() {
-            "none" => Features::default(),
-            "lz4" => Features::LZ4,
-            "zstd" => Features::ZSTD,
-            _ => Features::LZ4.union(Features::ZSTD),
-        },
-        io_timeout: args.io_timeout,
-        ..DestOptions::default()
-    };
     let tcp = TcpOptions {
         io_timeout: args.io_timeout,
         io_uring: args.io == "uring",
@@ -97,6 +85,20 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
         .map(memory::Preallocated::new)
         .transpose()
         .context("preallocating guest RAM (--prealloc)")?;
+    let options = DestOptions {
+        max_ram: args.max_mem.unwrap_or_else(host_memory),
+        // A source whose RAM is of another size is refused in the handshake.
+        ram_size: prealloc.as_ref().map(memory::Preallocated::size),
+        max_channels: args.channels,
+        compression: match args.compress.as_str() {
+            "none" => Features::default(),
+            "lz4" => Features::LZ4,
+            "zstd" => Features::ZSTD,
+            _ => Features::LZ4.union(Features::ZSTD),
+        },
+        io_timeout: args.io_timeout,
+        ..DestOptions::default()
+    };
     let listener = TcpListener::bind(&args.listen, tcp).with_context(|| format!("listening on {}", args.listen))?;
     eprintln!("listening on {}", listener.local_addr()?);
 
@@ -112,18 +114,7 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
         };
         let peer = migration_core::Channel::peer(&channel);
         match dest::accept(Box::new(channel), &options) {
-            Ok(incoming) => match &prealloc {
-                Some(memory) if incoming.blocks().total_bytes() != memory.size() => {
-                    let reason = format!(
-                        "source RAM of {} bytes, this destination preallocated {} (--prealloc)",
-                        incoming.blocks().total_bytes(),
-                        memory.size()
-                    );
-                    incoming.refuse(ErrorCode::Limit, &reason);
-                    eprintln!("refused connection from {peer}: {reason}");
-                }
-                _ => break incoming,
-            },
+            Ok(incoming) => break incoming,
             Err(err) => eprintln!("refused connection from {peer}: {}", crate::chain(&err.into())),
         }
     };
@@ -243,12 +234,5 @@ pub fn run_resumed(guest: &SyntheticGuest, verified: bool, run_for: Duration, re
 /// Physical memory of this host (`MemTotal`), the default limit on what a
 /// source may announce.
 fn host_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        })
-        .unwrap_or(64 << 30)
+    crate::report::proc_kib("/proc/meminfo", "MemTotal").map_or(64 << 30, |kib| kib * 1024)
 }

@@ -214,16 +214,20 @@ pub fn finish(mut report: Report, json: bool, outcome: anyhow::Result<u8>) -> u8
 
 /// This process's peak resident memory, from `/proc/self/status`.
 fn peak_resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))?
+    Some(proc_kib("/proc/self/status", "VmHWM")? * 1024)
+}
+
+/// The value of `key` in a `/proc` file of `key: value kB` lines, such as
+/// `/proc/meminfo`, in KiB.
+pub fn proc_kib(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))?
         .trim()
         .strip_suffix("kB")?
         .trim()
         .parse()
-        .ok()?;
-    Some(kib * 1024)
+        .ok()
 }
 
 /// Renders events on stderr: a progress bar on a terminal, plain

@@ -126,13 +126,7 @@ fn restore_lazily(args: &RestoreArgs, started: Instant, report: &mut Report) -> 
         Ok(false) => anyhow::anyhow!("a lazy restore needs a mapped-ram file (save --mapped-ram)"),
         _ => err.into(),
     })?;
-    let layout: Vec<(String, u64)> = snapshot
-        .blocks()
-        .blocks
-        .iter()
-        .map(|b| (b.name.clone(), b.length))
-        .collect();
-    let memory = memory::anonymous(&layout)?;
+    let memory = memory::anonymous(&memory::layout(&snapshot.blocks()))?;
     report.ram_bytes = Some(memory.ram.total_bytes());
     // The guest's own bookkeeping is built while the memory is registered.
     let regions = memory.regions();
@@ -188,14 +182,16 @@ fn is_mapped_ram(path: &std::path::Path) -> Result<bool> {
     if path == std::path::Path::new("-") {
         return Ok(false);
     }
+    // A stream's first frame header, then its hello's magic.
+    const HEAD: usize = migration_wire::FRAME_HEADER_LEN + migration_wire::MAGIC.len();
     let mut head = Vec::new();
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    std::io::Read::read_to_end(&mut std::io::Read::take(file, 24), &mut head)
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, HEAD as u64), &mut head)
         .with_context(|| format!("reading {}", path.display()))?;
     if head.starts_with(&migration_wire::mapped_ram::FILE_MAGIC) {
         return Ok(true);
     }
-    if head.len() == 24 && head[16..] == migration_wire::MAGIC {
+    if head.len() == HEAD && head[migration_wire::FRAME_HEADER_LEN..] == migration_wire::MAGIC {
         return Ok(false);
     }
     anyhow::bail!(
@@ -212,14 +208,13 @@ fn restore_memory(
     prealloc: Option<&memory::Preallocated>,
 ) -> Result<memory::GuestMemory> {
     if args.mem_file.is_none() && prealloc.is_none() {
-        let layout: Vec<(String, u64)> = blocks.blocks.iter().map(|b| (b.name.clone(), b.length)).collect();
-        return memory::anonymous(&layout);
+        return memory::anonymous(&memory::layout(blocks));
     }
     memory::destination(blocks, args.mem_file.as_deref(), prealloc, false)
 }
 
+/// A restore from a stream file (never lazy: see [`restore`]).
 fn restore_stream(args: &RestoreArgs, report: &mut Report) -> Result<u8> {
-    anyhow::ensure!(!args.lazy, "a lazy restore needs a mapped-ram file (save --mapped-ram)");
     anyhow::ensure!(!args.direct_io, "--direct-io applies to mapped-ram files");
     let setup_start = Instant::now();
     let source = StreamSource::open(&args.from, Vec::new())?;
@@ -408,7 +403,7 @@ fn inspect_stream(path: &std::path::Path, inspection: &mut Inspection) {
                             name: b.name.clone(),
                             bytes: b.length,
                             page_size: b.page_size,
-                            pages: b.length / u64::from(b.page_size),
+                            pages: b.pages(),
                             stored_pages: 0,
                             zero_pages: 0,
                             digest: String::new(),

@@ -179,6 +179,28 @@ impl AtomicBitmap {
         self.words[(i / 64) as usize].fetch_and(!mask, Ordering::AcqRel) & mask != 0
     }
 
+    /// Sets bit `i`, returning whether it was set already (past the end:
+    /// ignored, and reads as clear).
+    pub fn test_and_set(&self, i: u64) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        let mask = 1 << (i % 64);
+        self.words[(i / 64) as usize].fetch_or(mask, Ordering::AcqRel) & mask != 0
+    }
+
+    /// The bits as bytes, bit `i` in byte `i / 8` (least significant bit
+    /// first): `len.div_ceil(8)` bytes.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        let mut bytes: Vec<u8> = self
+            .words
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
+            .collect();
+        bytes.truncate(self.len.div_ceil(8) as usize);
+        bytes
+    }
+
     /// Sets every bit.
     pub fn fill(&self) {
         for (index, word) in self.words.iter().enumerate() {
@@ -286,7 +308,24 @@ mod tests {
                 prop_assert!(!map.test_and_clear(3));
                 prop_assert!(!map.get(3));
                 prop_assert_eq!(map.next_clear(0), Some(3));
+                prop_assert!(!map.test_and_set(3));
+                prop_assert!(map.test_and_set(3));
+                prop_assert!(map.get(3));
             }
+            prop_assert!(!map.test_and_set(len));
+        }
+
+        #[test]
+        fn atomic_bytes_put_bit_i_in_byte_i_over_8(len in 0u64..300, bits in proptest::collection::vec(0u64..300, 0..40)) {
+            let map = AtomicBitmap::new(len);
+            let mut want = vec![0u8; len.div_ceil(8) as usize];
+            for bit in bits {
+                map.set(bit);
+                if bit < len {
+                    want[(bit / 8) as usize] |= 1 << (bit % 8);
+                }
+            }
+            prop_assert_eq!(map.to_le_bytes(), want);
         }
     }
 }

@@ -25,6 +25,10 @@ use std::time::{Duration, Instant};
 pub struct DestOptions {
     /// Largest total guest RAM accepted, in bytes.
     pub max_ram: u64,
+    /// The one total guest RAM accepted, in bytes, where the destination
+    /// has its memory already (preallocated): a source whose RAM is of
+    /// another size is refused. `None`: any size up to `max_ram`.
+    pub ram_size: Option<u64>,
     /// Longest silence from the source before the migration fails.
     pub io_timeout: Duration,
     /// How often a progress event is emitted.
@@ -49,6 +53,7 @@ impl Default for DestOptions {
             max_channels: MAX_CHANNELS,
             compression: Features::LZ4.union(Features::ZSTD),
             max_ram: 64 << 30,
+            ram_size: None,
             io_timeout: Duration::from_secs(30),
             progress_interval: Duration::from_millis(200),
             direct_placement: true,
@@ -323,6 +328,13 @@ fn handshake(channel: &mut dyn Channel, options: &DestOptions) -> Result<(Hello,
                 block.name
             )));
         }
+    }
+    if let Some(size) = options.ram_size
+        && total != size
+    {
+        return Err(DestError::Limit(format!(
+            "source RAM of {total} bytes, this destination preallocated {size} (--prealloc)"
+        )));
     }
     Ok((hello, blocks))
 }

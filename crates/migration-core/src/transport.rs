@@ -6,7 +6,7 @@
 //! transport would write it into the peer's registered memory. The runtime
 //! only ever sees `Box<dyn Channel>`.
 
-use migration_sys::GuestRegion;
+use migration_sys::{GuestRegion, SysError};
 use migration_wire::{Message, PageBatch, WireError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,6 +75,33 @@ pub struct GuestRun<'a> {
     pub offset: usize,
     /// Length in bytes, whole pages.
     pub len: usize,
+}
+
+impl GuestRun<'_> {
+    /// Hashes the pages of `page_size` bytes already placed in the run from
+    /// byte `from` (of the run) on, each whole page ending at or before
+    /// byte `to`, reading each back through `scratch` and appending its
+    /// [`page_hash`](migration_wire::page::page_hash) to `hashes`. Returns
+    /// where the pages hashed end: `from` plus whole pages, the start of
+    /// the page to hash next.
+    pub fn hash_pages(
+        &self,
+        from: usize,
+        to: usize,
+        page_size: usize,
+        scratch: &mut Vec<u8>,
+        hashes: &mut Vec<u64>,
+    ) -> Result<usize, SysError> {
+        assert_ne!(page_size, 0, "pages of no bytes");
+        scratch.resize(page_size, 0);
+        let mut at = from;
+        while at + page_size <= to {
+            self.region.read(self.offset + at, scratch)?;
+            hashes.push(migration_wire::page::page_hash(scratch));
+            at += page_size;
+        }
+        Ok(at)
+    }
 }
 
 /// Where the plain pages of incoming batches belong in guest memory, for a

@@ -9,6 +9,7 @@
 
 use crate::ram::Ram;
 use migration_sys::SysError;
+use std::sync::atomic::{AtomicU64, Ordering};
 use xxhash_rust::xxh3::Xxh3;
 
 /// Hash of one page's bytes: the wire's, so hashes a transport took while
@@ -24,6 +25,15 @@ pub fn zero_page_hash() -> u64 {
 
 /// The digest of a block from its page hashes.
 pub fn block_digest(page_hashes: &[u64]) -> u64 {
+    digest_of(page_hashes.iter().copied())
+}
+
+/// [`block_digest`] of page hashes kept in atomics (each read `Relaxed`).
+pub fn block_digest_atomic(page_hashes: &[AtomicU64]) -> u64 {
+    digest_of(page_hashes.iter().map(|hash| hash.load(Ordering::Relaxed)))
+}
+
+fn digest_of(page_hashes: impl Iterator<Item = u64>) -> u64 {
     let mut hasher = Xxh3::new();
     for hash in page_hashes {
         hasher.update(&hash.to_le_bytes());
@@ -89,5 +99,17 @@ mod tests {
         assert_ne!(one, zero);
         assert_eq!(ram_digests(&ram, 2).expect("hash"), one);
         assert_eq!(ram_digests(&ram, 7).expect("hash"), one);
+    }
+
+    #[test]
+    fn atomic_digest_agrees_with_the_plain_one() {
+        for hashes in [
+            vec![],
+            vec![7],
+            (0..300u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect(),
+        ] {
+            let atomics: Vec<AtomicU64> = hashes.iter().map(|&h| AtomicU64::new(h)).collect();
+            assert_eq!(block_digest_atomic(&atomics), block_digest(&hashes));
+        }
     }
 }

@@ -287,6 +287,25 @@ impl Block {
     }
 }
 
+/// Checks a block's page size (a power of two in
+/// `MIN_PAGE_SIZE..=MAX_PAGE_SIZE`) and its length (a non-zero multiple of
+/// the page size).
+pub(crate) fn check_page_size_and_length(page_size: u32, length: u64) -> Result<(), WireError> {
+    if !page_size.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) {
+        return Err(WireError::Invalid {
+            what: "block page size",
+            value: page_size.into(),
+        });
+    }
+    if length == 0 || length % u64::from(page_size) != 0 {
+        return Err(WireError::Invalid {
+            what: "block length",
+            value: length,
+        });
+    }
+    Ok(())
+}
+
 /// Every RAM block of the VM, in order; a block's index in this list is its
 /// id in page packets.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -332,20 +351,8 @@ impl BlockList {
         for _ in 0..count {
             let raw: RawBlock = r.read()?;
             reserved_zero("block reserved field", raw.reserved.get().into())?;
-            let page_size = raw.page_size.get();
-            if !page_size.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) {
-                return Err(WireError::Invalid {
-                    what: "block page size",
-                    value: page_size.into(),
-                });
-            }
-            let length = raw.length.get();
-            if length == 0 || length % u64::from(page_size) != 0 {
-                return Err(WireError::Invalid {
-                    what: "block length",
-                    value: length,
-                });
-            }
+            let (page_size, length) = (raw.page_size.get(), raw.length.get());
+            check_page_size_and_length(page_size, length)?;
             let name_len = usize::from(raw.name_len.get());
             cap("block name length", name_len as u64, MAX_BLOCK_NAME as u64)?;
             if name_len == 0 {

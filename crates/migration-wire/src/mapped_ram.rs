@@ -34,7 +34,7 @@
 //! did not finish. Nothing here does I/O.
 
 use crate::codec::{Reader, cap, put};
-use crate::handshake::{Block, BlockList, MAX_BLOCK_NAME, MAX_BLOCKS, MAX_PAGE_SIZE, MIN_PAGE_SIZE};
+use crate::handshake::{Block, BlockList, MAX_BLOCK_NAME, MAX_BLOCKS, check_page_size_and_length};
 use crate::{SessionId, WireError};
 use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::little_endian::{U16, U32, U64};
@@ -128,7 +128,7 @@ pub struct BlockLayout {
 impl BlockLayout {
     /// Pages in the block.
     pub fn pages(&self) -> u64 {
-        self.block.length / u64::from(self.block.page_size)
+        self.block.pages()
     }
 
     /// File offset of `page` (which must be below [`BlockLayout::pages`]).
@@ -174,7 +174,7 @@ impl Layout {
         let mut laid = Vec::with_capacity(blocks.blocks.len());
         for block in &blocks.blocks {
             check_block(block)?;
-            let pages = block.length / u64::from(block.page_size);
+            let pages = block.pages();
             let bitmap_offset = at;
             let bitmap_len = align_up(pages.div_ceil(8), BLOCK_ALIGN).ok_or_else(too_large)?;
             let pages_offset = bitmap_offset
@@ -319,19 +319,7 @@ fn check_block(block: &Block) -> Result<(), WireError> {
             value: block.name.len() as u64,
         });
     }
-    if !block.page_size.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&block.page_size) {
-        return Err(WireError::Invalid {
-            what: "block page size",
-            value: block.page_size.into(),
-        });
-    }
-    if block.length == 0 || block.length % u64::from(block.page_size) != 0 {
-        return Err(WireError::Invalid {
-            what: "block length",
-            value: block.length,
-        });
-    }
-    Ok(())
+    check_page_size_and_length(block.page_size, block.length)
 }
 
 impl FileHeader {

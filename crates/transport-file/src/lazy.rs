@@ -16,7 +16,8 @@
 use crate::restore::Snapshot;
 use crate::{FileError, io_error};
 use migration_core::Ram;
-use migration_core::verify::{block_digest, page_hash, zero_page_hash};
+use migration_core::bitmap::AtomicBitmap;
+use migration_core::verify::{block_digest_atomic, page_hash, zero_page_hash};
 use migration_sys::uffd::{MissingPages, Placed};
 use migration_sys::{AlignedBuf, SysError};
 use std::fs::File;
@@ -58,7 +59,7 @@ struct Shared {
 struct Block {
     missing: MissingPages,
     /// One bit per page: some thread took it on.
-    claimed: Box<[AtomicU64]>,
+    claimed: AtomicBitmap,
     hashes: Box<[AtomicU64]>,
 }
 
@@ -82,8 +83,7 @@ pub struct LazyReport {
 impl Block {
     /// Claims `page`; true when this caller is the one to load it.
     fn claim(&self, page: u64) -> bool {
-        let bit = 1u64 << (page % 64);
-        self.claimed[(page / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
+        !self.claimed.test_and_set(page)
     }
 }
 
@@ -128,7 +128,7 @@ impl LazyRestore {
             let pages = laid.pages();
             blocks.push(Block {
                 missing,
-                claimed: migration_sys::zeroed_atomics(pages.div_ceil(64) as usize),
+                claimed: AtomicBitmap::new(pages),
                 hashes: migration_sys::zeroed_atomics(pages as usize),
             });
         }
@@ -244,10 +244,7 @@ impl LazyRestore {
             .iter()
             .zip(&shared.snapshot.commit.blocks)
             .enumerate()
-            .filter(|(_, (block, summary))| {
-                let hashes: Vec<u64> = block.hashes.iter().map(|h| h.load(Ordering::Relaxed)).collect();
-                block_digest(&hashes) != summary.digest
-            })
+            .filter(|(_, (block, summary))| block_digest_atomic(&block.hashes) != summary.digest)
             .map(|(i, _)| i as u32)
             .collect();
         Ok(LazyReport {

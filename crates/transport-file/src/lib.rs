@@ -72,8 +72,6 @@ pub enum FileError {
     },
 }
 
-/// A transport error for something a file channel will not do or take:
-/// `what` is refused while `context`.
 /// Puts a finished file in place: renames `partial` over `path`, then syncs
 /// the directory so the rename survives a crash.
 fn install(partial: &std::path::Path, path: &std::path::Path) -> std::io::Result<()> {
@@ -83,6 +81,44 @@ fn install(partial: &std::path::Path, path: &std::path::Path) -> std::io::Result
         _ => std::path::PathBuf::from("."),
     };
     std::fs::File::open(&dir)?.sync_all()
+}
+
+/// The temporary name a file is written under beside `path` until it is
+/// complete (`fallback` names a path without a file name).
+fn partial_path(path: &std::path::Path, fallback: &str) -> std::path::PathBuf {
+    let name = path
+        .file_name()
+        .map_or_else(|| fallback.into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+/// Opens `path` for page writes (`write`) or page reads, with `O_DIRECT`
+/// when `direct_io` (checked against what the file system requires); a
+/// failure becomes `error(what was being done, the OS error)`.
+fn open_pages<E>(
+    path: &std::path::Path,
+    write: bool,
+    direct_io: bool,
+    error: impl Fn(String, std::io::Error) -> E,
+) -> Result<std::fs::File, E> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (io, doing) = if write {
+        ("writes", "writing")
+    } else {
+        ("reads", "reading")
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(!write).write(write);
+    if direct_io {
+        options.custom_flags(libc::O_DIRECT);
+    }
+    let file = options
+        .open(path)
+        .map_err(|e| error(format!("opening {} for page {io}", path.display()), e))?;
+    if direct_io {
+        check_direct_io(&file, path).map_err(|e| error(format!("{doing} {} with O_DIRECT", path.display()), e))?;
+    }
+    Ok(file)
 }
 
 fn io_error(context: impl Into<String>, source: std::io::Error) -> FileError {
@@ -96,7 +132,7 @@ fn io_error(context: impl Into<String>, source: std::io::Error) -> FileError {
 /// I/O uses: buffers and offsets aligned to whole 4 KiB pages. The rule is
 /// the larger of 4096 and what the file system reports (`statx`).
 fn check_direct_io(file: &std::fs::File, path: &std::path::Path) -> std::io::Result<()> {
-    const PAGE: u32 = 4096;
+    const PAGE: u32 = migration_sys::aligned::DIRECT_IO_ALIGN as u32;
     match migration_sys::direct_io_alignment(file)? {
         Some((0, 0)) => Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,

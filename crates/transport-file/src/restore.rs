@@ -10,8 +10,8 @@ use migration_wire::{
     BlockList, ChannelHello, Complete, EndOfRam, Features, Hello, Message, PROTOCOL_VERSION, PageBatch, PageEncoding,
     PageEntry, SyncMarker,
 };
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -151,20 +151,7 @@ impl Snapshot {
     /// Opens the file for page reads, with `O_DIRECT` when asked (checked
     /// against what the file system requires).
     pub(crate) fn open_pages(&self, direct_io: bool) -> Result<File, FileError> {
-        let path = &self.path;
-        let mut options = OpenOptions::new();
-        options.read(true);
-        if direct_io {
-            options.custom_flags(libc::O_DIRECT);
-        }
-        let data = options
-            .open(path)
-            .map_err(|e| io_error(format!("opening {} for page reads", path.display()), e))?;
-        if direct_io {
-            crate::check_direct_io(&data, path)
-                .map_err(|e| io_error(format!("reading {} with O_DIRECT", path.display()), e))?;
-        }
-        Ok(data)
+        crate::open_pages(&self.path, false, direct_io, io_error)
     }
 }
 
@@ -232,7 +219,6 @@ impl RestoreSource {
             scratch: Vec::new(),
             placed: false,
             device_state: Vec::new(),
-            received: 0,
         }
     }
 }
@@ -292,7 +278,6 @@ pub struct RestoreChannel {
     /// The current batch was read into place.
     placed: bool,
     device_state: Vec<u8>,
-    received: u64,
 }
 
 fn read_error(path: &Path, e: std::io::Error) -> TransportError {
@@ -357,7 +342,6 @@ impl RestoreChannel {
             return Ok(false);
         }
         let page_size = laid.block.page_size as usize;
-        self.scratch.resize(page_size, 0);
         self.hashes.clear();
         let path = &self.shared.snapshot.path;
         // The targets cover the stored pages in order, each a stretch of
@@ -387,13 +371,9 @@ impl RestoreChannel {
                 }
                 done += n;
             }
-            for at in (0..target.len).step_by(page_size) {
-                target
-                    .region
-                    .read(target.offset + at, &mut self.scratch)
-                    .map_err(|e| read_error(path, std::io::Error::other(e)))?;
-                self.hashes.push(migration_wire::page::page_hash(&self.scratch));
-            }
+            target
+                .hash_pages(0, target.len, page_size, &mut self.scratch, &mut self.hashes)
+                .map_err(|e| read_error(path, std::io::Error::other(e)))?;
         }
         Ok(true)
     }
@@ -536,7 +516,7 @@ impl ChannelRx for RestoreChannel {
     }
 
     fn bytes_received(&self) -> u64 {
-        self.received
+        0
     }
 }
 

@@ -1,9 +1,10 @@
 //! Saving: channels whose far end is a mapped-ram file.
 
 use crate::replies::{Replies, ReplyRx};
+use migration_core::bitmap::AtomicBitmap;
 use migration_core::error_chain::ErrorChain;
 use migration_core::transport::{ChannelHalves, Closer};
-use migration_core::verify::{block_digest, page_hash, zero_page_hash};
+use migration_core::verify::{block_digest_atomic, page_hash, zero_page_hash};
 use migration_core::{Channel, ChannelRx, ChannelTx, TransportError};
 use migration_sys::AlignedBuf;
 use migration_wire::mapped_ram::{BlockSummary, CommitRecord, Layout, bitmap_hash};
@@ -13,7 +14,7 @@ use migration_wire::{
 };
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -82,7 +83,7 @@ struct SaveFile {
     /// Header, bitmaps, device state and commit record go through this one.
     meta: File,
     /// Per block, one bit per page: its bytes are in the file.
-    stored: Vec<Box<[AtomicU64]>>,
+    stored: Vec<AtomicBitmap>,
     /// Per block, the hash of every page as saved.
     hashes: Vec<Box<[AtomicU64]>>,
     pages: AtomicU64,
@@ -96,14 +97,10 @@ impl SaveTarget {
     /// A save into `path`, written under a temporary name beside it until
     /// it commits.
     pub fn new(path: &Path, options: SaveOptions) -> Self {
-        let name = path
-            .file_name()
-            .map_or_else(|| "snapshot".into(), |n| n.to_string_lossy().into_owned());
-        let partial = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
         Self {
             shared: Arc::new(Shared {
                 path: path.to_owned(),
-                partial,
+                partial: crate::partial_path(path, "snapshot"),
                 options,
                 main: Arc::default(),
                 file: OnceLock::new(),
@@ -198,24 +195,12 @@ impl Shared {
         let header = layout.encode_header(session);
         meta.write_all_at(&header, 0)
             .map_err(|e| TransportError::io(format!("writing the header of {path}"), e))?;
-        let mut data = OpenOptions::new();
-        data.write(true);
-        if self.options.direct_io {
-            data.custom_flags(libc::O_DIRECT);
-        }
-        let data = data
-            .open(&self.partial)
-            .map_err(|e| TransportError::io(format!("opening {path} for page writes"), e))?;
-        if self.options.direct_io {
-            crate::check_direct_io(&data, &self.partial)
-                .map_err(|e| TransportError::io(format!("writing {path} with O_DIRECT"), e))?;
-        }
+        let data = crate::open_pages(&self.partial, true, self.options.direct_io, TransportError::io)?;
         let header_checksum = migration_wire::mapped_ram::FileHeader::decode(&header)
             .map_err(|e| refused(format!("the header just encoded does not decode: {e}")))?
             .checksum;
-        let words = |pages: u64| migration_sys::zeroed_atomics(pages.div_ceil(64) as usize);
         let file = SaveFile {
-            stored: layout.blocks.iter().map(|b| words(b.pages())).collect(),
+            stored: layout.blocks.iter().map(|b| AtomicBitmap::new(b.pages())).collect(),
             hashes: layout
                 .blocks
                 .iter()
@@ -238,17 +223,12 @@ impl Shared {
         let layout = &file.layout;
         let mut summaries = Vec::with_capacity(layout.blocks.len());
         for (i, block) in layout.blocks.iter().enumerate() {
-            let mut bitmap: Vec<u8> = file.stored[i]
-                .iter()
-                .flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes())
-                .collect();
-            bitmap.truncate(block.bitmap_bytes());
+            let bitmap = file.stored[i].to_le_bytes();
             file.meta
                 .write_all_at(&bitmap, block.bitmap_offset)
                 .map_err(|e| TransportError::io(format!("writing the bitmap of {}", block.block.name), e))?;
-            let hashes: Vec<u64> = file.hashes[i].iter().map(|h| h.load(Ordering::Relaxed)).collect();
             summaries.push(BlockSummary {
-                digest: block_digest(&hashes),
+                digest: block_digest_atomic(&file.hashes[i]),
                 stored_pages: bitmap.iter().map(|b| u64::from(b.count_ones())).sum(),
                 bitmap_hash: bitmap_hash(&bitmap),
             });
@@ -284,12 +264,10 @@ impl Shared {
 
 impl SaveFile {
     fn mark(&self, block: usize, page: u64, stored: bool, hash: u64) {
-        let word = &self.stored[block][(page / 64) as usize];
-        let bit = 1u64 << (page % 64);
         if stored {
-            word.fetch_or(bit, Ordering::Relaxed);
+            self.stored[block].set(page);
         } else {
-            word.fetch_and(!bit, Ordering::Relaxed);
+            self.stored[block].test_and_clear(page);
         }
         self.hashes[block][page as usize].store(hash, Ordering::Relaxed);
     }
@@ -482,10 +460,7 @@ impl SaveTx {
                     .hashes
                     .iter()
                     .enumerate()
-                    .filter(|(i, hashes)| {
-                        let values: Vec<u64> = hashes.iter().map(|h| h.load(Ordering::Relaxed)).collect();
-                        complete.digests.get(*i) != Some(&block_digest(&values))
-                    })
+                    .filter(|(i, hashes)| complete.digests.get(*i) != Some(&block_digest_atomic(hashes)))
                     .map(|(i, _)| i as u32)
                     .collect();
                 self.replies.push(&Message::Verdict(Verdict { mismatched }));

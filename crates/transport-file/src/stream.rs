@@ -53,8 +53,6 @@ pub struct StreamTarget {
 struct Shared {
     sink: Mutex<Option<Sink>>,
     replies: Arc<Replies>,
-    /// Per block, the hash of every page as last recorded.
-    hashes: Mutex<Vec<Vec<u64>>>,
     committed: Mutex<bool>,
 }
 
@@ -69,10 +67,7 @@ impl StreamTarget {
         let sink = if path == Path::new("-") {
             Sink::Stdout(BufWriter::with_capacity(1 << 20, std::io::stdout()))
         } else {
-            let name = path
-                .file_name()
-                .map_or_else(|| "stream".into(), |n| n.to_string_lossy().into_owned());
-            let partial = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+            let partial = crate::partial_path(path, "stream");
             let file = File::create(&partial).map_err(|e| io_error(format!("creating {}", partial.display()), e))?;
             Sink::File {
                 writer: BufWriter::with_capacity(1 << 20, file),
@@ -84,7 +79,6 @@ impl StreamTarget {
             shared: Arc::new(Shared {
                 sink: Mutex::new(Some(sink)),
                 replies: Arc::default(),
-                hashes: Mutex::default(),
                 committed: Mutex::new(false),
             }),
         })
@@ -97,6 +91,7 @@ impl StreamTarget {
             rx: Some(ReplyRx::new(Arc::clone(&self.shared.replies))),
             frame: Vec::new(),
             scratch: Vec::new(),
+            hashes: Vec::new(),
             sent: 0,
         }
     }
@@ -134,6 +129,9 @@ pub struct StreamChannel {
     rx: Option<ReplyRx>,
     frame: Vec<u8>,
     scratch: Vec<u8>,
+    /// Per block, the hash of every page as last recorded (only the sending
+    /// half, this one, touches them).
+    hashes: Vec<Vec<u64>>,
     sent: u64,
 }
 
@@ -177,8 +175,7 @@ impl Shared {
 impl StreamChannel {
     /// Each block's digest of the pages the stream holds.
     fn digests(&self) -> Vec<u64> {
-        let hashes = self.shared.hashes.lock().unwrap_or_else(|e| e.into_inner());
-        hashes.iter().map(|h| block_digest(h)).collect()
+        self.hashes.iter().map(|h| block_digest(h)).collect()
     }
 
     fn record(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
@@ -192,8 +189,7 @@ impl StreamChannel {
 
     /// Keeps the hash of every page of `batch`, as a destination would.
     fn hash_pages(&mut self, batch: &migration_wire::PageBatch<'_>) -> Result<(), TransportError> {
-        let mut hashes = self.shared.hashes.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(block) = hashes.get_mut(batch.block as usize) else {
+        let Some(block) = self.hashes.get_mut(batch.block as usize) else {
             return Err(refused(format!("pages of block {}, which does not exist", batch.block)));
         };
         let page_size = batch.page_size as usize;
@@ -256,11 +252,7 @@ impl ChannelTx for StreamChannel {
                 }));
             }
             Message::BlockList(blocks) => {
-                *self.shared.hashes.lock().unwrap_or_else(|e| e.into_inner()) = blocks
-                    .blocks
-                    .iter()
-                    .map(|b| vec![0; (b.length / u64::from(b.page_size)) as usize])
-                    .collect();
+                self.hashes = blocks.blocks.iter().map(|b| vec![0; b.pages() as usize]).collect();
                 self.record(message)?;
                 replies.push(&Message::BlocksAccepted);
             }

@@ -344,7 +344,6 @@ impl RxWire {
         hashes: &mut Vec<u64>,
         scratch: &mut Vec<u8>,
     ) -> Result<(), TransportError> {
-        scratch.resize(page_size, 0);
         hashes.clear();
         let plain = self.tls.is_none();
         let (uring, stream, tls) = (&mut self.uring, &self.stream, &mut self.tls);
@@ -372,13 +371,9 @@ impl RxWire {
                     },
                 };
                 // Hash the pages completed by this read while they are warm.
-                while hashed + page_size <= filled + n {
-                    run.region
-                        .read(run.offset + hashed, scratch)
-                        .map_err(io::Error::other)?;
-                    hashes.push(migration_wire::page::page_hash(scratch));
-                    hashed += page_size;
-                }
+                hashed = run
+                    .hash_pages(hashed, filled + n, page_size, scratch, hashes)
+                    .map_err(io::Error::other)?;
                 Ok(n)
             })?;
             if plain {

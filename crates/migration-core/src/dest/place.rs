@@ -7,7 +7,7 @@ use crate::compress::decompress;
 use crate::ram::Ram;
 use crate::stats::Stats;
 use crate::transport::{DirectPlacement, GuestRun};
-use crate::verify::{block_digest, page_hash, zero_page_hash};
+use crate::verify::{block_digest_atomic, page_hash, zero_page_hash};
 use migration_wire::{Codec, PageBatch, PageEncoding};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -223,13 +223,7 @@ impl Placer {
 
     /// Each block's digest of the pages placed.
     pub(crate) fn digests(&self) -> Vec<u64> {
-        self.hashes
-            .iter()
-            .map(|hashes| {
-                let values: Vec<u64> = hashes.iter().map(|h| h.load(Ordering::Relaxed)).collect();
-                block_digest(&values)
-            })
-            .collect()
+        self.hashes.iter().map(|hashes| block_digest_atomic(hashes)).collect()
     }
 
     /// Checks a batch against the announced blocks and records its pages
