@@ -421,3 +421,45 @@ fn a_save_that_cannot_write_fails_cleanly_and_keeps_the_good_snapshot() {
         );
     }
 }
+
+#[test]
+fn inspect_counts_only_the_pages_inside_their_block() {
+    use migration_wire::{Block, BlockList, Features, Hello, Message, PROTOCOL_VERSION, PageBatch, SessionId};
+    let _lock = lock();
+    let dir = disk_dir("inspect-outside");
+    let file = dir.file("outside.stream");
+    // A one-page block, and a batch of two pages past its end.
+    let mut bytes = Vec::new();
+    Message::Hello(Hello {
+        min_version: PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        features: Features::ZERO_PAGES,
+        session: SessionId(1),
+        channels: 1,
+    })
+    .encode(&mut bytes);
+    Message::BlockList(BlockList {
+        blocks: vec![Block {
+            name: "ram".into(),
+            length: 4096,
+            page_size: 4096,
+        }],
+    })
+    .encode(&mut bytes);
+    let mut entries = Vec::new();
+    for page in [1, 2] {
+        migration_wire::PageEntry {
+            page,
+            encoding: migration_wire::PageEncoding::Plain,
+        }
+        .push_to(&mut entries);
+    }
+    let payload = vec![7u8; 2 * 4096];
+    Message::Pages(PageBatch::new(0, 0, 4096, &entries, &payload).expect("batch")).encode(&mut bytes);
+    std::fs::write(&file, bytes).expect("write");
+    let (code, info) = inspect(&file);
+    assert_eq!(code, Some(1), "an unfinished stream: {info:#}");
+    let blocks = field(&info, "blocks").as_array().expect("blocks");
+    assert_eq!(num(&blocks[0], "stored_pages"), 0, "{info:#}");
+    assert_eq!(num(&blocks[0], "zero_pages"), 1, "{info:#}");
+}

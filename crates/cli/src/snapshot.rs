@@ -413,8 +413,12 @@ fn inspect_stream(path: &std::path::Path, inspection: &mut Inspection) {
                     None
                 }
                 Message::Pages(batch) => {
-                    if let Some(set) = stored.get_mut(batch.block as usize) {
-                        for entry in batch.entries().flatten() {
+                    if let (Some(set), Some(block)) =
+                        (stored.get_mut(batch.block as usize), blocks.get(batch.block as usize))
+                    {
+                        // Pages past the block's end are not counted (a
+                        // restore refuses them).
+                        for entry in batch.entries().flatten().filter(|e| e.page < block.pages) {
                             match entry.encoding {
                                 PageEncoding::Plain => set.insert(entry.page),
                                 PageEncoding::Zero => set.remove(&entry.page),
