@@ -11,7 +11,7 @@
 //! short deterministic run of each target.
 #![forbid(unsafe_code)]
 
-use migration_core::engine::{Action, PrecopyConfig, PrecopyEngine};
+use migration_core::engine::{Action, PostcopyWhen, PrecopyConfig, PrecopyEngine};
 use migration_core::source::pause_vm;
 use migration_core::{BlockId, Vm, VmError};
 use migration_wire::frame::decode_frame;
@@ -169,6 +169,9 @@ pub enum EngineOutcome {
     Failed,
     /// The step budget ran out first.
     Unfinished,
+    /// The engine switched to postcopy: every write after a page's last
+    /// send is in the set of pages it hands to postcopy.
+    Postcopy,
 }
 
 /// The engine target, telling how the run ended.
@@ -177,11 +180,20 @@ pub fn engine_outcome(data: &[u8]) -> EngineOutcome {
     let blocks: Vec<(u64, u64)> = (0..1 + input.byte() % 3)
         .map(|_| (1 + u64::from(input.byte() % 200), 4096))
         .collect();
+    let downtime_limit = Duration::from_millis(u64::from(input.byte()));
+    let max_iterations = Some(1 + u64::from(input.byte() % 8));
+    let batch_pages = 1 + u32::from(input.byte() % 64);
+    let shape = input.byte();
     let config = PrecopyConfig {
-        downtime_limit: Duration::from_millis(u64::from(input.byte())),
-        max_iterations: Some(1 + u64::from(input.byte() % 8)),
-        batch_pages: 1 + u32::from(input.byte() % 64),
-        max_bandwidth: (input.byte() % 4 == 0).then_some(1 << 20),
+        downtime_limit,
+        max_iterations,
+        batch_pages,
+        max_bandwidth: (shape % 4 == 0).then_some(1 << 20),
+        postcopy: match shape / 4 % 4 {
+            0 => Some(PostcopyWhen::NotConverging),
+            1 => Some(PostcopyWhen::AfterPasses(u64::from(shape / 16 % 3))),
+            _ => None,
+        },
         ..PrecopyConfig::default()
     };
     let start = Instant::now();
@@ -263,6 +275,22 @@ pub fn engine_outcome(data: &[u8]) -> EngineOutcome {
                             }
                         }
                         return EngineOutcome::Finished;
+                    }
+                    Action::Postcopy { .. } => {
+                        let token = pause_vm(&mut Paused).expect("pause");
+                        report(&mut engine, &mut unreported);
+                        let left = engine.handle_postcopy_paused(&token);
+                        assert_eq!(engine.phase(), migration_core::engine::Phase::Postcopy);
+                        for (b, pages) in written.iter().enumerate() {
+                            for (p, &w) in pages.iter().enumerate() {
+                                let stale = sent[b][p].is_none_or(|s| s < w);
+                                assert!(
+                                    !stale || left[b].get(p as u64),
+                                    "page {p} of block {b} written at {w} after its last send is not left for postcopy"
+                                );
+                            }
+                        }
+                        return EngineOutcome::Postcopy;
                     }
                     Action::Fail(_) => return EngineOutcome::Failed,
                     Action::Wait(until) => {
@@ -387,7 +415,7 @@ pub fn destination_resumed(data: &[u8]) -> bool {
         .collect();
     let ram = migration_core::Ram::new(blocks);
     let mut vm = Paused;
-    let mut no_more = || -> Result<Box<dyn migration_core::Channel>, migration_core::TransportError> {
+    let mut no_more = |_: Duration| -> Result<Box<dyn migration_core::Channel>, migration_core::TransportError> {
         Err(migration_core::TransportError::Closed)
     };
     match run_destination(

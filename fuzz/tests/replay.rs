@@ -55,14 +55,25 @@ fn a_short_deterministic_run_of_every_target_finds_nothing() {
 
 #[test]
 fn the_engine_target_reaches_the_end_it_checks() {
-    // Every seed runs to the finish, where the no-lost-write check is made.
-    for seed in seeds("engine") {
-        assert_eq!(
-            migration_fuzz::engine_outcome(&seed),
-            migration_fuzz::EngineOutcome::Finished,
-            "{seed:?}"
+    // Every seed runs to the finish or to the switch to postcopy, where the
+    // no-lost-write check is made; both ends are reached.
+    let outcomes: Vec<_> = seeds("engine")
+        .iter()
+        .map(|s| migration_fuzz::engine_outcome(s))
+        .collect();
+    for outcome in &outcomes {
+        assert!(
+            matches!(
+                outcome,
+                migration_fuzz::EngineOutcome::Finished | migration_fuzz::EngineOutcome::Postcopy
+            ),
+            "{outcomes:?}"
         );
     }
+    assert!(
+        outcomes.contains(&migration_fuzz::EngineOutcome::Finished),
+        "{outcomes:?}"
+    );
 }
 
 #[test]

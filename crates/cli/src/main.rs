@@ -27,6 +27,10 @@ pub mod exit {
     /// (GO was sent but the destination never said it runs, or the guest
     /// failed to resume): an operator must decide.
     pub const OPERATOR: u8 = 4;
+    /// Postcopy failed after the guest ran on the destination (the link was
+    /// not resumed in time, or the other side died): neither side holds the
+    /// whole VM any more.
+    pub const LOST: u8 = 5;
 }
 
 #[derive(Debug, Parser)]

@@ -156,12 +156,15 @@ impl Preallocated {
 
 /// The destination's RAM for an announced block list: in preallocated
 /// memory, in a file (created or resized to fit), in anonymous memory
-/// between inaccessible pages (`guarded`), or in fresh shared memory.
+/// between inaccessible pages (`guarded`), in private anonymous memory
+/// where the migration may switch to `postcopy` (userfaultfd places pages
+/// there), or in fresh shared memory.
 pub fn destination(
     blocks: &BlockList,
     mem_file: Option<&Path>,
     prealloc: Option<&Preallocated>,
     guarded: bool,
+    postcopy: bool,
 ) -> Result<GuestMemory> {
     let layout = layout(blocks);
     // A preallocation is of the announced size: the handshake refuses
@@ -175,7 +178,11 @@ pub fn destination(
         });
     }
     let Some(path) = mem_file else {
-        return shared_anonymous(&layout);
+        return if postcopy {
+            anonymous(&layout)
+        } else {
+            shared_anonymous(&layout)
+        };
     };
     let file = OpenOptions::new()
         .read(true)

@@ -58,6 +58,10 @@ pub struct RecvArgs {
     /// (repeatable; default: any the CA signed).
     #[arg(long, requires = "tls_cert")]
     pub tls_allow: Vec<String>,
+    /// In postcopy, how long to wait for the source to resume a lost link
+    /// before the migration (and the VM's state) is given up.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    pub resume_timeout: Duration,
     /// Print no progress lines (errors and the result still print).
     #[arg(long)]
     pub quiet: bool,
@@ -97,6 +101,10 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
             _ => Features::LZ4.union(Features::ZSTD),
         },
         io_timeout: args.io_timeout,
+        // Postcopy places pages with userfaultfd into private anonymous
+        // memory: not into a file.
+        postcopy: args.mem_file.is_none(),
+        resume_timeout: args.resume_timeout,
         ..DestOptions::default()
     };
     let listener = TcpListener::bind(&args.listen, tcp).with_context(|| format!("listening on {}", args.listen))?;
@@ -125,6 +133,7 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
         args.mem_file.as_deref(),
         prealloc.as_ref(),
         args.guard_pages,
+        incoming.postcopy(),
     ) {
         Ok(memory) => memory,
         Err(err) => {
@@ -136,9 +145,9 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
         }
     };
     report.setup(setup_start.elapsed());
-    let io_timeout = args.io_timeout;
-    let mut accept =
-        || -> Result<Box<dyn Channel>, TransportError> { Ok(Box::new(listener.accept_within(Some(io_timeout))?)) };
+    let mut accept = |wait: Duration| -> Result<Box<dyn Channel>, TransportError> {
+        Ok(Box::new(listener.accept_within(Some(wait))?))
+    };
     receive(
         incoming,
         &mut accept,
@@ -154,7 +163,7 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
 /// `run_for` once it resumed and reports; shared by `recv` and `restore`.
 pub fn receive(
     incoming: dest::Incoming,
-    accept: &mut dyn FnMut() -> Result<Box<dyn Channel>, TransportError>,
+    accept: &mut dyn FnMut(Duration) -> Result<Box<dyn Channel>, TransportError>,
     memory: memory::GuestMemory,
     options: &DestOptions,
     quiet: bool,
@@ -194,14 +203,19 @@ pub fn receive(
         }
         Err(failure) => {
             report.fill(&failure.stats, failure.stats.elapsed);
+            let lost = matches!(failure.error, dest::DestError::StateLost(_));
             // Once resumed, the guest lives here: the migration completed,
-            // only its verification failed.
-            report.status = if failure.resumed {
+            // only its verification failed (unless postcopy lost the state).
+            report.status = if failure.resumed && !lost {
                 Status::Completed
             } else {
                 Status::Failed
             };
             report.error = Some(format!("{:#}", anyhow::Error::new(failure.error)));
+            if lost {
+                // The guest here waits for pages that will never come.
+                return Ok(exit::LOST);
+            }
             (failure.resumed, false)
         }
     };
@@ -209,7 +223,24 @@ pub fn receive(
         // Never ran: the source keeps the VM; discard.
         return Ok(exit::FAILED);
     }
-    Ok(run_resumed(&guest, verified, run_for, report))
+    let code = run_resumed(&guest, verified, run_for, report);
+    if let Some(postcopy) = &mut report.postcopy {
+        // The guest's own view of its waits for pages that had not arrived.
+        postcopy.first_access_unix_us = guest.first_access().and_then(crate::report::unix_us);
+        let faults = guest.fault_stats();
+        postcopy.faults = Some(faults.faults);
+        postcopy.fault_p50_us = Some(faults.p50_us);
+        postcopy.fault_p99_us = Some(faults.p99_us);
+        postcopy.fault_max_us = Some(faults.max_us);
+        postcopy.blocked_ms = Some(
+            faults
+                .blocked
+                .iter()
+                .map(|(thread, blocked)| (thread.clone(), blocked.as_secs_f64() * 1e3))
+                .collect(),
+        );
+    }
+    Ok(code)
 }
 
 /// The guest runs here now: waits for its check of its own pages, lets it

@@ -58,11 +58,80 @@ pub struct Report {
     /// Lazy restore: pages loaded on first touch and in the background.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lazy: Option<LazyStats>,
+    /// Postcopy: present once the migration switched to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyReport>,
     /// The most memory this process had resident at any time (`VmHWM`).
     pub peak_resident_bytes: Option<u64>,
     /// Print the JSON object on stderr (stdout carries a stream).
     #[serde(skip)]
     pub json_to_stderr: bool,
+}
+
+/// What a postcopy migration reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PostcopyReport {
+    /// Destination: guest accesses that found their page absent (not
+    /// arrived yet), timed by the guest thread from the access to its
+    /// completion; percentiles and maximum in microseconds.
+    pub faults: Option<u64>,
+    pub fault_p50_us: Option<f64>,
+    pub fault_p99_us: Option<f64>,
+    pub fault_max_us: Option<f64>,
+    /// Destination: per guest thread, the time it spent blocked on absent
+    /// pages (milliseconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_ms: Option<std::collections::BTreeMap<String, f64>>,
+    /// Pages sent (source) or placed (destination) because the destination
+    /// asked for them.
+    pub requested_pages: u64,
+    /// Pages sent or placed by the background stream.
+    pub streamed_pages: u64,
+    /// Destination: faults the runtime's fault handler saw on pages not
+    /// placed yet, and the time from reading each to the page placed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handler_faults: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_p99_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_max_us: Option<f64>,
+    /// Times a lost link was resumed, and the time it was down.
+    pub recoveries: u64,
+    pub link_down_ms: f64,
+    /// Source: wall-clock time (microseconds since the Unix epoch) the guest
+    /// paused for the switch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused_unix_us: Option<u64>,
+    /// Destination: wall-clock time of the guest's first completed access
+    /// to its memory after it resumed; with `paused_unix_us`, the blackout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_access_unix_us: Option<u64>,
+}
+
+impl PostcopyReport {
+    /// The runtime's figures; `destination` adds the fault handler's.
+    pub fn new(stats: &migration_core::PostcopyStats, destination: bool) -> Self {
+        Self {
+            requested_pages: stats.requested_pages,
+            streamed_pages: stats.streamed_pages,
+            handler_faults: destination.then_some(stats.faults),
+            service_p50_us: destination.then_some(stats.service.p50_us),
+            service_p99_us: destination.then_some(stats.service.p99_us),
+            service_max_us: destination.then_some(stats.service.max_us),
+            recoveries: stats.recoveries,
+            link_down_ms: ms(stats.paused),
+            ..Self::default()
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch of `at`, a moment of this process.
+pub fn unix_us(at: Instant) -> Option<u64> {
+    let ago = Instant::now().checked_duration_since(at)?;
+    let then = std::time::SystemTime::now().checked_sub(ago)?;
+    Some(then.duration_since(std::time::UNIX_EPOCH).ok()?.as_micros() as u64)
 }
 
 /// What a lazy restore reports.
@@ -114,6 +183,7 @@ impl Report {
             guest_check: None,
             mismatched_blocks: Vec::new(),
             lazy: None,
+            postcopy: None,
             peak_resident_bytes: None,
             json_to_stderr: false,
         }
@@ -136,6 +206,20 @@ impl Report {
         self.zero_pages = Some(stats.zero_pages);
         self.plain_pages = Some(stats.plain_pages);
         self.zero_page_saved_bytes = Some(stats.zero_pages * 4096);
+        if let Some(postcopy) = &stats.postcopy {
+            let destination = self.role == "recv";
+            let keep = self.postcopy.take().unwrap_or_default();
+            self.postcopy = Some(PostcopyReport {
+                faults: keep.faults,
+                fault_p50_us: keep.fault_p50_us,
+                fault_p99_us: keep.fault_p99_us,
+                fault_max_us: keep.fault_max_us,
+                blocked_ms: keep.blocked_ms,
+                paused_unix_us: keep.paused_unix_us,
+                first_access_unix_us: keep.first_access_unix_us,
+                ..PostcopyReport::new(postcopy, destination)
+            });
+        }
         if !stats.channel_bytes.is_empty() {
             self.compression_saved_bytes = Some(stats.compression_saved);
             self.channels = Some(stats.channel_bytes.len());
@@ -191,6 +275,26 @@ impl Report {
         }
         if let Some(true) = self.source_resumed {
             line += ", source resumed";
+        }
+        if let Some(postcopy) = &self.postcopy {
+            line += &format!(
+                ", postcopy: {} pages requested, {} streamed",
+                postcopy.requested_pages, postcopy.streamed_pages
+            );
+            if let (Some(faults), Some(p50), Some(p99), Some(max)) = (
+                postcopy.faults,
+                postcopy.fault_p50_us,
+                postcopy.fault_p99_us,
+                postcopy.fault_max_us,
+            ) {
+                line += &format!(", {faults} guest faults (p50 {p50:.0} us, p99 {p99:.0} us, max {max:.0} us)");
+            }
+            if postcopy.recoveries > 0 {
+                line += &format!(
+                    ", link resumed {} times ({:.0} ms down)",
+                    postcopy.recoveries, postcopy.link_down_ms
+                );
+            }
         }
         eprintln!("{line}");
         if let Some(error) = &self.error {
@@ -276,6 +380,16 @@ impl Progress {
             Event::SourceResumed => self.say("source guest resumed"),
             Event::Started => self.say("handshake done, transferring"),
             Event::ChannelRefused { peer, reason } => self.say(&format!("refused connection from {peer}: {reason}")),
+            Event::PostcopyStarting { reason, remaining } => self.say(&format!(
+                "switching to postcopy ({reason:?}), {} left to send",
+                human_bytes(*remaining as f64)
+            )),
+            Event::PostcopyPaused { reason } => self.say(&format!(
+                "postcopy paused, link lost ({reason}); waiting for it to be resumed"
+            )),
+            Event::PostcopyResumed { after } => {
+                self.say(&format!("postcopy resumed after {:.0} ms", after.as_secs_f64() * 1e3))
+            }
         }
     }
 

@@ -8,7 +8,9 @@ use anyhow::{Context, Result};
 use clap::ValueEnum;
 use migration_core::source::SourceError;
 use migration_core::source::{SourceOptions, run_source};
-use migration_core::{Cancel, Channel, Compression, KernelDirtyLog, LimitAction, PrecopyConfig, TransportError};
+use migration_core::{
+    Cancel, Channel, Compression, KernelDirtyLog, LimitAction, PostcopyWhen, PrecopyConfig, TransportError,
+};
 use migration_wire::SessionId;
 use reference_guest::{Content, GuestSpec, Pattern, SyntheticGuest};
 use std::path::PathBuf;
@@ -46,6 +48,20 @@ pub struct SendArgs {
     /// host of --to).
     #[arg(long, requires = "tls_cert")]
     pub tls_server_name: Option<String>,
+    /// Allow postcopy: when precopy will not converge (the guest dirties
+    /// memory faster than it is sent) the guest runs on the destination at
+    /// once, and the pages it lacks follow, the ones it touches first. The
+    /// destination needs anonymous memory (no --mem-file) and userfaultfd.
+    #[arg(long)]
+    pub postcopy: bool,
+    /// Switch to postcopy after this many passes (0: at once, before any
+    /// page is sent), or earlier where precopy will not converge.
+    #[arg(long, requires = "postcopy")]
+    pub postcopy_after: Option<u64>,
+    /// In postcopy, how long to keep re-dialling a lost link before the
+    /// migration (and the VM's state) is given up.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    pub resume_timeout: Duration,
     #[command(flatten)]
     pub source: SourceArgs,
 }
@@ -201,7 +217,18 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
                 OnLimit::Fail => LimitAction::Fail,
             },
             max_bandwidth: args.max_bandwidth,
+            postcopy: match target {
+                Target::Tcp(send) if send.postcopy => Some(
+                    send.postcopy_after
+                        .map_or(PostcopyWhen::NotConverging, PostcopyWhen::AfterPasses),
+                ),
+                _ => None,
+            },
             ..PrecopyConfig::default()
+        },
+        resume_timeout: match target {
+            Target::Tcp(send) => send.resume_timeout,
+            _ => SourceOptions::default().resume_timeout,
         },
         session: session_id(),
         reply_timeout: args.io_timeout,
@@ -221,6 +248,7 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
         ..SourceOptions::default()
     };
     let mut progress = Progress::new(report.role);
+    let mut paused_at = None;
     let result = run_source(
         channel,
         &mut connect,
@@ -228,12 +256,24 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
         &mut guest,
         &mut dirty,
         &options,
-        &mut |event| progress.event(event),
+        &mut |event| {
+            if matches!(event, migration_core::Event::Paused) {
+                paused_at = Some(Instant::now());
+            }
+            progress.event(event)
+        },
     );
     progress.finish();
+    let paused_unix_us = paused_at.and_then(crate::report::unix_us);
+    let mark_pause = |report: &mut Report| {
+        if let Some(postcopy) = &mut report.postcopy {
+            postcopy.paused_unix_us = paused_unix_us;
+        }
+    };
     match result {
         Ok(done) => {
             report.fill(&done.stats, done.until_handover);
+            mark_pause(report);
             report.source_resumed = Some(false);
             report.status = Status::Completed;
             report.verified = done.verified;
@@ -258,11 +298,13 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
         }
         Err(failure) => {
             report.fill(&failure.stats, failure.stats.elapsed);
+            mark_pause(report);
             report.status = if matches!(failure.error, SourceError::Cancelled) {
                 Status::Cancelled
             } else {
                 Status::Failed
             };
+            let lost = matches!(failure.error, SourceError::StateLost(_));
             report.error = Some(format!("{:#}", anyhow::Error::new(failure.error)));
             report.source_resumed = Some(failure.source_resumed);
             if failure.source_resumed {
@@ -270,6 +312,8 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
             }
             Ok(if failure.source_resumed {
                 exit::FAILED
+            } else if lost {
+                exit::LOST
             } else {
                 // GO went out unconfirmed, or the guest would not resume:
                 // nothing runs on this side, an operator decides.

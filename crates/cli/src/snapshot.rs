@@ -210,7 +210,7 @@ fn restore_memory(
     if args.mem_file.is_none() && prealloc.is_none() {
         return memory::anonymous(&memory::layout(blocks));
     }
-    memory::destination(blocks, args.mem_file.as_deref(), prealloc, false)
+    memory::destination(blocks, args.mem_file.as_deref(), prealloc, false, false)
 }
 
 /// A restore from a stream file (never lazy: see [`restore`]).
@@ -218,7 +218,7 @@ fn restore_stream(args: &RestoreArgs, report: &mut Report) -> Result<u8> {
     anyhow::ensure!(!args.direct_io, "--direct-io applies to mapped-ram files");
     let setup_start = Instant::now();
     let source = StreamSource::open(&args.from, Vec::new())?;
-    let mut accept = || -> Result<Box<dyn Channel>, TransportError> {
+    let mut accept = |_: Duration| -> Result<Box<dyn Channel>, TransportError> {
         Err(TransportError::io(
             "a stream has one channel",
             std::io::Error::from(std::io::ErrorKind::InvalidData),
@@ -239,7 +239,7 @@ fn restore_into(args: &RestoreArgs, report: &mut Report) -> Result<u8> {
         ..DestOptions::default()
     };
     let mut next = 1u16;
-    let mut accept = || -> Result<Box<dyn Channel>, TransportError> {
+    let mut accept = |_: Duration| -> Result<Box<dyn Channel>, TransportError> {
         let channel = source.channel(next);
         next += 1;
         Ok(Box::new(channel))
@@ -262,7 +262,7 @@ fn restore_from(
     setup_start: Instant,
     main: Box<dyn Channel>,
     options: &DestOptions,
-    accept: &mut dyn FnMut() -> Result<Box<dyn Channel>, TransportError>,
+    accept: &mut dyn FnMut(Duration) -> Result<Box<dyn Channel>, TransportError>,
 ) -> Result<u8> {
     let incoming = dest::accept(main, options)
         .map_err(anyhow::Error::new)

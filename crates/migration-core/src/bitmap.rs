@@ -214,6 +214,52 @@ impl AtomicBitmap {
         (from..self.len).find(|&i| !self.get(i))
     }
 
+    /// The first set bit at or after `from`, a word at a time.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        if from >= self.len {
+            return None;
+        }
+        let mut index = (from / 64) as usize;
+        let mut bits = self.words[index].load(Ordering::Acquire) & (u64::MAX << (from % 64));
+        loop {
+            if bits != 0 {
+                let bit = index as u64 * 64 + u64::from(bits.trailing_zeros());
+                return (bit < self.len).then_some(bit);
+            }
+            index += 1;
+            bits = self.words.get(index)?.load(Ordering::Acquire);
+        }
+    }
+
+    /// Claims a run of set bits: finds the first set bit at or after
+    /// `from`, then clears it and the set bits right after it, at most
+    /// `max` in all. Returns the run as (first, count). A bit another thread
+    /// clears first is not part of the run: every bit is claimed once.
+    pub fn take_run(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        let mut at = from;
+        loop {
+            let first = self.next_set(at)?;
+            if !self.test_and_clear(first) {
+                // Another thread took it first.
+                at = first + 1;
+                continue;
+            }
+            let mut count = 1;
+            while count < max && self.test_and_clear(first + count) {
+                count += 1;
+            }
+            return Some((first, count));
+        }
+    }
+
+    /// Number of set bits.
+    pub fn count_ones(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+            .sum()
+    }
+
     /// Atomically takes every set bit, clearing it, and hands each run of
     /// set bits to `sink(first, count)`. A bit set concurrently is either
     /// taken now or left for the next call: never lost.
@@ -326,6 +372,28 @@ mod tests {
                 }
             }
             prop_assert_eq!(map.to_le_bytes(), want);
+        }
+
+        #[test]
+        fn runs_taken_claim_every_set_bit_once(len in 1u64..400, bits in proptest::collection::vec(0u64..400, 0..80), max in 1u64..20) {
+            let map = AtomicBitmap::new(len);
+            let mut want: Vec<u64> = bits.into_iter().filter(|&b| b < len).collect();
+            want.sort_unstable();
+            want.dedup();
+            for &bit in &want {
+                map.set(bit);
+            }
+            prop_assert_eq!(map.count_ones(), want.len() as u64);
+            prop_assert_eq!(map.next_set(0), want.first().copied());
+            let mut got = Vec::new();
+            let mut at = 0;
+            while let Some((first, count)) = map.take_run(at, max) {
+                prop_assert!(count >= 1 && count <= max);
+                got.extend(first..first + count);
+                at = first + count;
+            }
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(map.count_ones(), 0);
         }
     }
 }

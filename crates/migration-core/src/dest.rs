@@ -3,6 +3,7 @@
 //! the digest comparison.
 
 mod place;
+mod postcopy;
 mod receive;
 #[cfg(test)]
 mod tests;
@@ -45,6 +46,12 @@ pub struct DestOptions {
     /// ([`FreshMemory::Preallocated`]); other file-backed memory is filled
     /// through its file, which spares the kernel zeroing fresh pages.
     pub direct_placement: bool,
+    /// Agree to postcopy if the source asks: guest RAM must be private
+    /// anonymous memory and userfaultfd usable.
+    pub postcopy: bool,
+    /// In postcopy, how long to wait for the source to resume a lost link
+    /// before the migration is given up (and the VM's state with it).
+    pub resume_timeout: Duration,
 }
 
 impl Default for DestOptions {
@@ -57,6 +64,8 @@ impl Default for DestOptions {
             io_timeout: Duration::from_secs(30),
             progress_interval: Duration::from_millis(200),
             direct_placement: true,
+            postcopy: false,
+            resume_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -104,6 +113,10 @@ pub enum DestError {
     /// Another channel failed first (its error is the one reported).
     #[error("another channel failed")]
     OtherChannelFailed,
+    /// Postcopy failed: the guest runs here with part of its memory, the
+    /// rest is on the source, and the two cannot be joined again.
+    #[error("VM state lost: {0}")]
+    StateLost(String),
 }
 
 impl DestError {
@@ -122,7 +135,8 @@ impl DestError {
             | DestError::OnChannel { .. }
             | DestError::Vm(_)
             | DestError::Memory(_)
-            | DestError::OtherChannelFailed => ErrorCode::Internal,
+            | DestError::OtherChannelFailed
+            | DestError::StateLost(_) => ErrorCode::Internal,
         }
     }
 }
@@ -170,6 +184,12 @@ impl Incoming {
         self.hello.channels
     }
 
+    /// Whether the migration may switch to postcopy (agreed in the
+    /// handshake): guest RAM must then be private anonymous memory.
+    pub fn postcopy(&self) -> bool {
+        self.hello.features.contains(Features::POSTCOPY)
+    }
+
     /// How many extra channels have not joined yet.
     pub fn missing_channels(&self) -> usize {
         self.extra.iter().filter(|c| c.is_none()).count()
@@ -178,42 +198,14 @@ impl Incoming {
     /// Takes a new connection as one of this migration's extra channels. A
     /// connection of another session, with an index out of range or one
     /// already taken, is refused (and told why); the migration goes on.
-    pub fn join_channel(&mut self, mut channel: Box<dyn Channel>) -> Result<u16, DestError> {
-        let result = (|| {
-            channel.set_timeout(Some(self.io_timeout))?;
-            let hello = match channel.recv()? {
-                Message::ChannelHello(hello) => hello,
-                other => return Err(unexpected("channel-hello", &other)),
-            };
-            if hello.session != self.hello.session {
-                return Err(DestError::Protocol(format!(
-                    "channel of session {:#x}, this migration is session {:#x}",
-                    hello.session.0, self.hello.session.0
-                )));
-            }
-            if hello.channels != self.hello.channels {
-                return Err(DestError::Protocol(format!(
-                    "channel says {} channels, the handshake agreed {}",
-                    hello.channels, self.hello.channels
-                )));
-            }
-            let slot = &mut self.extra[usize::from(hello.index) - 1];
-            if slot.is_some() {
-                return Err(DestError::Protocol(format!("channel {} joined twice", hello.index)));
-            }
-            channel.send(&Message::ChannelAccepted)?;
-            Ok(hello.index)
-        })();
-        match result {
-            Ok(index) => {
-                self.extra[usize::from(index) - 1] = Some(channel);
-                Ok(index)
-            }
-            Err(err) => {
-                tell_peer(channel.as_mut(), &err);
-                Err(err)
-            }
-        }
+    pub fn join_channel(&mut self, channel: Box<dyn Channel>) -> Result<u16, DestError> {
+        join_channel(
+            channel,
+            self.hello.session,
+            self.hello.channels,
+            self.io_timeout,
+            &mut self.extra,
+        )
     }
 
     /// Refuses the migration after the handshake (guest RAM could not be
@@ -226,6 +218,58 @@ impl Incoming {
     }
 }
 
+/// Takes `channel` into its slot of `slots` (one per extra channel, by
+/// index - 1) if its [`ChannelHello`](migration_wire::ChannelHello) names
+/// `session` and a free slot; otherwise tells it why not.
+fn join_channel(
+    mut channel: Box<dyn Channel>,
+    session: SessionId,
+    channels: u16,
+    io_timeout: Duration,
+    slots: &mut [Option<Box<dyn Channel>>],
+) -> Result<u16, DestError> {
+    let result = (|| {
+        channel.set_timeout(Some(io_timeout))?;
+        let hello = match channel.recv()? {
+            Message::ChannelHello(hello) => hello,
+            other => return Err(unexpected("channel-hello", &other)),
+        };
+        if hello.session != session {
+            return Err(DestError::Protocol(format!(
+                "channel of session {:#x}, this migration is session {:#x}",
+                hello.session.0, session.0
+            )));
+        }
+        if hello.channels != channels {
+            return Err(DestError::Protocol(format!(
+                "channel says {} channels, the handshake agreed {channels}",
+                hello.channels
+            )));
+        }
+        let Some(slot) = slots.get(usize::from(hello.index) - 1) else {
+            return Err(DestError::Protocol(format!(
+                "channel index {} of {}, and postcopy (whose urgent-page channel it would be) was not agreed",
+                hello.index, hello.channels
+            )));
+        };
+        if slot.is_some() {
+            return Err(DestError::Protocol(format!("channel {} joined twice", hello.index)));
+        }
+        channel.send(&Message::ChannelAccepted)?;
+        Ok(hello.index)
+    })();
+    match result {
+        Ok(index) => {
+            slots[usize::from(index) - 1] = Some(channel);
+            Ok(index)
+        }
+        Err(err) => {
+            tell_peer(channel.as_mut(), &err);
+            Err(err)
+        }
+    }
+}
+
 /// Runs the handshake on a new connection. On a refusal the source is told
 /// why before the error returns.
 pub fn accept(mut channel: Box<dyn Channel>, options: &DestOptions) -> Result<Incoming, DestError> {
@@ -234,7 +278,10 @@ pub fn accept(mut channel: Box<dyn Channel>, options: &DestOptions) -> Result<In
     match result {
         Ok((hello, blocks)) => Ok(Incoming {
             channel,
-            extra: (1..hello.channels).map(|_| None).collect(),
+            // The data channels, and the urgent-page channel of postcopy.
+            extra: (1..hello.channels + u16::from(hello.features.contains(Features::POSTCOPY)))
+                .map(|_| None)
+                .collect(),
             hello,
             blocks,
             started,
@@ -294,9 +341,15 @@ fn handshake(channel: &mut dyn Channel, options: &DestOptions) -> Result<(Hello,
             name(options.compression)
         )));
     }
+    let mut features = hello.features.intersect(Features::KNOWN);
+    if !options.postcopy {
+        features = Features(features.0 & !Features::POSTCOPY.0);
+    }
+    // What was agreed is what counts from here on.
+    let hello = Hello { features, ..hello };
     channel.send(&Message::HelloReply(HelloReply {
         version,
-        features: hello.features.intersect(Features::KNOWN),
+        features,
         session: hello.session,
         channels: hello.channels,
     }))?;
@@ -382,13 +435,14 @@ pub enum FreshMemory {
 
 /// Receives the migration into `ram` (which must match the block list):
 /// accepts the block list, gathers the extra channels from `accept` (each
-/// call waits for the next connection, bounded by its own timeout; strays
-/// are refused and reported as [`Event::ChannelRefused`]), receives every
+/// call waits at most the time it is given for the next connection; strays
+/// are refused and reported as [`Event::ChannelRefused`]; in postcopy a lost
+/// link is resumed through it too), receives every
 /// channel's pages, drives `vm` through load and resume, and compares
 /// digests.
 pub fn run_destination(
     mut incoming: Incoming,
-    accept: &mut dyn FnMut() -> Result<Box<dyn Channel>, TransportError>,
+    accept: &mut dyn FnMut(Duration) -> Result<Box<dyn Channel>, TransportError>,
     ram: &Ram,
     fresh: FreshMemory,
     vm: &mut dyn Vm,
@@ -398,7 +452,8 @@ pub fn run_destination(
     let agreed_codecs = incoming.hello.features.intersect(options.compression);
     let gathered = gather_channels(&mut incoming, ram, accept, observer);
     let Incoming {
-        mut channel,
+        channel,
+        hello,
         blocks,
         started,
         extra,
@@ -410,10 +465,11 @@ pub fn run_destination(
         iterations: 0,
         handover: None,
         received_bytes: 0,
+        postcopy: None,
     };
     let shared = Shared {
         placer: Placer::new(ram, fresh),
-        barrier: EpochBarrier::new(1 + extra.len()),
+        barrier: EpochBarrier::new(usize::from(hello.channels)),
         prefault: Prefault::start(ram, fresh),
         direct: options
             .direct_placement
@@ -421,15 +477,25 @@ pub fn run_destination(
         io_timeout: options.io_timeout,
         codecs: agreed_codecs,
     };
+    let postcopy = hello.features.contains(Features::POSTCOPY);
     let result = match (gathered, extra.into_iter().collect::<Option<Vec<_>>>()) {
         (Err(err), _) => Err(err),
-        (Ok(()), Some(extra)) => state.run(channel.as_mut(), extra, &shared, &blocks, vm, options, observer),
+        (Ok(()), Some(mut extra)) => {
+            let urgent = if postcopy { extra.pop() } else { None };
+            let link = Link {
+                session: hello.session,
+                channels: hello.channels,
+                urgent,
+            };
+            state.run(channel, extra, link, &shared, &blocks, vm, options, accept, observer)
+        }
         (Ok(()), None) => Err(DestError::Protocol("not every channel joined".into())),
     };
     let mut stats = shared.placer.stats(started);
     drop(shared);
-    stats.transferred_bytes = state.received_bytes + channel.bytes_received() + channel.bytes_sent();
+    stats.transferred_bytes = state.received_bytes;
     stats.iterations = state.iterations;
+    stats.postcopy = state.postcopy.clone();
     match result {
         Ok((verified, mismatched_blocks)) => Ok(DestReport {
             stats,
@@ -437,14 +503,11 @@ pub fn run_destination(
             mismatched_blocks,
             until_handover: state.handover.unwrap_or_else(|| started.elapsed()),
         }),
-        Err(error) => {
-            tell_peer(channel.as_mut(), &error);
-            Err(Box::new(DestFailure {
-                error,
-                stats,
-                resumed: state.resumed,
-            }))
-        }
+        Err(error) => Err(Box::new(DestFailure {
+            error,
+            stats,
+            resumed: state.resumed,
+        })),
     }
 }
 
@@ -452,7 +515,7 @@ pub fn run_destination(
 fn gather_channels(
     incoming: &mut Incoming,
     ram: &Ram,
-    accept: &mut dyn FnMut() -> Result<Box<dyn Channel>, TransportError>,
+    accept: &mut dyn FnMut(Duration) -> Result<Box<dyn Channel>, TransportError>,
     observer: &mut dyn FnMut(&Event),
 ) -> Result<(), DestError> {
     if ram.block_list() != incoming.blocks {
@@ -462,7 +525,7 @@ fn gather_channels(
     }
     incoming.channel.send(&Message::BlocksAccepted)?;
     while incoming.missing_channels() > 0 {
-        let channel = accept().map_err(|err| {
+        let channel = accept(incoming.io_timeout).map_err(|err| {
             DestError::Protocol(format!(
                 "waiting for channel {} of {}: {}",
                 incoming.extra.iter().position(Option::is_none).unwrap_or(0) + 1,
@@ -486,25 +549,72 @@ struct DestRun {
     resumed: bool,
     iterations: u64,
     handover: Option<Duration>,
-    /// Bytes received on the extra channels.
+    /// Wire bytes of channels done with.
     received_bytes: u64,
+    /// Figures of the postcopy phase, once it started.
+    postcopy: Option<crate::stats::PostcopyStats>,
+}
+
+/// What the destination keeps of its link to the source beyond the data
+/// channels: who the source is, and the urgent-page channel of postcopy.
+struct Link {
+    session: SessionId,
+    /// Data channels agreed, the main one included.
+    channels: u16,
+    urgent: Option<Box<dyn Channel>>,
 }
 
 impl DestRun {
+    /// The whole migration on this side; tells the source why if it fails.
     #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
-        channel: &mut dyn Channel,
+        mut channel: Box<dyn Channel>,
         extra: Vec<Box<dyn Channel>>,
+        link: Link,
         shared: &Shared,
         blocks: &BlockList,
         vm: &mut dyn Vm,
         options: &DestOptions,
+        accept: &mut dyn FnMut(Duration) -> Result<Box<dyn Channel>, TransportError>,
         observer: &mut dyn FnMut(&Event),
     ) -> Result<(Option<bool>, Vec<u32>), DestError> {
         debug_assert_eq!(shared.placer.ram().block_list(), *blocks);
         observer(&Event::Started);
-        let end = self.transfer(channel, extra, shared, options, observer)?;
+        let result = match self.transfer(channel.as_mut(), extra, shared, options, observer) {
+            Ok((end, extra)) if end.postcopy => {
+                self.iterations = end.epochs;
+                return postcopy::run(
+                    self, channel, extra, link, end.epochs, shared, vm, options, accept, observer,
+                );
+            }
+            Ok((end, extra)) => {
+                self.count_bytes(&extra);
+                self.hand_over(channel.as_mut(), end, shared, vm, options, observer)
+            }
+            Err(err) => Err(err),
+        };
+        self.received_bytes += channel.bytes_received() + channel.bytes_sent();
+        if let Err(err) = &result {
+            tell_peer(channel.as_mut(), err);
+        }
+        result
+    }
+
+    fn count_bytes(&mut self, channels: &[Box<dyn Channel>]) {
+        self.received_bytes += channels.iter().map(|c| c.bytes_received()).sum::<u64>();
+    }
+
+    /// Precopy's end: device state, READY, GO, and the digest check.
+    fn hand_over(
+        &mut self,
+        channel: &mut dyn Channel,
+        end: receive::ChannelEnd,
+        shared: &Shared,
+        vm: &mut dyn Vm,
+        options: &DestOptions,
+        observer: &mut dyn FnMut(&Event),
+    ) -> Result<(Option<bool>, Vec<u32>), DestError> {
         self.iterations = end.epochs;
         if let Some(missing) = shared.placer.first_missing() {
             return Err(DestError::Protocol(format!(
@@ -576,7 +686,7 @@ impl DestRun {
         shared: &Shared,
         options: &DestOptions,
         observer: &mut dyn FnMut(&Event),
-    ) -> Result<receive::ChannelEnd, DestError> {
+    ) -> Result<(receive::ChannelEnd, Vec<Box<dyn Channel>>), DestError> {
         let mut closers: Vec<Closer> = Vec::with_capacity(extra.len() + 1);
         closers.push(channel.closer()?);
         for c in &extra {
@@ -590,25 +700,32 @@ impl DestRun {
             }
             shared.barrier.fail();
         };
-        let received = std::sync::atomic::AtomicU64::new(0);
-        let main = std::thread::scope(|scope| {
-            for (i, mut c) in extra.into_iter().enumerate() {
-                let (fail, closers, received) = (&fail, &closers, &received);
-                std::thread::Builder::new()
-                    .name(format!("migration-recv-{}", i + 1))
-                    .spawn_scoped(scope, move || {
-                        let result = receive::receive(i + 1, c.as_mut(), shared);
-                        received.fetch_add(c.bytes_received(), std::sync::atomic::Ordering::Relaxed);
-                        if let Err(err) = result {
-                            fail(err);
-                            // Unblock the other data channels. The main one
-                            // stays open: it may still carry the source's
-                            // reason (an abort), read below.
-                            closers.iter().skip(1).for_each(|close| close());
-                        }
-                    })
-                    .expect("spawning a channel thread");
-            }
+        let (main, ends) = std::thread::scope(|scope| {
+            let threads: Vec<_> = extra
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut c)| {
+                    let (fail, closers) = (&fail, &closers);
+                    std::thread::Builder::new()
+                        .name(format!("migration-recv-{}", i + 1))
+                        .spawn_scoped(scope, move || {
+                            let result = receive::receive(i + 1, c.as_mut(), shared);
+                            match result {
+                                Ok(end) => Some((end, c)),
+                                Err(err) => {
+                                    fail(err);
+                                    // Unblock the other data channels. The
+                                    // main one stays open: it may still
+                                    // carry the source's reason (an abort),
+                                    // read below.
+                                    closers.iter().skip(1).for_each(|close| close());
+                                    None
+                                }
+                            }
+                        })
+                        .expect("spawning a channel thread")
+                })
+                .collect();
             let progress = ProgressTicker::new(options.progress_interval);
             let result = progress.around(observer, shared, self.started, || receive::receive(0, channel, shared));
             if result.is_err() {
@@ -617,9 +734,12 @@ impl DestRun {
                 shared.barrier.fail();
                 closers.iter().skip(1).for_each(|close| close());
             }
-            result
+            let ends: Vec<_> = threads
+                .into_iter()
+                .map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect();
+            (result, ends)
         });
-        self.received_bytes = received.into_inner();
         let first = first_error.into_inner().unwrap_or_else(|e| e.into_inner());
         // A fault found here (a corrupt frame, a full disk, a broken
         // protocol) is the cause; a closed or reset channel may only be the
@@ -636,7 +756,19 @@ impl DestRun {
             )
         };
         match (main, first) {
-            (Ok(end), None) => Ok(end),
+            (Ok(end), None) => {
+                let (ends, channels): (Vec<_>, Vec<_>) = ends.into_iter().flatten().unzip();
+                // Every channel ends the same way: all of RAM sent, or the
+                // switch to postcopy.
+                if let Some(other) = ends.iter().find(|e| e.postcopy != end.postcopy) {
+                    return Err(DestError::Protocol(format!(
+                        "the main channel ended with {}, another with {}",
+                        end.kind(),
+                        other.kind()
+                    )));
+                }
+                Ok((end, channels))
+            }
             (_, Some(err)) if !is_consequence(&err) => Err(err),
             (Err(err), _) if !is_consequence(&err) => Err(err),
             (main, first) => {

@@ -51,6 +51,32 @@ pub struct PrecopyConfig {
     pub max_bandwidth: Option<u64>,
     /// Most pages handed out in one run.
     pub batch_pages: u32,
+    /// When precopy hands over to postcopy (`None`: never; precopy switches
+    /// over or fails as [`PrecopyConfig::on_limit`] says).
+    pub postcopy: Option<PostcopyWhen>,
+}
+
+/// When the engine switches to postcopy, if it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PostcopyWhen {
+    /// When precopy will not converge: after a pass the guest dirtied memory
+    /// at least as fast as it was sent, or a pass left more to send than the
+    /// one before, or a limit was reached.
+    NotConverging,
+    /// After this many passes (0: at once, before any page is sent), or
+    /// earlier where precopy would not converge.
+    AfterPasses(u64),
+}
+
+/// Why the engine switched to postcopy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PostcopyReason {
+    /// The guest dirties memory faster than precopy sends it.
+    NotConverging,
+    /// The configured number of passes ran.
+    Passes,
+    /// An iteration or time limit was reached.
+    Limit,
 }
 
 impl Default for PrecopyConfig {
@@ -62,6 +88,7 @@ impl Default for PrecopyConfig {
             on_limit: LimitAction::Switchover,
             max_bandwidth: None,
             batch_pages: 256,
+            postcopy: None,
         }
     }
 }
@@ -141,6 +168,15 @@ pub enum Action {
     },
     /// All RAM is sent: send the device state and end the stream.
     Finish,
+    /// Switch to postcopy: pause the VM, collect the dirty log one last
+    /// time, report it with [`PrecopyEngine::handle_dirty`], then take the
+    /// pages left with [`PrecopyEngine::handle_postcopy_paused`].
+    Postcopy {
+        /// Why now.
+        reason: PostcopyReason,
+        /// Bytes of dirty pages left at the last sync (before the pause).
+        remaining: u64,
+    },
     /// Precopy gave up; resume the VM and abort.
     Fail(ConvergenceError),
     /// Nothing to do until an input arrives, or until the given time.
@@ -180,6 +216,12 @@ pub enum Phase {
     Done,
     /// Gave up.
     Failed,
+    /// Decided to switch to postcopy; the runtime must pause the VM.
+    PostcopyPending,
+    /// Waiting for the runtime to report the VM paused for postcopy.
+    AwaitPostcopyPaused,
+    /// Precopy is over; the pages left went to the postcopy runtime.
+    Postcopy,
 }
 
 impl Phase {
@@ -194,6 +236,9 @@ impl Phase {
                 | (AwaitPaused, FinalSending)
                 | (FinalSending, Finishing)
                 | (Finishing, Done)
+                | (Syncing, PostcopyPending)
+                | (PostcopyPending, AwaitPostcopyPaused)
+                | (AwaitPostcopyPaused, Postcopy)
         )
     }
 }
@@ -211,6 +256,8 @@ pub struct Estimates {
     pub remaining_at_sync: u64,
     /// Downtime expected from the last sync.
     pub expected_downtime: Option<Duration>,
+    /// Bytes of dirty pages left at the sync before the last one.
+    pub remaining_before: Option<u64>,
 }
 
 /// The precopy state machine.
@@ -252,7 +299,7 @@ impl PrecopyEngine {
     pub fn with_pages(blocks: Vec<(u64, u64)>, mut config: PrecopyConfig, now: Instant) -> Self {
         // A run becomes one page packet: keep it within what the wire carries.
         config.batch_pages = config.batch_pages.clamp(1, migration_wire::MAX_PAGES_PER_BATCH);
-        Self {
+        let mut engine = Self {
             dirty: blocks.iter().map(|&(pages, _)| Bitmap::full(pages)).collect(),
             page_sizes: blocks.iter().map(|&(_, size)| size).collect(),
             config,
@@ -269,7 +316,17 @@ impl PrecopyEngine {
             emitted_ram: 0,
             estimates: Estimates::default(),
             pending: None,
+        };
+        if engine.config.postcopy == Some(PostcopyWhen::AfterPasses(0)) {
+            // Postcopy at once: the engine starts deciding it, and nothing
+            // goes out before the switch.
+            engine.phase = Phase::PostcopyPending;
+            engine.pending = Some(Action::Postcopy {
+                reason: PostcopyReason::Passes,
+                remaining: engine.remaining_bytes(),
+            });
         }
+        engine
     }
 
     /// The current phase.
@@ -339,6 +396,7 @@ impl PrecopyEngine {
         self.last_sync = now;
         self.estimates.iterations += 1;
         let remaining = self.remaining_bytes();
+        self.estimates.remaining_before = (self.estimates.iterations > 1).then_some(self.estimates.remaining_at_sync);
         self.estimates.remaining_at_sync = remaining;
         let expected = if remaining == 0 {
             Some(Duration::ZERO)
@@ -381,6 +439,21 @@ impl PrecopyEngine {
         } else {
             None
         };
+        if let Some(when) = self.config.postcopy {
+            let passes_done = matches!(when, PostcopyWhen::AfterPasses(n) if self.estimates.iterations >= n);
+            let reason = if hit.is_some() {
+                Some(PostcopyReason::Limit)
+            } else if self.is_not_converging() {
+                Some(PostcopyReason::NotConverging)
+            } else if passes_done {
+                Some(PostcopyReason::Passes)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return self.start_postcopy(reason, remaining);
+            }
+        }
         match (hit, self.config.on_limit) {
             (Some((reason, _)), LimitAction::Switchover) => self.switch_over(expected_or_max, reason),
             (Some((_, error)), LimitAction::Fail) => {
@@ -392,6 +465,40 @@ impl PrecopyEngine {
                 self.start_pass(now);
             }
         }
+    }
+
+    /// Whether the last pass shows precopy cannot converge: the guest
+    /// dirtied memory at least as fast as the pass sent it, or this pass
+    /// left no less than 90% of what the one before left (a guest that
+    /// rewrites all of its memory in every pass looks like that: its dirty
+    /// set, not its write rate, is what the log shows).
+    fn is_not_converging(&self) -> bool {
+        let e = &self.estimates;
+        let outpaced = e.bandwidth > 0.0 && e.dirty_rate >= e.bandwidth;
+        let stuck = e
+            .remaining_before
+            .is_some_and(|before| e.remaining_at_sync as f64 >= before as f64 * 0.9);
+        outpaced || stuck
+    }
+
+    fn start_postcopy(&mut self, reason: PostcopyReason, remaining: u64) {
+        self.become_(Phase::PostcopyPending);
+        self.pending = Some(Action::Postcopy { reason, remaining });
+    }
+
+    /// The VM is paused for postcopy and the dirty log was collected one
+    /// last time: precopy ends, and the pages left to send, one bitmap per
+    /// block, go to the postcopy runtime.
+    pub fn handle_postcopy_paused(&mut self, paused: &SourcePaused) -> Vec<Bitmap> {
+        let _ = paused;
+        if self.phase != Phase::AwaitPostcopyPaused {
+            return Vec::new();
+        }
+        self.become_(Phase::Postcopy);
+        self.dirty
+            .iter_mut()
+            .map(|map| std::mem::replace(map, Bitmap::new(0)))
+            .collect()
     }
 
     fn switch_over(&mut self, expected_downtime: Duration, reason: SwitchoverReason) {
@@ -422,8 +529,10 @@ impl PrecopyEngine {
     /// The next piece of work.
     pub fn poll(&mut self, now: Instant) -> Action {
         if let Some(action) = self.pending.take() {
-            if matches!(action, Action::Pause { .. }) {
-                self.become_(Phase::AwaitPaused);
+            match action {
+                Action::Pause { .. } => self.become_(Phase::AwaitPaused),
+                Action::Postcopy { .. } => self.become_(Phase::AwaitPostcopyPaused),
+                _ => {}
             }
             return action;
         }
@@ -454,7 +563,13 @@ impl PrecopyEngine {
                 // The runtime asked for work right after EndEpoch: sync now.
                 Action::SyncDirtyLog
             }
-            Phase::PausePending | Phase::AwaitPaused | Phase::Done | Phase::Failed => Action::Wait(None),
+            Phase::PausePending
+            | Phase::AwaitPaused
+            | Phase::Done
+            | Phase::Failed
+            | Phase::PostcopyPending
+            | Phase::AwaitPostcopyPaused
+            | Phase::Postcopy => Action::Wait(None),
         }
     }
 

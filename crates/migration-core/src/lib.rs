@@ -26,8 +26,10 @@ pub mod vm;
 pub use cancel::Cancel;
 pub use compress::Compression;
 pub use dirty::{CombinedDirtyLog, DirtyLog, DirtyLogError, KernelDirtyLog, SoftwareDirtyLog};
-pub use engine::{Action, LimitAction, PageRun, PrecopyConfig, PrecopyEngine, SourcePaused};
+pub use engine::{
+    Action, LimitAction, PageRun, PostcopyReason, PostcopyWhen, PrecopyConfig, PrecopyEngine, SourcePaused,
+};
 pub use ram::{BlockId, Ram, RamBlock};
-pub use stats::{Event, Stats};
+pub use stats::{Event, Histogram, Latency, PostcopyStats, Stats};
 pub use transport::{Channel, ChannelRx, ChannelTx, DirectPlacement, GuestRun, TransportError};
 pub use vm::{Vm, VmError};

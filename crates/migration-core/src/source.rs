@@ -8,6 +8,7 @@
 //!  pause / READY / GO / verify     sync markers, control     (acks, errors)
 //! ```
 
+mod postcopy;
 mod threads;
 
 use crate::cancel::Cancel;
@@ -50,6 +51,9 @@ pub struct SourceOptions {
     /// with a thread of its own. The destination may refuse more than its
     /// limit.
     pub channels: u16,
+    /// In postcopy, how long to try to resume a lost link before the
+    /// migration is given up (and the VM's state with it).
+    pub resume_timeout: Duration,
 }
 
 impl Default for SourceOptions {
@@ -62,6 +66,7 @@ impl Default for SourceOptions {
             cancel: Cancel::new(),
             channels: 1,
             compression: Compression::None,
+            resume_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -115,6 +120,10 @@ pub enum SourceError {
         "handover unconfirmed: GO was sent but the destination did not confirm it runs ({0}); the source stays paused"
     )]
     HandoverUnconfirmed(String),
+    /// Postcopy failed: the destination's guest runs with part of its
+    /// memory, the rest is here, and the two cannot be joined again.
+    #[error("VM state lost: {0}")]
+    StateLost(String),
 }
 
 /// The result of a migration that handed the VM over.
@@ -155,10 +164,23 @@ pub fn pause_vm(vm: &mut dyn Vm) -> Result<SourcePaused, VmError> {
 
 pub(super) enum Job {
     Pages(PageRun),
-    EndEpoch { epoch: u64, done: Sender<()> },
+    EndEpoch {
+        epoch: u64,
+        done: Sender<()>,
+    },
     Control(Message<'static>),
     DeviceState(Vec<u8>),
+    /// A [`Message::Discard`] of these bits.
+    Discard {
+        block: u32,
+        first: u64,
+        count: u32,
+        bits: Vec<u8>,
+    },
     Flush(Sender<()>),
+    /// From now on the thread carries postcopy's background stream: it
+    /// yields the CPU to the threads that serve page requests.
+    Background,
 }
 
 /// What the reader thread forwards from the return path.
@@ -169,6 +191,8 @@ pub(super) enum Returned {
     Verdict(Verdict),
     Error(PeerError),
     Unexpected(&'static str),
+    /// The destination broke the protocol (a page request out of range).
+    Protocol(String),
     Failed(TransportError),
 }
 
@@ -193,7 +217,8 @@ pub fn run_source(
         ram,
         options,
         started,
-        counters: (0..options.channels.max(1))
+        // The data channels, and one more for the urgent-page channel.
+        counters: (0..=options.channels.max(1))
             .map(|_| Arc::new(Counters::default()))
             .collect(),
         pause_attempted: false,
@@ -213,6 +238,8 @@ pub fn run_source(
         complete_sent: false,
         zero_pages: true,
         abandon: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        postcopy_pages: None,
+        postcopy: None,
     };
     let result = run.run(channel, connect, vm, dirty_log, observer);
     let stats = run.stats();
@@ -241,8 +268,10 @@ struct Verification {
 }
 
 /// The threads' ends the control thread holds: one job queue and error
-/// slot per channel (index 0 is the main connection), the return path, and
-/// a closer per channel to unblock its thread on failure.
+/// slot per channel (index 0 is the main connection, then the data
+/// channels, then the urgent-page channel in a migration that may switch to
+/// postcopy), the return path, and a closer per channel to unblock its
+/// thread on failure.
 struct Link {
     jobs: Vec<Sender<Job>>,
     channel_error: Vec<Arc<Mutex<Option<ChannelFailure>>>>,
@@ -250,6 +279,48 @@ struct Link {
     returned: Receiver<Returned>,
     /// The channel the next page run goes to.
     next: std::cell::Cell<usize>,
+    /// How many channels carry streamed pages (the urgent one does not).
+    data: usize,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Link {
+    /// The next data channel in round robin: within an epoch a page goes
+    /// out once, so any channel may carry it.
+    fn next_data(&self) -> usize {
+        let channel = self.next.get();
+        self.next.set((channel + 1) % self.data);
+        channel
+    }
+
+    /// Lets every channel thread finish its queue and stop, then closes
+    /// the main connection, which ends the return-path reader. Returns
+    /// whether a thread panicked.
+    fn close(mut self) -> bool {
+        let closers = std::mem::take(&mut self.closers);
+        let threads = std::mem::take(&mut self.threads);
+        drop(self);
+        let mut panicked = false;
+        for thread in threads {
+            panicked |= thread.join().is_err();
+        }
+        if let Some(close) = closers.first() {
+            close();
+        }
+        panicked
+    }
+}
+
+/// How precopy ended.
+enum Switch {
+    /// Every page is sent and the VM is paused: hand over.
+    Stopped,
+    /// The VM is paused and the destination is to run it before the pages
+    /// `left` (one bitmap per block) arrived.
+    Postcopy {
+        left: Vec<crate::bitmap::Bitmap>,
+        epochs: u64,
+    },
 }
 
 struct SourceRun<'a> {
@@ -280,6 +351,11 @@ struct SourceRun<'a> {
     zero_pages: bool,
     /// Set on failure: channel threads drop the page jobs still queued.
     abandon: Arc<std::sync::atomic::AtomicBool>,
+    /// Postcopy was agreed: the pages still to send in postcopy, per block
+    /// (empty until the switch), shared with the return-path reader.
+    postcopy_pages: Option<Arc<threads::PendingPages>>,
+    /// Figures of the postcopy phase.
+    postcopy: Option<crate::stats::PostcopyStats>,
 }
 
 impl SourceRun<'_> {
@@ -297,10 +373,12 @@ impl SourceRun<'_> {
             channel_bytes: self
                 .counters
                 .iter()
+                .take(usize::from(self.options.channels.max(1)) + usize::from(self.postcopy_pages.is_some()))
                 .map(|c| c.wire_bytes.load(Ordering::Relaxed))
                 .collect(),
             elapsed: self.started.elapsed(),
             downtime: self.downtime,
+            postcopy: self.postcopy_stats(),
             ..self.engine_stats.clone()
         }
     }
@@ -330,29 +408,76 @@ impl SourceRun<'_> {
             }
         };
         observer(&Event::Started);
-        let halves = std::iter::once(channel)
-            .chain(channels)
-            .map(|c| {
-                let closer = c.closer()?;
-                let (tx, rx) = c.split()?;
-                Ok((tx, rx, closer))
-            })
-            .collect::<Result<Vec<_>, TransportError>>();
-        let halves = match halves {
-            Ok(halves) => halves,
+        let mut link = match self.start_link(std::iter::once(channel).chain(channels).collect()) {
+            Ok(link) => link,
             Err(err) => {
                 self.source_resumed = true;
                 return Err(err.into());
             }
         };
+        let outcome = match self.precopy(&link, vm, dirty_log, observer) {
+            Ok(Switch::Stopped) => self.hand_over(&link, observer).map(|()| self.verify(&link, observer)),
+            Ok(Switch::Postcopy { left, epochs }) => self.postcopy(&mut link, left, epochs, connect, vm, observer),
+            Err(err) => Err(err),
+        };
+        if let Err(err) = &outcome
+            && !self.handed_over
+        {
+            // Before GO the source is the truth: it runs again at once,
+            // before anything else can block, and the destination is told
+            // to discard.
+            self.source_resumed = !self.pause_attempted || vm.resume().is_ok();
+            if self.source_resumed {
+                observer(&Event::SourceResumed);
+            }
+            // Let the abort reach the wire before the data channels close,
+            // so the destination reports the reason rather than a closed
+            // channel (bounded: the link may be dead). Queued pages are
+            // dropped, not sent: the guest runs again.
+            self.abandon.store(true, Ordering::Release);
+            let (done, flushed) = bounded(1);
+            let abort = Job::Control(Message::Abort(ErrorChain(err).to_string()));
+            let wait = Duration::from_secs(1);
+            if link.jobs[0].send_timeout(abort, wait).is_ok()
+                && link.jobs[0].send_timeout(Job::Flush(done), wait).is_ok()
+            {
+                let _ = flushed.recv_timeout(wait);
+            }
+        }
+        if outcome.is_err() {
+            // Unblock the other channels' threads; the main one still
+            // carries the abort.
+            link.closers.iter().skip(1).for_each(|close| close());
+        }
+        if link.close() {
+            return Err(SourceError::Protocol("a channel thread panicked".into()));
+        }
+        outcome
+    }
+
+    /// Spawns a thread per channel (the main one first, then the data
+    /// channels, then the urgent-page channel when postcopy was agreed) and
+    /// the return-path reader on the main one.
+    fn start_link(&self, channels: Vec<Box<dyn Channel>>) -> Result<Link, TransportError> {
+        let data = usize::from(self.options.channels.max(1));
+        let halves = channels
+            .into_iter()
+            .map(|c| {
+                let closer = c.closer()?;
+                let (tx, rx) = c.split()?;
+                Ok((tx, rx, closer))
+            })
+            .collect::<Result<Vec<_>, TransportError>>()?;
         let mut link = Link {
             jobs: Vec::new(),
             channel_error: Vec::new(),
             closers: Vec::new(),
             returned: crossbeam_channel::never(),
             next: std::cell::Cell::new(0),
+            data,
+            threads: Vec::new(),
         };
-        let mut threads = Vec::new();
+        let mut main_rx = None;
         for (index, (tx, rx, closer)) in halves.into_iter().enumerate() {
             let (jobs, thread, error) = spawn_channel_thread(
                 index,
@@ -365,65 +490,32 @@ impl SourceRun<'_> {
             link.jobs.push(jobs);
             link.channel_error.push(error);
             link.closers.push(closer);
-            threads.push(thread);
+            link.threads.push(thread);
             if index == 0 {
-                // The return path comes back on the main connection only.
-                link.returned = spawn_reader_thread(rx);
+                main_rx = Some(rx);
             }
         }
-        let result = self
-            .precopy(&link, vm, dirty_log, observer)
-            .and_then(|()| self.hand_over(&link, observer));
-        let outcome = match result {
-            Ok(()) => Ok(self.verify(&link, observer)),
-            Err(err) => {
-                if !self.handed_over {
-                    // Before GO the source is the truth: it runs again at
-                    // once, before anything else can block, and the
-                    // destination is told to discard.
-                    self.source_resumed = !self.pause_attempted || vm.resume().is_ok();
-                    if self.source_resumed {
-                        observer(&Event::SourceResumed);
-                    }
-                    // Let the abort reach the wire before the data channels
-                    // close, so the destination reports the reason rather
-                    // than a closed channel (bounded: the link may be dead).
-                    // Queued pages are dropped, not sent: the guest runs again.
-                    self.abandon.store(true, Ordering::Release);
-                    let (done, flushed) = bounded(1);
-                    let abort = Job::Control(Message::Abort(ErrorChain(&err).to_string()));
-                    let wait = Duration::from_secs(1);
-                    if link.jobs[0].send_timeout(abort, wait).is_ok()
-                        && link.jobs[0].send_timeout(Job::Flush(done), wait).is_ok()
-                    {
-                        let _ = flushed.recv_timeout(wait);
-                    }
-                }
-                // Unblock the data channels' threads; the main one still
-                // carries the abort.
-                link.closers.iter().skip(1).for_each(|close| close());
-                Err(err)
-            }
-        };
-        let closers = std::mem::take(&mut link.closers);
-        drop(link);
-        let mut panicked = false;
-        for thread in threads {
-            panicked |= thread.join().is_err();
+        // The return path comes back on the main connection only; page
+        // requests on it go straight to the urgent channel's thread.
+        let route = self.postcopy_pages.as_ref().and_then(|pending| {
+            link.jobs.get(data).map(|urgent| threads::RequestRoute {
+                urgent: urgent.clone(),
+                pending: Arc::clone(pending),
+            })
+        });
+        if let Some(rx) = main_rx {
+            link.returned = spawn_reader_thread(rx, route);
         }
-        // The main connection last: that also ends the return-path reader.
-        if let Some(close) = closers.first() {
-            close();
-        }
-        drop(closers);
-        if panicked {
-            return Err(SourceError::Protocol("a channel thread panicked".into()));
-        }
-        outcome
+        Ok(link)
     }
 
     fn proposed_features(&self) -> Features {
-        Features::ZERO_PAGES.union(self.options.compression.codec().feature())
+        let features = Features::ZERO_PAGES.union(self.options.compression.codec().feature());
+        if self.options.precopy.postcopy.is_some() {
+            features.union(Features::POSTCOPY)
+        } else {
+            features
+        }
     }
 
     /// The handshake on the main connection, then the extra channels.
@@ -433,9 +525,23 @@ impl SourceRun<'_> {
         connect: &mut dyn FnMut(u16) -> Result<Box<dyn Channel>, TransportError>,
     ) -> Result<Vec<Box<dyn Channel>>, SourceError> {
         self.handshake(channel)?;
+        self.open_extra_channels(connect)
+    }
+
+    /// Opens the data channels after the main one and, where postcopy was
+    /// agreed, the urgent-page channel (index `channels`).
+    fn open_extra_channels(
+        &mut self,
+        connect: &mut dyn FnMut(u16) -> Result<Box<dyn Channel>, TransportError>,
+    ) -> Result<Vec<Box<dyn Channel>>, SourceError> {
         let channels = self.options.channels.max(1);
-        let mut extra = Vec::with_capacity(usize::from(channels) - 1);
-        for index in 1..channels {
+        let last = if self.postcopy_pages.is_some() {
+            channels
+        } else {
+            channels - 1
+        };
+        let mut extra = Vec::with_capacity(usize::from(last));
+        for index in 1..=last {
             let mut c = connect(index)?;
             c.set_timeout(Some(self.options.reply_timeout))?;
             c.send(&Message::ChannelHello(ChannelHello {
@@ -490,6 +596,16 @@ impl SourceRun<'_> {
                     )));
                 }
                 self.zero_pages = reply.features.contains(Features::ZERO_PAGES);
+                if self.options.precopy.postcopy.is_some() {
+                    if !reply.features.contains(Features::POSTCOPY) {
+                        return Err(SourceError::Protocol(
+                            "the source may switch to postcopy (--postcopy), the destination does not allow it \
+                             (it needs anonymous guest memory and userfaultfd)"
+                                .into(),
+                        ));
+                    }
+                    self.postcopy_pages = Some(Arc::new(threads::PendingPages::new(self.ram)));
+                }
                 let codec = self.options.compression.codec().feature();
                 if !reply.features.contains(codec) {
                     return Err(SourceError::Protocol(format!(
@@ -550,14 +666,15 @@ impl SourceRun<'_> {
         }
     }
 
-    /// Precopy up to the destination's READY.
+    /// Precopy up to the destination's READY, or up to the switch to
+    /// postcopy.
     fn precopy(
         &mut self,
         link: &Link,
         vm: &mut dyn Vm,
         dirty_log: &mut dyn DirtyLog,
         observer: &mut dyn FnMut(&Event),
-    ) -> Result<(), SourceError> {
+    ) -> Result<Switch, SourceError> {
         let mut engine = PrecopyEngine::new(self.ram, self.options.precopy.clone(), self.started);
         let mut next_progress = Instant::now();
         loop {
@@ -574,17 +691,14 @@ impl SourceRun<'_> {
             }
             match engine.poll(now) {
                 Action::Send(run) => {
-                    // Round robin: within an epoch a page goes out once, so
-                    // any channel may carry it.
-                    let channel = link.next.get();
-                    link.next.set((channel + 1) % link.jobs.len());
+                    let channel = link.next_data();
                     self.submit(link, channel, Job::Pages(run))?;
                 }
                 Action::EndEpoch { epoch } => {
                     self.ended = Some(epoch);
                     // Every channel closes the epoch with its own marker.
-                    let mut waits = Vec::with_capacity(link.jobs.len());
-                    for channel in 0..link.jobs.len() {
+                    let mut waits = Vec::with_capacity(link.data);
+                    for channel in 0..link.data {
                         let (done, wait) = bounded(1);
                         self.submit(link, channel, Job::EndEpoch { epoch, done })?;
                         waits.push(wait);
@@ -622,6 +736,19 @@ impl SourceRun<'_> {
                     dirty_log.collect(&mut |block, first, count| engine.handle_dirty(block, first, count))?;
                     engine.handle_paused(&paused, Instant::now());
                 }
+                Action::Postcopy { reason, remaining } => {
+                    observer(&Event::PostcopyStarting { reason, remaining });
+                    self.pause_attempted = true;
+                    let paused = pause_vm(vm)?;
+                    self.paused_at = Some(paused.at());
+                    observer(&Event::Paused);
+                    dirty_log.collect(&mut |block, first, count| engine.handle_dirty(block, first, count))?;
+                    let left = engine.handle_postcopy_paused(&paused);
+                    self.refresh(&engine);
+                    let epochs = self.ended.map_or(0, |epoch| epoch + 1);
+                    self.engine_stats.iterations = epochs;
+                    return Ok(Switch::Postcopy { left, epochs });
+                }
                 Action::Finish => break,
                 Action::Fail(error) => return Err(error.into()),
                 Action::Wait(until) => {
@@ -641,17 +768,11 @@ impl SourceRun<'_> {
         self.engine_stats.iterations = engine.epoch() + 1;
 
         // Device state and the end of the stream, then wait for READY.
-        let state = vm.save_device_state()?;
-        if state.len() > MAX_FRAME_BODY as usize {
-            return Err(SourceError::DeviceStateTooLarge {
-                len: state.len(),
-                max: MAX_FRAME_BODY as usize,
-            });
-        }
+        let state = device_state(vm)?;
         self.submit(link, 0, Job::DeviceState(state))?;
         self.stream_ended = true;
-        let mut waits = Vec::with_capacity(link.jobs.len());
-        for channel in 0..link.jobs.len() {
+        let mut waits = Vec::with_capacity(link.data);
+        for channel in 0..link.data {
             let end = EndOfRam {
                 epochs: engine.epoch() + 1,
             };
@@ -665,7 +786,8 @@ impl SourceRun<'_> {
         }
         self.wait_for(link, "ready", |m| matches!(m, Returned::Ready))?;
         observer(&Event::Ready);
-        self.check_cancel()
+        self.check_cancel()?;
+        Ok(Switch::Stopped)
     }
 
     /// The handover: record it, send GO, wait for the destination to run.
@@ -823,6 +945,7 @@ impl SourceRun<'_> {
             Returned::Error(err) => Err(SourceError::Peer(err)),
             Returned::Failed(err) => Err(err.into()),
             Returned::Unexpected(kind) => Err(SourceError::Protocol(format!("unexpected {kind} on the return path"))),
+            Returned::Protocol(problem) => Err(SourceError::Protocol(problem)),
             // Handover messages answer the stream that was just flushed;
             // `wait_for` takes them in order.
             handover @ (Returned::Ready | Returned::Resumed | Returned::Verdict(_)) => {
@@ -831,6 +954,18 @@ impl SourceRun<'_> {
             }
         }
     }
+}
+
+/// The paused VM's device state, which must fit in a frame.
+fn device_state(vm: &mut dyn Vm) -> Result<Vec<u8>, SourceError> {
+    let state = vm.save_device_state()?;
+    if state.len() > MAX_FRAME_BODY as usize {
+        return Err(SourceError::DeviceStateTooLarge {
+            len: state.len(),
+            max: MAX_FRAME_BODY as usize,
+        });
+    }
+    Ok(state)
 }
 
 /// How often blocking waits look at the cancel flag.

@@ -15,6 +15,7 @@
 pub mod aligned;
 pub mod pagemap;
 pub mod region;
+pub mod thread;
 pub mod tracker;
 pub mod uffd;
 pub mod uring;

@@ -401,6 +401,60 @@ impl GuestRegion {
             source: err,
         })
     }
+
+    /// Drops the pages of `[offset, offset + len)` (whole, aligned pages) of private anonymous
+    /// memory (`MADV_DONTNEED`): the next access finds them absent, which in a region
+    /// registered for missing-page faults makes it fault (postcopy drops pages that went stale
+    /// this way), and otherwise reads zeros.
+    pub fn discard(&self, offset: usize, len: usize) -> Result<(), SysError> {
+        if self.shared {
+            return Err(SysError::Unsupported("discarding pages of file-backed guest memory"));
+        }
+        if offset % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(SysError::InvalidLength {
+                len,
+                reason: "discarding needs whole, aligned pages",
+            });
+        }
+        let start = self.range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: `start..start + len` is page aligned and inside our private anonymous
+        // mapping (checked above). MADV_DONTNEED only frees the pages: the mapping stays, and
+        // every later access goes through volatile copies that read zeros or fault, so no
+        // reference to the old bytes can exist.
+        let rc = unsafe { libc::madvise(start.cast(), len, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(SysError::last_os("madvise(MADV_DONTNEED)"));
+        }
+        Ok(())
+    }
+
+    /// Whether each page of `[offset, offset + len)` (whole, aligned pages) is resident now
+    /// (`mincore`): one entry per page, appended to `out`. A page absent from a region
+    /// registered for missing-page faults is one an access would wait for.
+    pub fn resident(&self, offset: usize, len: usize, out: &mut Vec<bool>) -> Result<(), SysError> {
+        if offset % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(SysError::InvalidLength {
+                len,
+                reason: "residency is known for whole, aligned pages",
+            });
+        }
+        let start = self.range(offset, len)?;
+        let mut vec = vec![0u8; len / PAGE_SIZE];
+        if len > 0 {
+            // SAFETY: `start..start + len` is page aligned and inside our mapping (checked
+            // above); `vec` has one byte per page of it, which is all mincore writes. mincore
+            // reads no guest memory.
+            let rc = unsafe { libc::mincore(start.cast(), len, vec.as_mut_ptr()) };
+            if rc != 0 {
+                return Err(SysError::last_os("mincore"));
+            }
+        }
+        out.extend(vec.iter().map(|b| b & 1 == 1));
+        Ok(())
+    }
 }
 
 impl Drop for GuestRegion {

@@ -290,8 +290,9 @@ pub enum Placed {
 }
 
 impl MissingPages {
-    /// Registers all of `region` (private anonymous memory none of whose pages were touched;
-    /// a touched page never faults) for missing-page faults, kernel accesses included.
+    /// Registers all of `region` (private anonymous memory) for missing-page faults, kernel
+    /// accesses included. Pages present already never fault: a region meant to fault
+    /// everywhere is untouched, or has its pages dropped ([`crate::GuestRegion::discard`]).
     pub fn register(region: std::sync::Arc<crate::GuestRegion>) -> Result<Self, SysError> {
         if region.is_shared() {
             return Err(SysError::Unsupported("missing-page faults on file-backed guest memory"));

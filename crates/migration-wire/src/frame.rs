@@ -5,6 +5,7 @@ use crate::codec::{Reader, reserved_zero};
 use crate::control::{Complete, EndOfRam, SyncMarker};
 use crate::handshake::{BlockList, ChannelHello, Hello, HelloReply};
 use crate::page::PageBatch;
+use crate::postcopy::{PageBitmap, PostcopyStart, Resume};
 use crate::return_path::{Ack, PageRequest, PeerError, Verdict};
 use crate::{WireError, codec};
 use xxhash_rust::xxh3::Xxh3;
@@ -58,6 +59,13 @@ pub enum MessageKind {
     ChannelHello = 12,
     /// Destination → source: the extra channel is accepted.
     ChannelAccepted = 13,
+    /// Source → destination, every channel: precopy ends, postcopy follows.
+    PostcopyStart = 14,
+    /// Source → destination: pages to drop before the guest runs (postcopy).
+    Discard = 15,
+    /// Source → destination: the first message of a new main connection
+    /// that resumes a postcopy migration after a lost link.
+    Resume = 16,
     /// Destination → source: progress acknowledgement.
     Ack = 32,
     /// Destination → source: everything is placed; waiting for GO.
@@ -68,8 +76,13 @@ pub enum MessageKind {
     Verdict = 35,
     /// Destination → source: the destination failed or refused.
     Error = 36,
-    /// Destination → source: pages wanted urgently (reserved for postcopy).
+    /// Destination → source: pages the guest waits for (postcopy).
     PageRequest = 37,
+    /// Destination → source: pages held, when a lost link is resumed.
+    ReceivedPages = 38,
+    /// Destination → source: the resumed link is accepted; its pages were
+    /// all listed.
+    ResumeAccepted = 39,
 }
 
 impl MessageKind {
@@ -90,12 +103,17 @@ impl MessageKind {
             11 => Abort,
             12 => ChannelHello,
             13 => ChannelAccepted,
+            14 => PostcopyStart,
+            15 => Discard,
+            16 => Resume,
             32 => Ack,
             33 => Ready,
             34 => Resumed,
             35 => Verdict,
             36 => Error,
             37 => PageRequest,
+            38 => ReceivedPages,
+            39 => ResumeAccepted,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -123,6 +141,11 @@ impl MessageKind {
             Verdict => "verdict",
             Error => "error",
             PageRequest => "page-request",
+            PostcopyStart => "postcopy-start",
+            Discard => "discard",
+            Resume => "resume",
+            ReceivedPages => "received-pages",
+            ResumeAccepted => "resume-accepted",
         }
     }
 }
@@ -243,6 +266,17 @@ pub enum Message<'a> {
     Error(PeerError),
     /// See [`PageRequest`].
     PageRequest(PageRequest),
+    /// See [`PostcopyStart`].
+    PostcopyStart(PostcopyStart),
+    /// Pages the destination drops before its guest runs: they changed
+    /// since they were sent.
+    Discard(PageBitmap<'a>),
+    /// See [`Resume`].
+    Resume(Resume),
+    /// Pages the destination holds (after a lost link).
+    ReceivedPages(PageBitmap<'a>),
+    /// The destination accepted the resumed link.
+    ResumeAccepted,
 }
 
 impl<'a> Message<'a> {
@@ -268,6 +302,11 @@ impl<'a> Message<'a> {
             Message::Verdict(_) => MessageKind::Verdict,
             Message::Error(_) => MessageKind::Error,
             Message::PageRequest(_) => MessageKind::PageRequest,
+            Message::PostcopyStart(_) => MessageKind::PostcopyStart,
+            Message::Discard(_) => MessageKind::Discard,
+            Message::Resume(_) => MessageKind::Resume,
+            Message::ReceivedPages(_) => MessageKind::ReceivedPages,
+            Message::ResumeAccepted => MessageKind::ResumeAccepted,
         }
     }
 
@@ -291,7 +330,15 @@ impl<'a> Message<'a> {
             Message::Verdict(m) => m.encode(out),
             Message::Error(m) => m.encode(out),
             Message::PageRequest(m) => m.encode(out),
-            Message::BlocksAccepted | Message::ChannelAccepted | Message::Go | Message::Ready | Message::Resumed => {}
+            Message::PostcopyStart(m) => m.encode(out),
+            Message::Discard(m) | Message::ReceivedPages(m) => m.encode(out),
+            Message::Resume(m) => m.encode(out),
+            Message::BlocksAccepted
+            | Message::ChannelAccepted
+            | Message::Go
+            | Message::Ready
+            | Message::Resumed
+            | Message::ResumeAccepted => {}
         }
     }
 
@@ -367,6 +414,14 @@ impl<'a> Message<'a> {
             MessageKind::Verdict => Message::Verdict(Verdict::decode(body)?),
             MessageKind::Error => Message::Error(PeerError::decode(body)?),
             MessageKind::PageRequest => Message::PageRequest(PageRequest::decode(body)?),
+            MessageKind::PostcopyStart => Message::PostcopyStart(PostcopyStart::decode(body)?),
+            MessageKind::Discard => Message::Discard(PageBitmap::decode(body)?),
+            MessageKind::Resume => Message::Resume(Resume::decode(body)?),
+            MessageKind::ReceivedPages => Message::ReceivedPages(PageBitmap::decode(body)?),
+            MessageKind::ResumeAccepted => {
+                empty("resume-accepted")?;
+                Message::ResumeAccepted
+            }
         })
     }
 }

@@ -21,8 +21,12 @@ impl Features {
     pub const LZ4: Features = Features(1 << 1);
     /// Page batches may be compressed with zstd.
     pub const ZSTD: Features = Features(1 << 2);
+    /// The migration may switch to postcopy; the source opens one more
+    /// channel, the urgent-page channel (index `channels` in its
+    /// [`ChannelHello`]).
+    pub const POSTCOPY: Features = Features(1 << 3);
     /// Every feature this version knows.
-    pub const KNOWN: Features = Features(Self::ZERO_PAGES.0 | Self::LZ4.0 | Self::ZSTD.0);
+    pub const KNOWN: Features = Features(Self::ZERO_PAGES.0 | Self::LZ4.0 | Self::ZSTD.0 | Self::POSTCOPY.0);
 
     /// The union of both sets.
     pub fn union(self, other: Features) -> Features {
@@ -205,7 +209,9 @@ const _: () = assert!(size_of::<RawChannelHello>() == 24);
 pub struct ChannelHello {
     /// The migration's session id, as in its [`Hello`].
     pub session: SessionId,
-    /// This channel's index, `1..channels` (the main connection is 0).
+    /// This channel's index, `1..channels` (the main connection is 0), or
+    /// `channels` for the urgent-page channel of a migration that agreed
+    /// [`Features::POSTCOPY`].
     pub index: u16,
     /// The channel count agreed in the handshake.
     pub channels: u16,
@@ -235,7 +241,7 @@ impl ChannelHello {
         let channels = raw.channels.get();
         cap("channel count", channels.into(), MAX_CHANNELS.into())?;
         let index = raw.index.get();
-        if index == 0 || index >= channels {
+        if index == 0 || index > channels {
             return Err(WireError::Invalid {
                 what: "channel index",
                 value: index.into(),

@@ -54,7 +54,9 @@
 //! Either side may send `Abort` (source) or `Error` (destination) at any
 //! point and close the connection. Before the source sends `Go` it remains
 //! the owner of the VM: on any failure it resumes and the destination
-//! discards. `PageRequest` is reserved for postcopy.
+//! discards. In postcopy (see [`postcopy`]) `Go` comes before every page
+//! arrived: the destination asks for the pages its guest waits for with
+//! `PageRequest` while the rest streams in.
 
 #![forbid(unsafe_code)]
 
@@ -65,6 +67,7 @@ pub mod frame;
 pub mod handshake;
 pub mod mapped_ram;
 pub mod page;
+pub mod postcopy;
 pub mod return_path;
 
 pub use control::{Complete, EndOfRam, SyncMarker};
@@ -72,6 +75,7 @@ pub use error::WireError;
 pub use frame::{FRAME_HEADER_LEN, FrameHeader, MAX_FRAME_BODY, Message, MessageKind};
 pub use handshake::{Block, BlockList, ChannelHello, Features, Hello, HelloReply, MAX_CHANNELS, SessionId};
 pub use page::{Codec, MAX_PAGES_PER_BATCH, PageBatch, PageEncoding, PageEntry};
+pub use postcopy::{MAX_BITMAP_PAGES, PageBitmap, PostcopyStart, Resume};
 pub use return_path::{Ack, ErrorCode, PageRequest, PeerError, Verdict};
 
 /// Identifies a migration stream; the first bytes of every `Hello` body.

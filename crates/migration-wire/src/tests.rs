@@ -82,7 +82,7 @@ fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
         Just(Message::BlocksAccepted),
         Just(Message::ChannelAccepted),
         (any::<u64>(), 2u16..=64)
-            .prop_flat_map(|(s, channels)| (Just(s), Just(channels), 1..channels))
+            .prop_flat_map(|(s, channels)| (Just(s), Just(channels), 1..=channels))
             .prop_map(|(s, channels, index)| Message::ChannelHello(ChannelHello {
                 session: SessionId(s),
                 index,
@@ -123,6 +123,40 @@ fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
         m.encode(&mut out);
         out
     });
+    let postcopy = prop_oneof![
+        any::<u64>().prop_map(|epochs| Message::PostcopyStart(crate::PostcopyStart { epochs })),
+        (any::<u64>(), any::<u32>()).prop_map(|(s, generation)| Message::Resume(crate::Resume {
+            session: SessionId(s),
+            generation
+        })),
+        Just(Message::ResumeAccepted),
+    ]
+    .prop_map(|m| {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        out
+    });
+    let bitmap = (
+        any::<u32>(),
+        0u64..1 << 40,
+        proptest::collection::vec(any::<u8>(), 1..64),
+        1u32..8,
+        any::<bool>(),
+    )
+        .prop_map(|(block, first, mut bits, spare, received)| {
+            // The last byte holds `spare` pages: no bit past them.
+            let count = (bits.len() as u32 - 1) * 8 + spare;
+            let last = bits.len() - 1;
+            bits[last] &= (1u8 << spare) - 1;
+            let map = crate::PageBitmap::new(block, first * 8, count, &bits).expect("consistent bitmap");
+            let mut out = Vec::new();
+            if received {
+                Message::ReceivedPages(map).encode(&mut out);
+            } else {
+                Message::Discard(map).encode(&mut out);
+            }
+            out
+        });
     let blob = proptest::collection::vec(any::<u8>(), 0..64).prop_map(|blob| {
         let mut out = Vec::new();
         Message::DeviceState(&blob).encode(&mut out);
@@ -143,7 +177,7 @@ fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
         }
         out
     });
-    prop_oneof![8 => owned, 1 => blob, 2 => pages]
+    prop_oneof![8 => owned, 2 => postcopy, 2 => bitmap, 1 => blob, 2 => pages]
 }
 
 proptest! {

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use migration_core::{Vm, VmError};
 use migration_sys::GuestRegion;
 
+use crate::faults::FaultStats;
 use crate::memory::{Mode, Shared, UNKNOWN_GENERATION};
 use crate::state::{DeviceState, StateError};
+use crate::verify::PageChecker;
 use crate::writer::{self, WriterConfig};
 use crate::{GuestError, GuestSpec};
 
@@ -60,8 +62,6 @@ pub struct SyntheticGuest {
     spec: GuestSpec,
     /// A destination without its device state yet.
     awaiting_state: bool,
-    /// The first run checks every page before the writers go on (a destination's first run).
-    check_on_start: bool,
     started: bool,
     threads: Vec<JoinHandle<()>>,
 }
@@ -74,7 +74,7 @@ impl SyntheticGuest {
         if let Some(problem) = spec.problem() {
             return Err(GuestError::InvalidSpec(problem));
         }
-        let shared = Arc::new(Shared::new(blocks, UNKNOWN_GENERATION, true));
+        let shared = Arc::new(Shared::source(blocks));
         let pages = shared.pages();
         if pages == 0 {
             return Err(GuestError::NoPages);
@@ -93,7 +93,6 @@ impl SyntheticGuest {
             shared,
             spec,
             awaiting_state: false,
-            check_on_start: false,
             started: false,
             threads: Vec::new(),
         })
@@ -101,19 +100,22 @@ impl SyntheticGuest {
 
     /// The destination side: a paused guest over received RAM; its state arrives through
     /// [`Vm::load_device_state`], and [`Vm::resume`] runs it.
+    ///
+    /// Its first run verifies every page once, before the page's first write, so the guest may
+    /// run before all its pages arrived (postcopy): a `guest-check` thread walks all pages, and
+    /// a writer about to write a page nobody checked yet checks it itself first.
     pub fn destination(blocks: Vec<Arc<GuestRegion>>) -> Self {
         Self {
-            shared: Arc::new(Shared::new(blocks, UNKNOWN_GENERATION, false)),
+            shared: Arc::new(Shared::destination(blocks)),
             spec: GuestSpec::default(),
             awaiting_state: true,
-            check_on_start: false,
             started: false,
             threads: Vec::new(),
         }
     }
 
     /// Starts the guest: the writer threads (none for an idle guest) and, on a destination,
-    /// first the self-check. The guest is then running.
+    /// the self-check beside them. The guest is then running.
     pub fn start(&mut self) -> Result<(), GuestError> {
         if self.started {
             return Err(GuestError::AlreadyStarted);
@@ -126,30 +128,28 @@ impl SyntheticGuest {
         control.mode = Mode::Running;
         self.shared.interrupt.store(false, Ordering::Release);
         let writers = if self.spec.dirty_rate > 0 { self.spec.writers } else { 0 };
+        let verification = self.shared.verification.as_ref();
         for index in 0..writers {
+            let name = format!("guest-writer-{index}");
             let config = WriterConfig::new(index, &self.spec, self.shared.pages());
             let state = control.writers[index];
+            let checker = verification.map(|v| PageChecker::new(&self.spec, v.faults.clock(&name)));
             let shared = Arc::clone(&self.shared);
             let handle = thread::Builder::new()
-                .name(format!("guest-writer-{index}"))
-                .spawn(move || writer::run(shared, config, state))
+                .name(name)
+                .spawn(move || writer::run(shared, config, state, checker))
                 .map_err(GuestError::Spawn)?;
             self.threads.push(handle);
             control.threads += 1;
         }
         drop(control);
-        if self.check_on_start {
+        if let Some(verification) = verification {
+            let name = "guest-check";
+            let mut checker = PageChecker::new(&self.spec, verification.faults.clock(name));
             let shared = Arc::clone(&self.shared);
-            let spec = self.spec.clone();
             let handle = thread::Builder::new()
-                .name("guest-check".into())
-                .spawn(move || {
-                    let report = shared.check(&spec);
-                    let mut control = shared.lock();
-                    control.report = report;
-                    control.gate_open = true;
-                    shared.changed.notify_all();
-                })
+                .name(name.into())
+                .spawn(move || shared.check_unclaimed(&mut checker))
                 .map_err(GuestError::Spawn)?;
             self.threads.push(handle);
         }
@@ -198,12 +198,13 @@ impl SyntheticGuest {
     }
 
     /// When the guest first completed an access to its memory after it started (on a
-    /// destination: the self-check's first page read).
+    /// destination: the first page verified, by the self-check or by a writer).
     pub fn first_access(&self) -> Option<std::time::Instant> {
         self.shared.first_access.get().copied()
     }
 
-    /// The destination's self-check verdict, waiting up to `timeout` for it to be computed.
+    /// The destination's self-check verdict, waiting up to `timeout` for every page to be
+    /// checked (by the `guest-check` thread or by the writer that reached it first).
     pub fn wait_check(&self, timeout: Duration) -> Option<CheckReport> {
         let control = self.shared.lock();
         let (control, _) = self
@@ -212,6 +213,20 @@ impl SyntheticGuest {
             .wait_timeout_while(control, timeout, |c| c.report.is_none())
             .unwrap_or_else(|e| e.into_inner());
         control.report
+    }
+
+    /// The waits of the guest's threads for pages that had not arrived yet: accesses that
+    /// found their page absent (it had not arrived yet), timed by the guest thread from just
+    /// before the access to its completion.
+    ///
+    /// Measured on a destination's first run, for each page's first access (the read that
+    /// verifies it), until every page is verified; zeros on a source. Can be read at any time.
+    pub fn fault_stats(&self) -> FaultStats {
+        self.shared
+            .verification
+            .as_ref()
+            .map(|v| v.faults.stats())
+            .unwrap_or_default()
     }
 
     /// Checks every page now against the generation table. Meaningful only while paused: a
@@ -235,12 +250,10 @@ impl SyntheticGuest {
         self.shared.writes.store(state.writes, Ordering::Relaxed);
         let mut control = self.shared.lock();
         control.writers = state.writers;
-        control.gate_open = false;
         control.report = None;
         drop(control);
         self.spec = state.spec;
         self.awaiting_state = false;
-        self.check_on_start = true;
         Ok(())
     }
 

@@ -4,8 +4,13 @@
 //! [`migration_sys::GuestRegion`]'s volatile copies) at a paced dirty rate, with contents that
 //! are a pure function of (seed, page, generation). A private table records every page's
 //! generation; it travels with the writers' positions as the guest's device state. After a
-//! migration the destination guest's first act, once resumed, is to check every page against
-//! that table, so a lost, stale or misplaced page shows up as a mismatch.
+//! migration the destination guest checks every page against that table on its first run, so
+//! a lost, stale or misplaced page shows up as a mismatch.
+//!
+//! The destination's writers do not wait for that check: each page is checked once, before its
+//! first write, by whichever thread touches it first (a `guest-check` thread walks them all).
+//! So the guest can run while its pages still arrive (postcopy), and the threads time their
+//! waits for absent pages ([`SyntheticGuest::fault_stats`]).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -27,14 +32,17 @@
 #![forbid(unsafe_code)]
 
 mod content;
+mod faults;
 mod guest;
 mod memory;
 mod prng;
 mod spec;
 mod state;
+mod verify;
 mod writer;
 
 pub use content::{Content, HEADER_LEN, content, fill_content};
+pub use faults::FaultStats;
 pub use guest::{CheckReport, SyntheticGuest};
 pub use memory::UNKNOWN_GENERATION;
 pub use spec::{GuestSpec, MAX_WRITERS, ParseSpecError, Pattern};

@@ -10,6 +10,7 @@ use crate::CheckReport;
 use crate::content::fill_content;
 use crate::spec::GuestSpec;
 use crate::state::WriterState;
+use crate::verify::Verification;
 
 /// The generation of a page whose content is not known (not populated, never rewritten).
 pub const UNKNOWN_GENERATION: u32 = u32::MAX;
@@ -34,8 +35,6 @@ pub(crate) struct Control {
     pub(crate) dead: usize,
     /// Writer threads spawned.
     pub(crate) threads: usize,
-    /// Closed on the destination until the self-check is done.
-    pub(crate) gate_open: bool,
     pub(crate) throttle: u8,
     /// Each writer's state as of its last batch boundary.
     pub(crate) writers: Vec<WriterState>,
@@ -58,13 +57,26 @@ pub(crate) struct Shared {
     pub(crate) stopping: AtomicBool,
     pub(crate) progress: Mutex<()>,
     pub(crate) progressed: Condvar,
-    /// When the guest first completed an access to its memory after it started (the
-    /// destination's self-check reads pages from the first one).
+    /// When the guest first completed an access to its memory after it started (on a
+    /// destination: the first page verified, by whichever thread got to one first).
     pub(crate) first_access: std::sync::OnceLock<std::time::Instant>,
+    /// A destination's first-run check: who checks which page, and the tally. `None` on a
+    /// source, whose writers then never look at it.
+    pub(crate) verification: Option<Verification>,
 }
 
 impl Shared {
-    pub(crate) fn new(blocks: Vec<Arc<GuestRegion>>, generation: u32, gate_open: bool) -> Self {
+    /// A source's shared state over `blocks`, every page of unknown content.
+    pub(crate) fn source(blocks: Vec<Arc<GuestRegion>>) -> Self {
+        Self::new(blocks, false)
+    }
+
+    /// A destination's: like [`Shared::source`], and it checks every page on its first run.
+    pub(crate) fn destination(blocks: Vec<Arc<GuestRegion>>) -> Self {
+        Self::new(blocks, true)
+    }
+
+    fn new(blocks: Vec<Arc<GuestRegion>>, destination: bool) -> Self {
         let mut starts = Vec::with_capacity(blocks.len() + 1);
         let mut total = 0u64;
         for b in &blocks {
@@ -72,7 +84,7 @@ impl Shared {
             total += (b.len() / PAGE_SIZE) as u64;
         }
         starts.push(total);
-        let table = (0..total).map(|_| AtomicU32::new(generation)).collect();
+        let table = (0..total).map(|_| AtomicU32::new(UNKNOWN_GENERATION)).collect();
         Self {
             blocks,
             starts,
@@ -84,7 +96,6 @@ impl Shared {
                 parked: 0,
                 dead: 0,
                 threads: 0,
-                gate_open,
                 throttle: 0,
                 writers: Vec::new(),
                 report: None,
@@ -96,6 +107,7 @@ impl Shared {
             progress: Mutex::new(()),
             progressed: Condvar::new(),
             first_access: std::sync::OnceLock::new(),
+            verification: destination.then(|| Verification::new(total)),
         }
     }
 
@@ -123,6 +135,15 @@ impl Shared {
     pub(crate) fn read_page(&self, page: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<(), SysError> {
         let (block, index) = self.locate(page);
         self.blocks[block].read(index as usize * PAGE_SIZE, buf)
+    }
+
+    /// Whether `page` is resident now (false: an access would wait for it to arrive, or fault
+    /// it in). `scratch` is reused across calls to save an allocation.
+    pub(crate) fn is_resident(&self, page: u64, scratch: &mut Vec<bool>) -> Result<bool, SysError> {
+        let (block, index) = self.locate(page);
+        scratch.clear();
+        self.blocks[block].resident(index as usize * PAGE_SIZE, PAGE_SIZE, scratch)?;
+        Ok(scratch.first().copied().unwrap_or(true))
     }
 
     /// Tells whoever waits in [`crate::SyntheticGuest::wait_writes`] that writes moved on.
@@ -181,7 +202,7 @@ mod tests {
             .iter()
             .map(|&n| Arc::new(GuestRegion::anonymous(n * PAGE_SIZE).unwrap()))
             .collect();
-        let shared = Shared::new(blocks, UNKNOWN_GENERATION, true);
+        let shared = Shared::source(blocks);
         assert_eq!(shared.pages(), 6);
         let located: Vec<_> = (0..6).map(|p| shared.locate(p)).collect();
         assert_eq!(located, [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (2, 1)]);

@@ -12,6 +12,7 @@ use crate::memory::{Mode, Shared, UNKNOWN_GENERATION};
 use crate::prng::WyRand;
 use crate::spec::{GuestSpec, Pattern, owned_pages};
 use crate::state::WriterState;
+use crate::verify::PageChecker;
 
 /// The longest a writer sleeps in one wait, so a stale deadline never strands it.
 const MAX_NAP: Duration = Duration::from_secs(1);
@@ -137,8 +138,10 @@ impl Pacer {
     }
 }
 
-/// The writer thread's body: runs until the guest stops.
-pub(crate) fn run(shared: Arc<Shared>, config: WriterConfig, mut state: WriterState) {
+/// The writer thread's body: runs until the guest stops. On a destination's first run,
+/// `checker` verifies each page before the writer's first write to it (see [`crate::verify`]);
+/// it is dropped once every page is verified.
+pub(crate) fn run(shared: Arc<Shared>, config: WriterConfig, mut state: WriterState, mut checker: Option<PageChecker>) {
     let mut pacer = Pacer::new(&config.spec);
     let mut parked_epoch = u64::MAX;
     let mut buf = Box::new([0u8; PAGE_SIZE]);
@@ -150,8 +153,7 @@ pub(crate) fn run(shared: Arc<Shared>, config: WriterConfig, mut state: WriterSt
             if control.mode == Mode::Stopping {
                 return;
             }
-            let runnable =
-                control.mode == Mode::Running && control.gate_open && control.throttle < 100 && config.owned > 0;
+            let runnable = control.mode == Mode::Running && control.throttle < 100 && config.owned > 0;
             if runnable {
                 break;
             }
@@ -172,11 +174,19 @@ pub(crate) fn run(shared: Arc<Shared>, config: WriterConfig, mut state: WriterSt
             continue;
         }
         drop(control);
+        if checker.is_some() && shared.is_verified() {
+            checker = None;
+        }
 
         let started = Instant::now();
         let mut done = 0;
         while done < pacer.batch() && !shared.interrupt.load(Ordering::Acquire) {
             let page = next_page(&config, &mut state);
+            if let Some(checker) = &mut checker {
+                if !shared.check_before_write(page, checker) {
+                    return; // The guest is being dropped.
+                }
+            }
             let slot = &shared.table[page as usize];
             let generation = match slot.load(Ordering::Relaxed) {
                 g if g >= UNKNOWN_GENERATION - 1 => 1,
@@ -191,6 +201,10 @@ pub(crate) fn run(shared: Arc<Shared>, config: WriterConfig, mut state: WriterSt
                 return;
             }
             slot.store(generation, Ordering::Release);
+            if checker.is_some() {
+                // The first access, if the page's generation was unknown (nothing to read).
+                shared.first_access.get_or_init(Instant::now);
+            }
             shared.writes.fetch_add(1, Ordering::Relaxed);
             done += 1;
         }

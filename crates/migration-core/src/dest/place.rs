@@ -8,6 +8,7 @@ use crate::ram::Ram;
 use crate::stats::Stats;
 use crate::transport::{DirectPlacement, GuestRun};
 use crate::verify::{block_digest_atomic, page_hash, zero_page_hash};
+use migration_sys::uffd::{MissingPages, Placed};
 use migration_wire::{Codec, PageBatch, PageEncoding};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +22,7 @@ use std::time::Instant;
 /// peer's announcement alone never commits memory.
 pub(crate) struct Prefault {
     shared: std::sync::Arc<PrefaultState>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 #[derive(Default)]
@@ -76,7 +77,20 @@ impl Prefault {
                 }
             })
             .ok();
-        Self { shared, thread }
+        Self {
+            shared,
+            thread: std::sync::Mutex::new(thread),
+        }
+    }
+
+    /// Stops populating and waits until the thread is gone (postcopy: every
+    /// page not held must stay absent, to fault).
+    pub(crate) fn stop(&self) {
+        self.shared.progress.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.shared.moved.notify_one();
+        if let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = thread.join();
+        }
     }
 
     /// Reports how many bytes were placed so far.
@@ -88,11 +102,7 @@ impl Prefault {
 
 impl Drop for Prefault {
     fn drop(&mut self) {
-        self.shared.progress.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
-        self.shared.moved.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.stop();
     }
 }
 
@@ -104,6 +114,9 @@ pub(crate) struct RamTargets {
     /// file-backed memory is not: written through its file, the kernel
     /// allocates a page without zeroing it first.
     direct: Vec<bool>,
+    /// Cleared at the switch to postcopy: from then on every page is placed
+    /// atomically (UFFDIO_COPY), never written in place.
+    enabled: std::sync::atomic::AtomicBool,
 }
 
 impl RamTargets {
@@ -116,12 +129,21 @@ impl RamTargets {
         Self {
             ram: ram.clone(),
             direct,
+            enabled: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    /// Stops direct placement (see [`RamTargets::enabled`]).
+    pub(crate) fn disable(&self) {
+        self.enabled.store(false, Ordering::Release);
     }
 }
 
 impl DirectPlacement for RamTargets {
     fn runs<'a>(&'a self, batch: &PageBatch<'_>, runs: &mut Vec<GuestRun<'a>>) -> bool {
+        if !self.enabled.load(Ordering::Acquire) {
+            return false;
+        }
         let Some(block) = self.ram.blocks().get(batch.block as usize) else {
             return false;
         };
@@ -226,12 +248,10 @@ impl Placer {
         self.hashes.iter().map(|hashes| block_digest_atomic(hashes)).collect()
     }
 
-    /// Checks a batch against the announced blocks and records its pages
-    /// (hashes, received and zero bitmaps), returning the writes that place
-    /// it. Nothing is written on a batch that fails a check.
-    pub(crate) fn plan(&self, batch: &PageBatch<'_>) -> Result<Placement, DestError> {
-        let index = batch.block as usize;
-        let Some(block) = self.ram.blocks().get(index) else {
+    /// Checks a batch against the announced blocks: the block, its page
+    /// size, and every entry's page.
+    fn check(&self, batch: &PageBatch<'_>) -> Result<&crate::ram::RamBlock, DestError> {
+        let Some(block) = self.ram.blocks().get(batch.block as usize) else {
             return Err(DestError::Protocol(format!(
                 "page batch for block {}, but only {} blocks were announced",
                 batch.block,
@@ -247,8 +267,6 @@ impl Placer {
             )));
         }
         let pages = block.pages();
-        let payload = batch.payload();
-        // Check every entry before recording any.
         for entry in batch.entries() {
             let entry = entry.map_err(|e| DestError::Protocol(e.to_string()))?;
             if entry.page >= pages {
@@ -259,6 +277,17 @@ impl Placer {
                 )));
             }
         }
+        Ok(block)
+    }
+
+    /// Checks a batch against the announced blocks and records its pages
+    /// (hashes, received and zero bitmaps), returning the writes that place
+    /// it. Nothing is written on a batch that fails a check.
+    pub(crate) fn plan(&self, batch: &PageBatch<'_>) -> Result<Placement, DestError> {
+        let index = batch.block as usize;
+        let block = self.check(batch)?;
+        let page_size = block.page_size() as usize;
+        let payload = batch.payload();
         // Compressed pages are expanded here, once, into a buffer the
         // placement owns; plain ones are placed from the frame body, unless
         // the transport placed them already.
@@ -315,6 +344,132 @@ impl Placer {
         self.placed.fetch_add(zero + plain, Ordering::Relaxed);
         placement.owned = owned;
         Ok(placement)
+    }
+
+    /// Whether page `page` of block `block` is held (placed, or known zero).
+    pub(crate) fn holds(&self, block: usize, page: u64) -> bool {
+        self.received[block].get(page)
+    }
+
+    /// The pages held, one bitmap per block.
+    pub(crate) fn received(&self) -> &[AtomicBitmap] {
+        &self.received
+    }
+
+    /// Postcopy, at the switch: the page is stale (the source changed it
+    /// after sending it) and no longer held. Returns whether it was held.
+    pub(crate) fn forget(&self, block: usize, page: u64) -> bool {
+        let held = self.received[block].test_and_clear(page);
+        if held {
+            self.placed.fetch_sub(1, Ordering::Relaxed);
+        }
+        held
+    }
+
+    /// Postcopy: places every page of a checked batch that is not held yet,
+    /// each atomically with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` into memory
+    /// registered for missing-page faults (`missing`, one per block), which
+    /// wakes the threads waiting on it, and records it. A page present
+    /// already (another channel placed it first) is left as it is: the
+    /// source is paused, so both copies hold the same bytes. Calls
+    /// `placed(page)` for each page this call placed.
+    pub(crate) fn place_missing(
+        &self,
+        batch: &PageBatch<'_>,
+        missing: &MissingPages,
+        placed: &mut dyn FnMut(u64),
+    ) -> Result<(), DestError> {
+        let index = batch.block as usize;
+        let block = self.check(batch)?;
+        let page_size = block.page_size() as usize;
+        let expanded;
+        let payload = if batch.codec() == Codec::None {
+            batch.payload()
+        } else {
+            let mut out = vec![0u8; batch.plain_len()];
+            decompress(batch.codec(), batch.payload(), &mut out).map_err(|e| DestError::Protocol(e.to_string()))?;
+            expanded = out;
+            &expanded[..]
+        };
+        let known = batch.page_hashes();
+        let (mut data_at, mut plain_index) = (0usize, 0usize);
+        // Runs of consecutive pages of one kind, none held: (first page,
+        // count, payload offset of a plain run or None for zeros).
+        let mut runs: Vec<(u64, u64, Option<usize>)> = Vec::new();
+        let mut hashes = Vec::with_capacity(batch.len());
+        for entry in batch.entries().flatten() {
+            let at = (entry.encoding == PageEncoding::Plain).then_some(data_at);
+            let hash = match entry.encoding {
+                PageEncoding::Plain => {
+                    let hash = known
+                        .and_then(|h| h.get(plain_index).copied())
+                        .unwrap_or_else(|| page_hash(&payload[data_at..data_at + page_size]));
+                    data_at += page_size;
+                    plain_index += 1;
+                    hash
+                }
+                PageEncoding::Zero => zero_page_hash(),
+            };
+            hashes.push((entry.page, hash));
+            if self.received[index].get(entry.page) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((first, count, Some(start)))
+                    if at.is_some_and(|at| {
+                        *first + *count == entry.page && *start + *count as usize * page_size == at
+                    }) =>
+                {
+                    *count += 1;
+                }
+                Some((first, count, None)) if at.is_none() && *first + *count == entry.page => *count += 1,
+                _ => runs.push((entry.page, 1, at)),
+            }
+        }
+        let hash_of = |page: u64| {
+            hashes
+                .iter()
+                .find(|(p, _)| *p == page)
+                .map(|(_, h)| *h)
+                .unwrap_or_default()
+        };
+        let mut record = |page: u64, zero: bool| {
+            self.hashes[index][page as usize].store(hash_of(page), Ordering::Relaxed);
+            if !self.received[index].test_and_set(page) {
+                self.placed.fetch_add(1, Ordering::Relaxed);
+                if zero {
+                    self.zero_pages.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.plain_pages.fetch_add(1, Ordering::Relaxed);
+                }
+                placed(page);
+            }
+        };
+        for (first, count, at) in runs {
+            let mut done = 0;
+            while done < count {
+                let page = first + done;
+                let offset = page as usize * page_size;
+                let len = (count - done) as usize * page_size;
+                let outcome = match at {
+                    Some(start) => {
+                        let from = start + done as usize * page_size;
+                        missing.copy(offset, &payload[from..from + len])?
+                    }
+                    None => missing.zero(offset, len)?,
+                };
+                let placed_pages = match outcome {
+                    Placed::All => count - done,
+                    Placed::UpTo(bytes) => (bytes / page_size) as u64,
+                };
+                for p in page..page + placed_pages {
+                    record(p, at.is_none());
+                }
+                // A page found present ends the ioctl: it is someone else's.
+                done += placed_pages + u64::from(matches!(outcome, Placed::UpTo(_)));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -115,6 +115,14 @@ pub(crate) struct ChannelEnd {
     pub(crate) epochs: u64,
     /// The device state (main channel only).
     pub(crate) device_state: Option<Vec<u8>>,
+    /// Precopy ended with the switch to postcopy, not with all of RAM.
+    pub(crate) postcopy: bool,
+}
+
+impl ChannelEnd {
+    pub(crate) fn kind(&self) -> &'static str {
+        if self.postcopy { "postcopy-start" } else { "end-of-ram" }
+    }
 }
 
 /// Receives one channel's pages and markers until its `EndOfRam`. The main
@@ -186,6 +194,21 @@ pub(crate) fn receive(index: usize, channel: &mut dyn Channel, shared: &Shared) 
                     return Err(DestError::Protocol("device state sent twice".into()));
                 }
                 end.device_state = Some(blob.to_vec());
+            }
+            Message::PostcopyStart(start) => {
+                if start.epochs != epoch || pages_in_epoch != 0 {
+                    return Err(DestError::Protocol(format!(
+                        "channel {index}: postcopy starts after {} epochs, but {epoch} epochs were received",
+                        start.epochs
+                    )));
+                }
+                if end.device_state.is_some() {
+                    return Err(DestError::Protocol("device state before the switch to postcopy".into()));
+                }
+                worker.flush()?;
+                end.epochs = epoch;
+                end.postcopy = true;
+                return Ok(end);
             }
             Message::EndOfRam(eor) => {
                 if eor.epochs != epoch || pages_in_epoch != 0 {

@@ -312,6 +312,7 @@ proptest! {
                     e.handle_paused(&paused(now), now);
                 }
                 Action::EndEpoch { .. } | Action::Wait(_) => {}
+                Action::Postcopy { .. } => unreachable!("postcopy is not configured"),
                 Action::Finish => break,
                 Action::Fail(err) => panic!("{err}"),
             }
@@ -322,4 +323,96 @@ proptest! {
         }
         prop_assert_eq!(last_sent.len(), 150);
     }
+}
+
+#[test]
+fn a_guest_outpacing_the_link_switches_to_postcopy_after_one_pass() {
+    let t0 = Instant::now();
+    let config = PrecopyConfig {
+        downtime_limit: Duration::from_millis(1),
+        postcopy: Some(PostcopyWhen::NotConverging),
+        ..PrecopyConfig::default()
+    };
+    let mut e = engine(&[100], config, t0);
+    let mut ram = 0;
+    let (pages, action) = drain(&mut e, t0, &mut ram);
+    assert_eq!((pages.len(), action), (100, Action::EndEpoch { epoch: 0 }));
+    assert_eq!(e.poll(t0), Action::SyncDirtyLog);
+    // 100 pages sent in a second, 150 dirtied meanwhile: the guest wins.
+    e.handle_dirty(BlockId(0), 0, 100);
+    e.handle_dirty(BlockId(0), 0, 50);
+    let t1 = t0 + Duration::from_secs(1);
+    e.handle_sync_done(t1);
+    assert_eq!(
+        e.poll(t1),
+        Action::Postcopy {
+            reason: PostcopyReason::NotConverging,
+            remaining: 100 * PAGE
+        }
+    );
+    assert_eq!(e.phase(), Phase::AwaitPostcopyPaused);
+    e.handle_dirty(BlockId(0), 99, 1);
+    let left = e.handle_postcopy_paused(&paused(t1));
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].count_ones(), 100);
+    assert_eq!(e.phase(), Phase::Postcopy);
+    assert_eq!(e.poll(t1), Action::Wait(None));
+}
+
+#[test]
+fn postcopy_after_zero_passes_starts_before_any_page() {
+    let t0 = Instant::now();
+    let config = PrecopyConfig {
+        postcopy: Some(PostcopyWhen::AfterPasses(0)),
+        ..PrecopyConfig::default()
+    };
+    let mut e = engine(&[10, 5], config, t0);
+    assert_eq!(
+        e.poll(t0),
+        Action::Postcopy {
+            reason: PostcopyReason::Passes,
+            remaining: 15 * PAGE
+        }
+    );
+    let left = e.handle_postcopy_paused(&paused(t0));
+    assert_eq!(left.iter().map(Bitmap::count_ones).collect::<Vec<_>>(), [10, 5]);
+}
+
+#[test]
+fn postcopy_after_passes_waits_for_them_unless_precopy_converges_first() {
+    let t0 = Instant::now();
+    let config = PrecopyConfig {
+        downtime_limit: Duration::from_millis(1),
+        max_iterations: None,
+        postcopy: Some(PostcopyWhen::AfterPasses(2)),
+        ..PrecopyConfig::default()
+    };
+    let mut e = engine(&[100], config.clone(), t0);
+    let mut ram = 0;
+    let mut now = t0;
+    // Each pass leaves fewer pages than the one before, the guest slower
+    // than the link: converging, so only the pass count triggers postcopy.
+    for (pass, dirtied) in [(0u64, 40u64), (1, 30)] {
+        let _ = drain(&mut e, now, &mut ram);
+        assert_eq!(e.poll(now), Action::SyncDirtyLog);
+        e.handle_dirty(BlockId(0), 0, dirtied);
+        now += Duration::from_secs(1);
+        e.handle_sync_done(now);
+        if pass == 0 {
+            assert_eq!(e.phase(), Phase::Sending, "one pass is not two");
+        }
+    }
+    assert!(matches!(
+        e.poll(now),
+        Action::Postcopy {
+            reason: PostcopyReason::Passes,
+            ..
+        }
+    ));
+    // An idle guest converges after the bulk pass: no postcopy.
+    let mut e = engine(&[100], config, t0);
+    let _ = drain(&mut e, t0, &mut ram);
+    assert_eq!(e.poll(t0), Action::SyncDirtyLog);
+    e.handle_sync_done(t0 + Duration::from_secs(1));
+    assert!(matches!(e.poll(t0), Action::Pause { .. }));
 }

@@ -3,13 +3,17 @@
 //! the reader of the return path.
 
 use super::{Job, Returned};
+use crate::bitmap::AtomicBitmap;
 use crate::compress::Compression;
 use crate::engine::PageRun;
+use crate::ram::BlockId;
 use crate::ram::Ram;
 use crate::transport::{ChannelRx, ChannelTx, TransportError};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use migration_sys::PAGE_SIZE;
-use migration_wire::{Message, PageBatch, PageEncoding, PageEntry, SyncMarker};
+use migration_wire::{
+    MAX_PAGES_PER_BATCH, Message, PageBatch, PageBitmap, PageEncoding, PageEntry, PageRequest, SyncMarker,
+};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -56,7 +60,14 @@ pub(super) fn spawn_channel_thread(
         .name(format!("migration-channel-{index}"))
         .spawn(move || {
             let mut pages_in_epoch = 0u64;
-            let base = tx.bytes_sent();
+            // The counters outlive this thread (a resumed link gets new
+            // threads): add what this channel sends.
+            let mut counted = tx.bytes_sent();
+            let mut count = |tx: &dyn ChannelTx| {
+                let now = tx.bytes_sent();
+                counters.wire_bytes.fetch_add(now - counted, Ordering::Relaxed);
+                counted = now;
+            };
             let result = (|| -> Result<(), ChannelFailure> {
                 for job in queue {
                     match job {
@@ -75,15 +86,29 @@ pub(super) fn spawn_channel_thread(
                         }
                         Job::Control(message) => tx.send(&message)?,
                         Job::DeviceState(state) => tx.send(&Message::DeviceState(&state))?,
+                        Job::Discard {
+                            block,
+                            first,
+                            count,
+                            bits,
+                        } => {
+                            let map = PageBitmap::new(block, first, count, &bits)
+                                .expect("the source builds whole bitmaps of its own blocks");
+                            tx.send(&Message::Discard(map))?;
+                        }
                         Job::Flush(done) => {
                             let _ = done.send(());
                         }
+                        // Best effort: at worst the stream competes as an equal.
+                        Job::Background => {
+                            let _ = migration_sys::thread::lower_priority(migration_sys::thread::BACKGROUND_NICE);
+                        }
                     }
-                    counters.wire_bytes.store(tx.bytes_sent() - base, Ordering::Relaxed);
+                    count(tx.as_ref());
                 }
                 Ok(())
             })();
-            counters.wire_bytes.store(tx.bytes_sent() - base, Ordering::Relaxed);
+            count(tx.as_ref());
             if let Err(err) = result {
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
             }
@@ -198,8 +223,73 @@ impl PageEncoder {
     }
 }
 
-/// The return path: forwards what the destination says.
-pub(super) fn spawn_reader_thread(mut rx: Box<dyn ChannelRx>) -> Receiver<Returned> {
+/// The pages still to send in postcopy, per block: set at the switch,
+/// claimed (cleared) by whoever sends a page first, the background stream
+/// or a page request.
+#[derive(Debug)]
+pub(super) struct PendingPages {
+    pub(super) blocks: Vec<AtomicBitmap>,
+    /// The epoch postcopy pages carry; set at the switch.
+    pub(super) epoch: AtomicU64,
+    /// Set at the switch: page requests are expected from then on.
+    pub(super) active: std::sync::atomic::AtomicBool,
+    /// Pages requested by the destination and queued on the urgent channel.
+    pub(super) requested: AtomicU64,
+}
+
+impl PendingPages {
+    pub(super) fn new(ram: &Ram) -> Self {
+        Self {
+            blocks: ram.blocks().iter().map(|b| AtomicBitmap::new(b.pages())).collect(),
+            epoch: AtomicU64::new(0),
+            active: std::sync::atomic::AtomicBool::new(false),
+            requested: AtomicU64::new(0),
+        }
+    }
+
+    /// Checks a request against the blocks and turns it into a run for the
+    /// urgent channel, claiming its pages from the background stream.
+    fn serve(&self, request: PageRequest) -> Result<PageRun, String> {
+        let Some(pending) = self.blocks.get(request.block as usize) else {
+            return Err(format!(
+                "the destination asked for pages of block {}, but there are {} blocks",
+                request.block,
+                self.blocks.len()
+            ));
+        };
+        let end = request.page.checked_add(request.count.into());
+        if request.count > MAX_PAGES_PER_BATCH || end.is_none_or(|end| end > pending.len()) {
+            return Err(format!(
+                "the destination asked for {} pages from page {} of block {}, outside its {} pages",
+                request.count,
+                request.page,
+                request.block,
+                pending.len()
+            ));
+        }
+        for page in request.page..request.page + u64::from(request.count) {
+            pending.test_and_clear(page);
+        }
+        self.requested.fetch_add(request.count.into(), Ordering::Relaxed);
+        Ok(PageRun {
+            block: BlockId(request.block),
+            first: request.page,
+            count: request.count.into(),
+            epoch: self.epoch.load(Ordering::Acquire),
+        })
+    }
+}
+
+/// Where the return-path reader sends page requests: the urgent channel's
+/// thread, straight, so a request never waits behind the control loop.
+pub(super) struct RequestRoute {
+    pub(super) urgent: Sender<Job>,
+    pub(super) pending: Arc<PendingPages>,
+}
+
+/// The return path: forwards what the destination says; page requests go
+/// straight to the urgent channel (see [`RequestRoute`]).
+pub(super) fn spawn_reader_thread(mut rx: Box<dyn ChannelRx>, route: Option<RequestRoute>) -> Receiver<Returned> {
     let (forward, returned) = bounded(1024);
     std::thread::Builder::new()
         .name("migration-return-path".into())
@@ -216,10 +306,26 @@ pub(super) fn spawn_reader_thread(mut rx: Box<dyn ChannelRx>) -> Receiver<Return
                     Ok(Message::Resumed) => Returned::Resumed,
                     Ok(Message::Verdict(v)) => Returned::Verdict(v),
                     Ok(Message::Error(e)) => Returned::Error(e),
+                    Ok(Message::PageRequest(request)) => match &route {
+                        Some(route) if route.pending.active.load(Ordering::Acquire) => {
+                            match route.pending.serve(request) {
+                                Ok(run) => match route.urgent.send(Job::Pages(run)) {
+                                    Ok(()) => continue,
+                                    // The urgent channel's thread stopped: its error says why.
+                                    Err(_) => Returned::Failed(TransportError::Closed),
+                                },
+                                Err(problem) => Returned::Protocol(problem),
+                            }
+                        }
+                        _ => Returned::Unexpected("page-request"),
+                    },
                     Ok(other) => Returned::Unexpected(other.kind().name()),
                     Err(err) => Returned::Failed(err),
                 };
-                let last = matches!(message, Returned::Failed(_) | Returned::Error(_) | Returned::Verdict(_));
+                let last = matches!(
+                    message,
+                    Returned::Failed(_) | Returned::Error(_) | Returned::Verdict(_) | Returned::Protocol(_)
+                );
                 if forward.send(message).is_err() || last {
                     return;
                 }

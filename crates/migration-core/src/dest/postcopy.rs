@@ -1,0 +1,790 @@
+//! The destination's postcopy phase.
+//!
+//! At the switch every page this side does not hold (never sent, or sent and
+//! changed since: the source's discard set) is dropped, so it is absent, and
+//! guest RAM is registered with userfaultfd in missing mode; then the guest
+//! runs. A thread per block reads its faults: a page held but absent (a zero
+//! page never written) is mapped at once, any other is asked for on the
+//! return path, once. Every channel's thread places the pages that arrive
+//! with one `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` per run of pages, which wakes
+//! the threads waiting on them; the received bitmap is the truth, and a page
+//! already held is never placed or asked for again.
+//!
+//! ```text
+//!  guest thread --fault--> fault thread --PageRequest--> (main, to source)
+//!                             | held: UFFDIO_ZEROPAGE
+//!  urgent channel --pages--> receiver --UFFDIO_COPY--> wakes the guest thread
+//!  data channels  --pages--> receivers (the background stream)
+//!  control (this thread): READY when every page is held; a lost link is
+//!  waited for (listening again until the resume timeout), then the source
+//!  is told what is held and the pages asked for are asked again.
+//! ```
+
+use super::place::Placer;
+use super::receive::Shared;
+use super::{DestError, DestOptions, DestRun, Link, join_channel, tell_peer, unexpected};
+use crate::bitmap::AtomicBitmap;
+use crate::error_chain::ErrorChain;
+use crate::stats::{Event, Histogram, PostcopyStats};
+use crate::transport::{Channel, ChannelHalves, ChannelRx, ChannelTx, Closer, TransportError};
+use crate::vm::Vm;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
+use migration_sys::uffd::{MissingPages, Placed};
+use migration_wire::{Features, Message, PageBitmap, PageRequest, SessionId, Verdict};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Pages per received-pages message: 64 KiB of bits.
+const BITMAP_CHUNK: u64 = 1 << 19;
+
+/// How often the control loop looks at progress and the watchdog.
+const TICK: Duration = Duration::from_millis(50);
+
+/// What the threads tell the control loop.
+enum Happened {
+    /// A channel's thread ended: its stream ended, or it failed.
+    ChannelEnded {
+        index: usize,
+        result: Result<(), DestError>,
+    },
+    /// Sending a page request failed: the link is gone.
+    RequestFailed(TransportError),
+    /// A fault thread could not serve faults.
+    FaultFailed(migration_sys::SysError),
+}
+
+/// What every postcopy thread shares.
+struct Postcopy<'a> {
+    placer: &'a Placer,
+    /// Per block: the userfaultfd registration pages are placed through.
+    missing: Vec<MissingPages>,
+    /// Per block: pages asked for since the switch.
+    requested: Vec<AtomicBitmap>,
+    /// Per block and page: when it was first asked for, in nanoseconds
+    /// since `base`.
+    requested_at: Vec<Box<[AtomicU64]>>,
+    base: Instant,
+    /// The epoch postcopy pages carry.
+    epoch: u64,
+    codecs: Features,
+    io_timeout: Duration,
+    /// Pages not held yet.
+    remaining: AtomicU64,
+    /// The main connection's sending half, while the link is up.
+    requests: Mutex<Option<Box<dyn ChannelTx>>>,
+    events: Sender<Happened>,
+    stop_faults: AtomicBool,
+    faults: AtomicU64,
+    service: Histogram,
+    requested_pages: AtomicU64,
+    streamed_pages: AtomicU64,
+}
+
+/// One link's channels, the main one first.
+struct LinkChannels {
+    main: Box<dyn Channel>,
+    data: Vec<Box<dyn Channel>>,
+    urgent: Box<dyn Channel>,
+}
+
+/// Runs the switch and the postcopy phase, up to the digest check.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run(
+    run: &mut DestRun,
+    mut main: Box<dyn Channel>,
+    data: Vec<Box<dyn Channel>>,
+    link: Link,
+    epochs: u64,
+    shared: &Shared,
+    vm: &mut dyn Vm,
+    options: &DestOptions,
+    accept: &mut dyn FnMut(Duration) -> Result<Box<dyn Channel>, TransportError>,
+    observer: &mut dyn FnMut(&Event),
+) -> Result<(Option<bool>, Vec<u32>), DestError> {
+    // Until the guest runs here the source owns the VM: a failure is
+    // reported to it, and it resumes.
+    let switched = switch(&mut *main, link.urgent.is_some(), shared, vm, options);
+    let missing = match switched {
+        Ok(switched) => switched,
+        Err(err) => {
+            tell_peer(main.as_mut(), &err);
+            run.received_bytes += main.bytes_received() + main.bytes_sent();
+            return Err(err);
+        }
+    };
+    let urgent = link.urgent.expect("checked by the switch");
+    run.handover = Some(run.started.elapsed());
+    vm.resume()?;
+    run.resumed = true;
+
+    let ram = shared.placer.ram();
+    let (events, happened) = unbounded();
+    let pc = Postcopy {
+        placer: &shared.placer,
+        missing,
+        requested: ram.blocks().iter().map(|b| AtomicBitmap::new(b.pages())).collect(),
+        requested_at: ram
+            .blocks()
+            .iter()
+            .map(|b| migration_sys::zeroed_atomics(b.pages() as usize))
+            .collect(),
+        base: Instant::now(),
+        epoch: epochs,
+        codecs: shared.codecs,
+        io_timeout: options.io_timeout,
+        remaining: AtomicU64::new(
+            shared
+                .placer
+                .received()
+                .iter()
+                .map(|held| held.len() - held.count_ones())
+                .sum(),
+        ),
+        requests: Mutex::new(None),
+        events,
+        stop_faults: AtomicBool::new(false),
+        faults: AtomicU64::new(0),
+        service: Histogram::new(),
+        requested_pages: AtomicU64::new(0),
+        streamed_pages: AtomicU64::new(0),
+    };
+    let mut control = Control {
+        started: run.started,
+        session: link.session,
+        channels: link.channels,
+        generation: 0,
+        recoveries: 0,
+        paused: Duration::ZERO,
+        bytes: 0,
+    };
+    let channels = LinkChannels { main, data, urgent };
+    let result = std::thread::scope(|scope| {
+        let faults: Vec<_> = (0..pc.missing.len())
+            .map(|block| {
+                let pc = &pc;
+                std::thread::Builder::new()
+                    .name(format!("migration-faults-{block}"))
+                    .spawn_scoped(scope, move || pc.serve_faults(block))
+                    .expect("spawning a fault thread")
+            })
+            .collect();
+        let result = control.stream(&pc, channels, &happened, shared, options, accept, observer);
+        pc.stop_faults.store(true, Ordering::Release);
+        for thread in faults {
+            let _ = thread.join();
+        }
+        result
+    });
+    run.received_bytes += control.bytes;
+    let stats = pc.stats(&control);
+    run.postcopy = Some(stats);
+    // Every page is held (or the migration is lost): no fault is served any
+    // more, and a page absent now reads as zeros, which every page held but
+    // absent is.
+    let Postcopy { missing, .. } = pc;
+    drop(missing);
+    let (mut tx, mut rx) = result?;
+    observer(&Event::Ready);
+    let verified = verify(&mut *rx, &mut *tx, shared, options, observer);
+    run.received_bytes += rx.bytes_received() + tx.bytes_sent();
+    verified
+}
+
+/// The switch: precopy receiving is over; drop every page not held, register
+/// guest RAM for missing-page faults, apply the discard set, load the device
+/// state, and wait for GO.
+fn switch(
+    main: &mut dyn Channel,
+    agreed: bool,
+    shared: &Shared,
+    vm: &mut dyn Vm,
+    options: &DestOptions,
+) -> Result<Vec<MissingPages>, DestError> {
+    if !agreed {
+        return Err(DestError::Protocol(
+            "the source switched to postcopy, which the handshake did not agree".into(),
+        ));
+    }
+    shared.prefault.stop();
+    if let Some(direct) = &shared.direct {
+        direct.disable();
+    }
+    let placer = &shared.placer;
+    let ram = placer.ram();
+    let mut missing = Vec::with_capacity(ram.blocks().len());
+    for (index, block) in ram.blocks().iter().enumerate() {
+        let held = &placer.received()[index];
+        discard_runs(block.region(), (0..block.pages()).filter(|&page| !held.get(page)))?;
+        missing.push(MissingPages::register(Arc::clone(block.region()))?);
+    }
+    main.set_timeout(Some(options.io_timeout))?;
+    let mut device_state = None;
+    loop {
+        match main.recv()? {
+            Message::Discard(map) => {
+                let Some(block) = ram.blocks().get(map.block as usize) else {
+                    return Err(DestError::Protocol(format!(
+                        "discard for block {}, but only {} blocks were announced",
+                        map.block,
+                        ram.blocks().len()
+                    )));
+                };
+                if map.first + u64::from(map.count) > block.pages() {
+                    return Err(DestError::Protocol(format!(
+                        "discard of pages {}..{} of block {} of {} pages",
+                        map.first,
+                        map.first + u64::from(map.count),
+                        block.name(),
+                        block.pages()
+                    )));
+                }
+                let index = map.block as usize;
+                discard_runs(block.region(), map.pages().filter(|&page| placer.forget(index, page)))?;
+            }
+            Message::DeviceState(blob) if device_state.is_none() => device_state = Some(blob.to_vec()),
+            Message::DeviceState(_) => return Err(DestError::Protocol("device state sent twice".into())),
+            Message::Go => break,
+            Message::Abort(reason) => return Err(DestError::Aborted(reason)),
+            other => return Err(unexpected("discard, device-state or go", &other)),
+        }
+    }
+    let device_state = device_state.ok_or_else(|| DestError::Protocol("go without device state".into()))?;
+    vm.load_device_state(&device_state)?;
+    Ok(missing)
+}
+
+/// Drops each run of the ascending `pages` from `region`.
+fn discard_runs(region: &migration_sys::GuestRegion, pages: impl Iterator<Item = u64>) -> Result<(), DestError> {
+    let page_size = migration_sys::PAGE_SIZE;
+    let mut run: Option<(u64, u64)> = None;
+    for page in pages {
+        run = match run {
+            Some((first, count)) if first + count == page => Some((first, count + 1)),
+            Some((first, count)) => {
+                region.discard(first as usize * page_size, count as usize * page_size)?;
+                Some((page, 1))
+            }
+            None => Some((page, 1)),
+        };
+    }
+    if let Some((first, count)) = run {
+        region.discard(first as usize * page_size, count as usize * page_size)?;
+    }
+    Ok(())
+}
+
+impl Postcopy<'_> {
+    /// A block's fault thread: maps held pages, asks for the others once.
+    /// It never touches guest memory and takes no lock a guest thread holds.
+    fn serve_faults(&self, block: usize) {
+        let missing = &self.missing[block];
+        let page_size = migration_sys::PAGE_SIZE;
+        while !self.stop_faults.load(Ordering::Acquire) {
+            let offset = match missing.next_fault(Duration::from_millis(20)) {
+                Ok(Some(offset)) => offset,
+                Ok(None) => continue,
+                Err(err) => {
+                    let _ = self.events.send(Happened::FaultFailed(err));
+                    return;
+                }
+            };
+            let page = (offset / page_size) as u64;
+            if self.placer.holds(block, page) {
+                // Held yet absent: a zero page never written, or one placed
+                // a moment ago (then this finds it present and wakes).
+                let mapped = match missing.zero(offset, page_size) {
+                    Ok(Placed::All) => Ok(()),
+                    Ok(Placed::UpTo(_)) => missing.wake(offset, page_size),
+                    Err(err) => Err(err),
+                };
+                if let Err(err) = mapped {
+                    let _ = self.events.send(Happened::FaultFailed(err));
+                    return;
+                }
+                continue;
+            }
+            self.faults.fetch_add(1, Ordering::Relaxed);
+            if !self.requested[block].test_and_set(page) {
+                let at = self.base.elapsed().as_nanos().max(1) as u64;
+                self.requested_at[block][page as usize].store(at, Ordering::Relaxed);
+                self.request(block, page);
+            }
+        }
+    }
+
+    /// Asks the source for a page, if the link is up (otherwise it is asked
+    /// again when the link is resumed).
+    fn request(&self, block: usize, page: u64) {
+        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = requests.as_mut() {
+            let request = PageRequest {
+                block: block as u32,
+                page,
+                count: 1,
+            };
+            if let Err(err) = tx.send(&Message::PageRequest(request)) {
+                // The link is gone; the control loop takes over.
+                let _ = self.events.send(Happened::RequestFailed(err));
+            }
+        }
+    }
+
+    /// Receives one channel's pages until its end of RAM.
+    fn receive(&self, index: usize, rx: &mut dyn ChannelRx, urgent: bool) -> Result<(), DestError> {
+        let on_channel = |source| DestError::OnChannel { index, source };
+        if !urgent {
+            // The background stream yields the CPU to the urgent path (best
+            // effort: at worst it competes as an equal).
+            let _ = migration_sys::thread::lower_priority(migration_sys::thread::BACKGROUND_NICE);
+        }
+        // The urgent channel is quiet while the guest faults on nothing.
+        rx.set_timeout((!urgent).then_some(self.io_timeout))
+            .map_err(on_channel)?;
+        loop {
+            match rx.recv().map_err(on_channel)? {
+                Message::Pages(batch) => {
+                    if batch.epoch != self.epoch {
+                        return Err(DestError::Protocol(format!(
+                            "channel {index}: page batch of epoch {} in postcopy, epoch {}",
+                            batch.epoch, self.epoch
+                        )));
+                    }
+                    if !self.codecs.contains(batch.codec().feature()) {
+                        return Err(DestError::Protocol(format!(
+                            "channel {index}: a {:?} batch, a codec the handshake did not agree",
+                            batch.codec()
+                        )));
+                    }
+                    let block = batch.block as usize;
+                    let Some(missing) = self.missing.get(block) else {
+                        return Err(DestError::Protocol(format!(
+                            "page batch for block {}, but only {} blocks were announced",
+                            batch.block,
+                            self.missing.len()
+                        )));
+                    };
+                    self.placer
+                        .place_missing(&batch, missing, &mut |page| self.placed(block, page, urgent))?;
+                }
+                Message::EndOfRam(end) if end.epochs == self.epoch + 1 => return Ok(()),
+                Message::EndOfRam(end) => {
+                    return Err(DestError::Protocol(format!(
+                        "channel {index}: end of RAM after {} epochs, postcopy is epoch {}",
+                        end.epochs, self.epoch
+                    )));
+                }
+                Message::Abort(reason) => return Err(DestError::Aborted(reason)),
+                other => {
+                    return Err(DestError::Protocol(format!(
+                        "channel {index}: unexpected {} in postcopy",
+                        other.kind().name()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// A page this side did not hold was placed.
+    fn placed(&self, block: usize, page: u64, urgent: bool) {
+        self.remaining.fetch_sub(1, Ordering::AcqRel);
+        if urgent {
+            self.requested_pages.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.streamed_pages.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.requested[block].get(page) {
+            let at = self.requested_at[block][page as usize].load(Ordering::Relaxed);
+            let now = self.base.elapsed().as_nanos() as u64;
+            if at > 0 {
+                self.service.record(Duration::from_nanos(now.saturating_sub(at)));
+            }
+        }
+    }
+
+    /// Asks again for every page asked for and not held (after a resumed
+    /// link: the old requests may be lost).
+    fn request_again(&self) {
+        for (block, requested) in self.requested.iter().enumerate() {
+            let mut page = 0;
+            while let Some(next) = requested.next_set(page) {
+                if !self.placer.holds(block, next) {
+                    self.request(block, next);
+                }
+                page = next + 1;
+            }
+        }
+    }
+
+    fn stats(&self, control: &Control) -> PostcopyStats {
+        PostcopyStats {
+            requested_pages: self.requested_pages.load(Ordering::Relaxed),
+            streamed_pages: self.streamed_pages.load(Ordering::Relaxed),
+            faults: self.faults.load(Ordering::Relaxed),
+            service: self.service.summary(),
+            recoveries: control.recoveries,
+            paused: control.paused,
+        }
+    }
+}
+
+/// The control loop's own state.
+struct Control {
+    /// When the migration started.
+    started: Instant,
+    session: SessionId,
+    channels: u16,
+    /// Links resumed so far.
+    generation: u32,
+    recoveries: u64,
+    paused: Duration,
+    /// Wire bytes of links done with.
+    bytes: u64,
+}
+
+/// How one link's stretch of postcopy ended.
+enum LinkEnd {
+    /// Every channel ended its stream and every page is held: the main
+    /// connection's halves, for the digest check.
+    Done(ChannelHalves),
+    /// The link broke.
+    Lost(DestError),
+}
+
+impl Control {
+    /// Runs links until every page is held and every channel ended, resuming
+    /// lost ones.
+    #[allow(clippy::too_many_arguments)]
+    fn stream(
+        &mut self,
+        pc: &Postcopy<'_>,
+        mut channels: LinkChannels,
+        happened: &Receiver<Happened>,
+        shared: &Shared,
+        options: &DestOptions,
+        accept: &mut dyn FnMut(Duration) -> Result<Box<dyn Channel>, TransportError>,
+        observer: &mut dyn FnMut(&Event),
+    ) -> Result<ChannelHalves, DestError> {
+        let mut resumed_sent = false;
+        loop {
+            let (ready_sent, end) = self.run_link(pc, channels, happened, &mut resumed_sent, shared, observer);
+            let err = match end {
+                Ok(LinkEnd::Done(halves)) => return Ok(halves),
+                Ok(LinkEnd::Lost(err)) => err,
+                Err(fatal) => return Err(lost(fatal)),
+            };
+            if ready_sent {
+                // Every page is here: nothing to resume, only the digest
+                // check is lost.
+                return Err(err);
+            }
+            let lost_at = Instant::now();
+            observer(&Event::PostcopyPaused {
+                reason: ErrorChain(&err).to_string(),
+            });
+            channels = self.resume(pc, accept, options, &err)?;
+            let after = lost_at.elapsed();
+            self.recoveries += 1;
+            self.paused += after;
+            observer(&Event::PostcopyResumed { after });
+        }
+    }
+
+    /// One link: a thread per channel, until the stream ends or the link
+    /// breaks. Returns whether READY was sent, and how the link ended (an
+    /// error: a failure no resumed link mends).
+    #[allow(clippy::too_many_arguments)]
+    fn run_link(
+        &mut self,
+        pc: &Postcopy<'_>,
+        channels: LinkChannels,
+        happened: &Receiver<Happened>,
+        resumed_sent: &mut bool,
+        shared: &Shared,
+        observer: &mut dyn FnMut(&Event),
+    ) -> (bool, Result<LinkEnd, DestError>) {
+        let LinkChannels { main, data, urgent } = channels;
+        let mut closers: Vec<Closer> = Vec::new();
+        for c in std::iter::once(&main).chain(&data).chain(std::iter::once(&urgent)) {
+            match c.closer() {
+                Ok(close) => closers.push(close),
+                Err(err) => return (false, Ok(LinkEnd::Lost(err.into()))),
+            }
+        }
+        let (tx, main_rx) = match main.split() {
+            Ok(halves) => halves,
+            Err(err) => return (false, Ok(LinkEnd::Lost(err.into()))),
+        };
+        *pc.requests.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        let mut ready_sent = false;
+        let send = |message: &Message<'_>| -> Result<(), TransportError> {
+            match pc.requests.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                Some(tx) => tx.send(message),
+                None => Err(TransportError::Closed),
+            }
+        };
+        // RESUMED goes out on the first link only: a source that missed it
+        // learns the guest runs here when this side accepts its resume.
+        let first = if *resumed_sent {
+            Ok(())
+        } else {
+            *resumed_sent = true;
+            observer(&Event::Resumed);
+            send(&Message::Resumed)
+        };
+        pc.request_again();
+        let urgent_index = data.len() + 1;
+        let outcome = std::thread::scope(|scope| {
+            let mut threads = Vec::new();
+            let mut spawn = |index: usize, mut rx: Box<dyn ChannelRx>, urgent: bool| {
+                let thread = std::thread::Builder::new()
+                    .name(format!("migration-postcopy-{index}"))
+                    .spawn_scoped(scope, move || {
+                        let result = pc.receive(index, rx.as_mut(), urgent);
+                        let _ = pc.events.send(Happened::ChannelEnded { index, result });
+                        rx
+                    })
+                    .expect("spawning a postcopy channel thread");
+                threads.push(thread);
+            };
+            spawn(0, main_rx, false);
+            for (i, c) in data.into_iter().enumerate() {
+                spawn(i + 1, c, false);
+            }
+            spawn(urgent_index, urgent, true);
+            let outcome = match first {
+                Ok(()) => self.watch(pc, happened, threads.len(), &mut ready_sent, shared, &send, observer),
+                Err(err) => Ok(Some(DestError::from(err))),
+            };
+            if !matches!(outcome, Ok(None)) {
+                closers.iter().for_each(|close| close());
+            }
+            let rxs: Vec<Box<dyn ChannelRx>> = threads
+                .into_iter()
+                .map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect();
+            (outcome, rxs)
+        });
+        let (outcome, mut rxs) = outcome;
+        // Drain what the threads reported after the verdict on this link.
+        while happened.try_recv().is_ok() {}
+        let tx = pc.requests.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.bytes += rxs.iter().skip(1).map(|rx| rx.bytes_received()).sum::<u64>();
+        let end = match (outcome, tx) {
+            (Ok(None), Some(tx)) => Ok(LinkEnd::Done((tx, rxs.swap_remove(0)))),
+            (Ok(None), None) => Ok(LinkEnd::Lost(TransportError::Closed.into())),
+            (Ok(Some(err)), tx) => {
+                self.bytes += rxs[0].bytes_received() + tx.map_or(0, |tx| tx.bytes_sent());
+                Ok(LinkEnd::Lost(err))
+            }
+            (Err(fatal), tx) => {
+                // Tell the source why, if the link still carries it.
+                if let Some(mut tx) = tx {
+                    let _ = tx.send(&Message::Error(migration_wire::PeerError {
+                        code: fatal.code(),
+                        message: ErrorChain(&fatal).to_string(),
+                    }));
+                }
+                Err(fatal)
+            }
+        };
+        (ready_sent, end)
+    }
+
+    /// Waits for the channels of one link: `Ok(None)` when every one ended
+    /// its stream and every page is held, `Ok(Some(error))` when the link
+    /// broke, `Err` when something no resumed link mends happened.
+    #[allow(clippy::too_many_arguments)]
+    fn watch(
+        &self,
+        pc: &Postcopy<'_>,
+        happened: &Receiver<Happened>,
+        threads: usize,
+        ready_sent: &mut bool,
+        shared: &Shared,
+        send: &dyn Fn(&Message<'_>) -> Result<(), TransportError>,
+        observer: &mut dyn FnMut(&Event),
+    ) -> Result<Option<DestError>, DestError> {
+        let mut ended = 0;
+        let mut last_placed = shared.placer.placed.load(Ordering::Relaxed);
+        let mut last_progress = Instant::now();
+        let mut next_report = Instant::now();
+        loop {
+            if !*ready_sent && pc.remaining.load(Ordering::Acquire) == 0 {
+                if let Err(err) = send(&Message::Ready) {
+                    return Ok(Some(err.into()));
+                }
+                *ready_sent = true;
+            }
+            if *ready_sent && ended == threads {
+                return Ok(None);
+            }
+            let now = Instant::now();
+            if now >= next_report {
+                let mut stats = shared.placer.stats(self.started);
+                stats.postcopy = Some(pc.stats(self));
+                observer(&Event::Progress(stats));
+                next_report = now + Duration::from_millis(200);
+            }
+            // Pages left, yet none arrives: the link is as good as lost.
+            let placed = shared.placer.placed.load(Ordering::Relaxed);
+            if placed != last_placed || *ready_sent {
+                last_placed = placed;
+                last_progress = now;
+            } else if now - last_progress > pc.io_timeout {
+                return Ok(Some(DestError::Transport(TransportError::TimedOut(pc.io_timeout))));
+            }
+            match happened.recv_timeout(TICK) {
+                Ok(Happened::ChannelEnded { result: Ok(()), .. }) => ended += 1,
+                Ok(Happened::ChannelEnded {
+                    result: Err(err),
+                    index,
+                }) => {
+                    return match err {
+                        DestError::OnChannel { .. } | DestError::Transport(_) => Ok(Some(err)),
+                        other => {
+                            let _ = index;
+                            Err(other)
+                        }
+                    };
+                }
+                Ok(Happened::RequestFailed(err)) => return Ok(Some(err.into())),
+                Ok(Happened::FaultFailed(err)) => return Err(DestError::Memory(err)),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(DestError::OtherChannelFailed),
+            }
+        }
+    }
+
+    /// Waits for the source to resume the lost link: a new main connection
+    /// with [`Message::Resume`], answered with the pages held, then every
+    /// other channel. Gives up at the resume timeout.
+    fn resume(
+        &mut self,
+        pc: &Postcopy<'_>,
+        accept: &mut dyn FnMut(Duration) -> Result<Box<dyn Channel>, TransportError>,
+        options: &DestOptions,
+        cause: &DestError,
+    ) -> Result<LinkChannels, DestError> {
+        let deadline = Instant::now() + options.resume_timeout;
+        let expected = self.generation + 1;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(DestError::StateLost(format!(
+                    "the link to the source was lost ({}) and not resumed within {:?}",
+                    ErrorChain(cause),
+                    options.resume_timeout
+                )));
+            }
+            let Ok(mut main) = accept(deadline.saturating_duration_since(Instant::now())) else {
+                continue;
+            };
+            let resumed = (|| {
+                main.set_timeout(Some(options.io_timeout))?;
+                match main.recv()? {
+                    Message::Resume(resume) if resume.session == self.session && resume.generation == expected => {
+                        Ok(())
+                    }
+                    Message::Resume(resume) => Err(DestError::Protocol(format!(
+                        "resume of session {:#x} (link {}), this destination waits for session {:#x} (link {expected})",
+                        resume.session.0, resume.generation, self.session.0
+                    ))),
+                    other => Err(DestError::Protocol(format!(
+                        "{} while waiting to resume a postcopy migration",
+                        other.kind().name()
+                    ))),
+                }
+            })();
+            if let Err(err) = resumed {
+                tell_peer(main.as_mut(), &err);
+                continue;
+            }
+            let listed = (|| -> Result<(), DestError> {
+                for (block, held) in pc.placer.received().iter().enumerate() {
+                    let bytes = held.to_le_bytes();
+                    let mut first = 0;
+                    while first < held.len() {
+                        let count = BITMAP_CHUNK.min(held.len() - first);
+                        let bits = &bytes[(first / 8) as usize..(first + count).div_ceil(8) as usize];
+                        let map = PageBitmap::new(block as u32, first, count as u32, bits)
+                            .expect("a whole chunk of our own bitmap");
+                        main.send(&Message::ReceivedPages(map))?;
+                        first += count;
+                    }
+                }
+                main.send(&Message::ResumeAccepted)?;
+                Ok(())
+            })();
+            if listed.is_err() {
+                continue;
+            }
+            // The other channels join as in the handshake.
+            let mut slots: Vec<Option<Box<dyn Channel>>> = (0..self.channels).map(|_| None).collect();
+            while slots.iter().any(Option::is_none) && Instant::now() < deadline {
+                let Ok(channel) = accept(
+                    options
+                        .io_timeout
+                        .min(deadline.saturating_duration_since(Instant::now())),
+                ) else {
+                    break;
+                };
+                let _ = join_channel(channel, self.session, self.channels, options.io_timeout, &mut slots);
+            }
+            let Some(mut joined) = slots.into_iter().collect::<Option<Vec<_>>>() else {
+                continue;
+            };
+            self.generation = expected;
+            let urgent = joined.pop().expect("the urgent-page channel");
+            return Ok(LinkChannels {
+                main,
+                data: joined,
+                urgent,
+            });
+        }
+    }
+}
+
+/// A failure no resumed link mends, after the guest ran here.
+fn lost(err: DestError) -> DestError {
+    match err {
+        DestError::StateLost(_) => err,
+        other => DestError::StateLost(ErrorChain(&other).to_string()),
+    }
+}
+
+/// The digests of the source's frozen RAM against the pages placed.
+fn verify(
+    rx: &mut dyn ChannelRx,
+    tx: &mut dyn ChannelTx,
+    shared: &Shared,
+    options: &DestOptions,
+    observer: &mut dyn FnMut(&Event),
+) -> Result<(Option<bool>, Vec<u32>), DestError> {
+    let hashing = Duration::from_secs_f64(shared.placer.ram().total_bytes() as f64 / (256u64 << 20) as f64);
+    rx.set_timeout(Some(options.io_timeout + hashing))?;
+    let digests = match rx.recv()? {
+        Message::Complete(complete) => complete.digests,
+        other => return Err(unexpected("complete", &other)),
+    };
+    let placed = shared.placer.digests();
+    if digests.len() != placed.len() {
+        return Err(DestError::Protocol(format!(
+            "{} digests for {} blocks",
+            digests.len(),
+            placed.len()
+        )));
+    }
+    let mismatched: Vec<u32> = placed
+        .iter()
+        .zip(&digests)
+        .enumerate()
+        .filter(|(_, (ours, theirs))| ours != theirs)
+        .map(|(i, _)| i as u32)
+        .collect();
+    let verdict = Verdict {
+        mismatched: mismatched.clone(),
+    };
+    observer(&Event::Verified(verdict.is_verified()));
+    tx.send(&Message::Verdict(verdict))?;
+    Ok((Some(mismatched.is_empty()), mismatched))
+}
