@@ -65,7 +65,10 @@ def main():
     for rep in range(args.reps):
         for case in wanted:
             send, recv, outside = migrate(args.mem_size, args.dirty_rate, cases[case])
-            row = {"status": send["status"], "total_s": send["total_ms"] / 1e3, "outside_s": outside,
+            total = send["total_ms"]
+            if send.get("postcopy") and send["postcopy"].get("completed_ms"):
+                total = send["postcopy"]["completed_ms"]
+            row = {"status": send["status"], "total_s": total / 1e3, "outside_s": outside,
                    "passes": send["iterations"]}
             post = recv.get("postcopy")
             if post:

@@ -80,6 +80,38 @@ fn a_guest_migrates_over_mutual_tls_with_channels_and_compression() {
     );
 }
 
+#[test]
+fn postcopy_over_mutual_tls_serves_page_requests_on_the_urgent_channel() {
+    let _lock = lock();
+    let pki = Pki::new("postcopy");
+    let server = pki.args("server", &pki);
+    let mut recv_args = strs(&server);
+    recv_args.extend(["--json", "--run-for", "0s"]);
+    let (recv, addr) = spawn_recv(&recv_args);
+    let client = pki.args("client", &pki);
+    let mut send_args = strs(&client);
+    send_args.extend([
+        "--mem-size",
+        "64M",
+        "--dirty-rate",
+        "16M",
+        "--postcopy",
+        "--postcopy-after",
+        "0",
+        "--json",
+    ]);
+    let (send_json, recv_json) = assert_pair_completed(spawn_send(addr, &send_args), recv);
+    // Two data channels and the urgent one, all over TLS.
+    assert_eq!(migration_tests::num(&send_json, "channels"), 3, "{send_json:#}");
+    let postcopy = migration_tests::field(&recv_json, "postcopy");
+    assert!(migration_tests::num(postcopy, "requested_pages") > 0, "{recv_json:#}");
+    assert_eq!(
+        migration_tests::field(&recv_json, "guest_check"),
+        "passed",
+        "{recv_json:#}"
+    );
+}
+
 /// A refused source: exit 1, its error names the problem, its guest runs on.
 fn assert_refused(out: migration_tests::Output, problem: &str) {
     let json = migration_tests::assert_send_failed_resumed(&out);

@@ -100,6 +100,9 @@ pub struct PostcopyReport {
     /// Times a lost link was resumed, and the time it was down.
     pub recoveries: u64,
     pub link_down_ms: f64,
+    /// From the first handshake byte to the destination holding every page
+    /// (`total_ms` is to the guest running there).
+    pub completed_ms: Option<f64>,
     /// Source: wall-clock time (microseconds since the Unix epoch) the guest
     /// paused for the switch.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -122,6 +125,7 @@ impl PostcopyReport {
             service_max_us: destination.then_some(stats.service.max_us),
             recoveries: stats.recoveries,
             link_down_ms: ms(stats.paused),
+            completed_ms: stats.completed.map(ms),
             ..Self::default()
         }
     }

@@ -186,14 +186,21 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
         },
         Target::File(_) | Target::Stream(..) => TcpOptions::default(),
     };
-    let mut connect = |index: u16| -> Result<Box<dyn Channel>, TransportError> {
+    let mut connect = |index: u16, wait: Duration| -> Result<Box<dyn Channel>, TransportError> {
         Ok(match target {
-            Target::Tcp(send) => Box::new(transport_tcp::connect(&send.to, &tcp)?),
+            Target::Tcp(send) => {
+                let tcp = TcpOptions {
+                    connect_timeout: tcp.connect_timeout.min(wait),
+                    ..tcp.clone()
+                };
+                Box::new(transport_tcp::connect(&send.to, &tcp)?)
+            }
             Target::File(file) => Box::new(file.channel(index)),
             Target::Stream(stream, _) => Box::new(stream.channel()),
         })
     };
-    let channel = match connect(0) {
+    let first_wait = tcp.connect_timeout;
+    let channel = match connect(0, first_wait) {
         Ok(channel) => channel,
         Err(err) => {
             report.writes_after_resume = Some(Some(writes_while_running(&guest, args.dirty_rate)));

@@ -82,6 +82,14 @@ impl Bitmap {
         }
     }
 
+    /// Clears every bit set in `other`.
+    pub fn clear_from(&mut self, other: &Bitmap) {
+        debug_assert_eq!(self.len, other.len);
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= !*b;
+        }
+    }
+
     /// Number of set bits.
     pub fn count_ones(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
@@ -212,6 +220,18 @@ impl AtomicBitmap {
     /// The first clear bit at or after `from`.
     pub fn next_clear(&self, from: u64) -> Option<u64> {
         (from..self.len).find(|&i| !self.get(i))
+    }
+
+    /// Sets every bit to the one of `other` (of the same length), a word at a
+    /// time: `invert` stores the complement instead. Not atomic as a whole:
+    /// for a bitmap no other thread changes meanwhile.
+    pub fn store(&self, other: &Bitmap, invert: bool) {
+        debug_assert_eq!(self.len, other.len);
+        for (index, (word, &bits)) in self.words.iter().zip(&other.words).enumerate() {
+            let valid = (self.len - index as u64 * 64).min(64);
+            let mask = if valid == 64 { u64::MAX } else { (1 << valid) - 1 };
+            word.store(if invert { !bits & mask } else { bits & mask }, Ordering::Release);
+        }
     }
 
     /// The first set bit at or after `from`, a word at a time.

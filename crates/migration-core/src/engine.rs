@@ -486,6 +486,12 @@ impl PrecopyEngine {
         self.pending = Some(Action::Postcopy { reason, remaining });
     }
 
+    /// The pages still marked dirty (not yet handed out), one bitmap per
+    /// block: before the pause, the pages the destination holds stale.
+    pub fn dirty(&self) -> &[Bitmap] {
+        &self.dirty
+    }
+
     /// The VM is paused for postcopy and the dirty log was collected one
     /// last time: precopy ends, and the pages left to send, one bitmap per
     /// block, go to the postcopy runtime.

@@ -187,6 +187,7 @@ pub(super) enum Job {
 pub(super) enum Returned {
     Ack(u64),
     Ready,
+    Prepared,
     Resumed,
     Verdict(Verdict),
     Error(PeerError),
@@ -198,14 +199,16 @@ pub(super) enum Returned {
 
 /// Runs an outgoing migration over `channel` (connected, nothing sent yet)
 /// and, when [`SourceOptions::channels`] asks for more, the connections
-/// `connect(index)` opens for channels `1..channels`.
+/// `connect(index, wait)` opens for channels `1..channels` (and, in
+/// postcopy, for the urgent-page channel and a lost link's resumption),
+/// trying for at most `wait`.
 ///
 /// `dirty_log` must already be tracking writes. On success the VM stays
 /// paused (it lives on the destination now); on any failure before GO it is
 /// running again when this returns (see [`SourceFailure::source_resumed`]).
 pub fn run_source(
     channel: Box<dyn Channel>,
-    connect: &mut dyn FnMut(u16) -> Result<Box<dyn Channel>, TransportError>,
+    connect: &mut dyn FnMut(u16, Duration) -> Result<Box<dyn Channel>, TransportError>,
     ram: &Ram,
     vm: &mut dyn Vm,
     dirty_log: &mut dyn DirtyLog,
@@ -240,6 +243,7 @@ pub fn run_source(
         abandon: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         postcopy_pages: None,
         postcopy: None,
+        pausing_sent: false,
     };
     let result = run.run(channel, connect, vm, dirty_log, observer);
     let stats = run.stats();
@@ -282,6 +286,8 @@ struct Link {
     /// How many channels carry streamed pages (the urgent one does not).
     data: usize,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The urgent-page channel of a migration that may switch to postcopy.
+    urgent: Option<Arc<Mutex<threads::UrgentSender>>>,
 }
 
 impl Link {
@@ -299,6 +305,9 @@ impl Link {
     fn close(mut self) -> bool {
         let closers = std::mem::take(&mut self.closers);
         let threads = std::mem::take(&mut self.threads);
+        if let Some(urgent) = self.urgent.take() {
+            urgent.lock().unwrap_or_else(|e| e.into_inner()).tx.shutdown();
+        }
         drop(self);
         let mut panicked = false;
         for thread in threads {
@@ -315,12 +324,8 @@ impl Link {
 enum Switch {
     /// Every page is sent and the VM is paused: hand over.
     Stopped,
-    /// The VM is paused and the destination is to run it before the pages
-    /// `left` (one bitmap per block) arrived.
-    Postcopy {
-        left: Vec<crate::bitmap::Bitmap>,
-        epochs: u64,
-    },
+    /// The engine decided to switch to postcopy (the VM still runs).
+    Postcopy(Box<PrecopyEngine>),
 }
 
 struct SourceRun<'a> {
@@ -356,6 +361,8 @@ struct SourceRun<'a> {
     postcopy_pages: Option<Arc<threads::PendingPages>>,
     /// Figures of the postcopy phase.
     postcopy: Option<crate::stats::PostcopyStats>,
+    /// The switch to postcopy asked the destination to prepare.
+    pausing_sent: bool,
 }
 
 impl SourceRun<'_> {
@@ -395,7 +402,7 @@ impl SourceRun<'_> {
     fn run(
         &mut self,
         mut channel: Box<dyn Channel>,
-        connect: &mut dyn FnMut(u16) -> Result<Box<dyn Channel>, TransportError>,
+        connect: &mut dyn FnMut(u16, Duration) -> Result<Box<dyn Channel>, TransportError>,
         vm: &mut dyn Vm,
         dirty_log: &mut dyn DirtyLog,
         observer: &mut dyn FnMut(&Event),
@@ -417,7 +424,7 @@ impl SourceRun<'_> {
         };
         let outcome = match self.precopy(&link, vm, dirty_log, observer) {
             Ok(Switch::Stopped) => self.hand_over(&link, observer).map(|()| self.verify(&link, observer)),
-            Ok(Switch::Postcopy { left, epochs }) => self.postcopy(&mut link, left, epochs, connect, vm, observer),
+            Ok(Switch::Postcopy(engine)) => self.postcopy(&mut link, *engine, connect, vm, dirty_log, observer),
             Err(err) => Err(err),
         };
         if let Err(err) = &outcome
@@ -476,9 +483,20 @@ impl SourceRun<'_> {
             next: std::cell::Cell::new(0),
             data,
             threads: Vec::new(),
+            urgent: None,
         };
         let mut main_rx = None;
         for (index, (tx, rx, closer)) in halves.into_iter().enumerate() {
+            if index == data {
+                // The urgent-page channel: the return-path reader sends on it.
+                link.closers.push(closer);
+                link.urgent = Some(Arc::new(Mutex::new(threads::UrgentSender {
+                    tx,
+                    encoder: PageEncoder::new(self.zero_pages, Compression::None),
+                    counters: Arc::clone(&self.counters[index]),
+                })));
+                continue;
+            }
             let (jobs, thread, error) = spawn_channel_thread(
                 index,
                 tx,
@@ -498,9 +516,10 @@ impl SourceRun<'_> {
         // The return path comes back on the main connection only; page
         // requests on it go straight to the urgent channel's thread.
         let route = self.postcopy_pages.as_ref().and_then(|pending| {
-            link.jobs.get(data).map(|urgent| threads::RequestRoute {
-                urgent: urgent.clone(),
+            link.urgent.as_ref().map(|urgent| threads::RequestRoute {
+                urgent: Arc::clone(urgent),
                 pending: Arc::clone(pending),
+                ram: self.ram.clone(),
             })
         });
         if let Some(rx) = main_rx {
@@ -522,7 +541,7 @@ impl SourceRun<'_> {
     fn open_channels(
         &mut self,
         channel: &mut dyn Channel,
-        connect: &mut dyn FnMut(u16) -> Result<Box<dyn Channel>, TransportError>,
+        connect: &mut dyn FnMut(u16, Duration) -> Result<Box<dyn Channel>, TransportError>,
     ) -> Result<Vec<Box<dyn Channel>>, SourceError> {
         self.handshake(channel)?;
         self.open_extra_channels(connect)
@@ -532,7 +551,7 @@ impl SourceRun<'_> {
     /// agreed, the urgent-page channel (index `channels`).
     fn open_extra_channels(
         &mut self,
-        connect: &mut dyn FnMut(u16) -> Result<Box<dyn Channel>, TransportError>,
+        connect: &mut dyn FnMut(u16, Duration) -> Result<Box<dyn Channel>, TransportError>,
     ) -> Result<Vec<Box<dyn Channel>>, SourceError> {
         let channels = self.options.channels.max(1);
         let last = if self.postcopy_pages.is_some() {
@@ -542,7 +561,7 @@ impl SourceRun<'_> {
         };
         let mut extra = Vec::with_capacity(usize::from(last));
         for index in 1..=last {
-            let mut c = connect(index)?;
+            let mut c = connect(index, self.options.reply_timeout)?;
             c.set_timeout(Some(self.options.reply_timeout))?;
             c.send(&Message::ChannelHello(ChannelHello {
                 session: self.options.session,
@@ -738,16 +757,8 @@ impl SourceRun<'_> {
                 }
                 Action::Postcopy { reason, remaining } => {
                     observer(&Event::PostcopyStarting { reason, remaining });
-                    self.pause_attempted = true;
-                    let paused = pause_vm(vm)?;
-                    self.paused_at = Some(paused.at());
-                    observer(&Event::Paused);
-                    dirty_log.collect(&mut |block, first, count| engine.handle_dirty(block, first, count))?;
-                    let left = engine.handle_postcopy_paused(&paused);
                     self.refresh(&engine);
-                    let epochs = self.ended.map_or(0, |epoch| epoch + 1);
-                    self.engine_stats.iterations = epochs;
-                    return Ok(Switch::Postcopy { left, epochs });
+                    return Ok(Switch::Postcopy(Box::new(engine)));
                 }
                 Action::Finish => break,
                 Action::Fail(error) => return Err(error.into()),
@@ -946,9 +957,12 @@ impl SourceRun<'_> {
             Returned::Failed(err) => Err(err.into()),
             Returned::Unexpected(kind) => Err(SourceError::Protocol(format!("unexpected {kind} on the return path"))),
             Returned::Protocol(problem) => Err(SourceError::Protocol(problem)),
+            Returned::Prepared if !self.pausing_sent => Err(SourceError::Protocol(
+                "the destination said it is prepared for postcopy before the source was pausing".into(),
+            )),
             // Handover messages answer the stream that was just flushed;
             // `wait_for` takes them in order.
-            handover @ (Returned::Ready | Returned::Resumed | Returned::Verdict(_)) => {
+            handover @ (Returned::Ready | Returned::Prepared | Returned::Resumed | Returned::Verdict(_)) => {
                 self.early.push_back(handover);
                 Ok(())
             }

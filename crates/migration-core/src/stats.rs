@@ -56,6 +56,9 @@ pub struct PostcopyStats {
     pub recoveries: u64,
     /// Time spent with the link lost, waiting to resume it.
     pub paused: Duration,
+    /// Time from the first handshake byte to the destination holding every
+    /// page (the end of postcopy), once it does.
+    pub completed: Option<Duration>,
 }
 
 /// A latency distribution: percentiles and maximum, in microseconds.

@@ -66,6 +66,9 @@ pub enum MessageKind {
     /// Source → destination: the first message of a new main connection
     /// that resumes a postcopy migration after a lost link.
     Resume = 16,
+    /// Source → destination: the discards sent while the source ran are
+    /// all; it pauses once they are applied.
+    Pausing = 17,
     /// Destination → source: progress acknowledgement.
     Ack = 32,
     /// Destination → source: everything is placed; waiting for GO.
@@ -83,6 +86,9 @@ pub enum MessageKind {
     /// Destination → source: the resumed link is accepted; its pages were
     /// all listed.
     ResumeAccepted = 39,
+    /// Destination → source: ready for the switch to postcopy (the discards
+    /// so far applied, guest RAM registered for faults): pause now.
+    Prepared = 40,
 }
 
 impl MessageKind {
@@ -106,6 +112,7 @@ impl MessageKind {
             14 => PostcopyStart,
             15 => Discard,
             16 => Resume,
+            17 => Pausing,
             32 => Ack,
             33 => Ready,
             34 => Resumed,
@@ -114,6 +121,7 @@ impl MessageKind {
             37 => PageRequest,
             38 => ReceivedPages,
             39 => ResumeAccepted,
+            40 => Prepared,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -146,6 +154,8 @@ impl MessageKind {
             Resume => "resume",
             ReceivedPages => "received-pages",
             ResumeAccepted => "resume-accepted",
+            Pausing => "pausing",
+            Prepared => "prepared",
         }
     }
 }
@@ -277,6 +287,10 @@ pub enum Message<'a> {
     ReceivedPages(PageBitmap<'a>),
     /// The destination accepted the resumed link.
     ResumeAccepted,
+    /// The source pauses once the discards so far are applied.
+    Pausing,
+    /// The destination is ready for the switch to postcopy.
+    Prepared,
 }
 
 impl<'a> Message<'a> {
@@ -307,6 +321,8 @@ impl<'a> Message<'a> {
             Message::Resume(_) => MessageKind::Resume,
             Message::ReceivedPages(_) => MessageKind::ReceivedPages,
             Message::ResumeAccepted => MessageKind::ResumeAccepted,
+            Message::Pausing => MessageKind::Pausing,
+            Message::Prepared => MessageKind::Prepared,
         }
     }
 
@@ -338,7 +354,9 @@ impl<'a> Message<'a> {
             | Message::Go
             | Message::Ready
             | Message::Resumed
-            | Message::ResumeAccepted => {}
+            | Message::ResumeAccepted
+            | Message::Pausing
+            | Message::Prepared => {}
         }
     }
 
@@ -421,6 +439,14 @@ impl<'a> Message<'a> {
             MessageKind::ResumeAccepted => {
                 empty("resume-accepted")?;
                 Message::ResumeAccepted
+            }
+            MessageKind::Pausing => {
+                empty("pausing")?;
+                Message::Pausing
+            }
+            MessageKind::Prepared => {
+                empty("prepared")?;
+                Message::Prepared
             }
         })
     }

@@ -2,9 +2,13 @@
 //! destination must drop, and the reconnection after a lost link.
 //!
 //! ```text
-//!  source                                   destination
-//!  PostcopyStart (every channel) ------->   precopy receiving ends
+//!  source (guest still running)            destination
+//!  PostcopyStart (every channel) ------->   precopy receiving ends; pages
+//!                                           not held dropped, RAM registered
 //!  Discard* (main) ---------------------->  stale pages dropped
+//!  Pausing ------------------------------>
+//!                 <---------------------- Prepared
+//!  (guest paused) Discard* (the pages dirtied meanwhile),
 //!  DeviceState, Go (main) --------------->  guest runs, faults on absent pages
 //!                 <---------------------- Resumed, PageRequest*
 //!  pages (urgent channel: requested ones;

@@ -130,6 +130,8 @@ fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
             generation
         })),
         Just(Message::ResumeAccepted),
+        Just(Message::Pausing),
+        Just(Message::Prepared),
     ]
     .prop_map(|m| {
         let mut out = Vec::new();

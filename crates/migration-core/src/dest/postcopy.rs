@@ -157,6 +157,7 @@ pub(super) fn run(
         recoveries: 0,
         paused: Duration::ZERO,
         bytes: 0,
+        completed: Mutex::new(None),
     };
     let channels = LinkChannels { main, data, urgent };
     let result = std::thread::scope(|scope| {
@@ -242,11 +243,13 @@ fn switch(
                 let index = map.block as usize;
                 discard_runs(block.region(), map.pages().filter(|&page| placer.forget(index, page)))?;
             }
+            // The source runs until this side applied what it knew was stale.
+            Message::Pausing => main.send(&Message::Prepared)?,
             Message::DeviceState(blob) if device_state.is_none() => device_state = Some(blob.to_vec()),
             Message::DeviceState(_) => return Err(DestError::Protocol("device state sent twice".into())),
             Message::Go => break,
             Message::Abort(reason) => return Err(DestError::Aborted(reason)),
-            other => return Err(unexpected("discard, device-state or go", &other)),
+            other => return Err(unexpected("discard, pausing, device-state or go", &other)),
         }
     }
     let device_state = device_state.ok_or_else(|| DestError::Protocol("go without device state".into()))?;
@@ -254,23 +257,19 @@ fn switch(
     Ok(missing)
 }
 
-/// Drops each run of the ascending `pages` from `region`.
+/// Drops each run of the ascending `pages` from `region`, many runs per
+/// system call.
 fn discard_runs(region: &migration_sys::GuestRegion, pages: impl Iterator<Item = u64>) -> Result<(), DestError> {
     let page_size = migration_sys::PAGE_SIZE;
-    let mut run: Option<(u64, u64)> = None;
+    let mut runs: Vec<(usize, usize)> = Vec::new();
     for page in pages {
-        run = match run {
-            Some((first, count)) if first + count == page => Some((first, count + 1)),
-            Some((first, count)) => {
-                region.discard(first as usize * page_size, count as usize * page_size)?;
-                Some((page, 1))
-            }
-            None => Some((page, 1)),
-        };
+        let offset = page as usize * page_size;
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == offset => *len += page_size,
+            _ => runs.push((offset, page_size)),
+        }
     }
-    if let Some((first, count)) = run {
-        region.discard(first as usize * page_size, count as usize * page_size)?;
-    }
+    region.discard_runs(&runs)?;
     Ok(())
 }
 
@@ -280,6 +279,8 @@ impl Postcopy<'_> {
     fn serve_faults(&self, block: usize) {
         let missing = &self.missing[block];
         let page_size = migration_sys::PAGE_SIZE;
+        // A guest thread waits on every fault read here.
+        let _ = migration_sys::thread::prefer_latency();
         while !self.stop_faults.load(Ordering::Acquire) {
             let offset = match missing.next_fault(Duration::from_millis(20)) {
                 Ok(Some(offset)) => offset,
@@ -333,11 +334,14 @@ impl Postcopy<'_> {
     /// Receives one channel's pages until its end of RAM.
     fn receive(&self, index: usize, rx: &mut dyn ChannelRx, urgent: bool) -> Result<(), DestError> {
         let on_channel = |source| DestError::OnChannel { index, source };
-        if !urgent {
-            // The background stream yields the CPU to the urgent path (best
-            // effort: at worst it competes as an equal).
-            let _ = migration_sys::thread::lower_priority(migration_sys::thread::BACKGROUND_NICE);
-        }
+        // The background stream yields the CPU to the urgent path, which
+        // runs as soon as it wakes (best effort both: at worst they compete
+        // as equals).
+        let _ = if urgent {
+            migration_sys::thread::prefer_latency()
+        } else {
+            migration_sys::thread::lower_priority(migration_sys::thread::BACKGROUND_NICE)
+        };
         // The urgent channel is quiet while the guest faults on nothing.
         rx.set_timeout((!urgent).then_some(self.io_timeout))
             .map_err(on_channel)?;
@@ -424,6 +428,7 @@ impl Postcopy<'_> {
             service: self.service.summary(),
             recoveries: control.recoveries,
             paused: control.paused,
+            completed: *control.completed.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }
 }
@@ -440,6 +445,8 @@ struct Control {
     paused: Duration,
     /// Wire bytes of links done with.
     bytes: u64,
+    /// When every page was held, from the start.
+    completed: Mutex<Option<Duration>>,
 }
 
 /// How one link's stretch of postcopy ended.
@@ -556,6 +563,13 @@ impl Control {
                 Ok(()) => self.watch(pc, happened, threads.len(), &mut ready_sent, shared, &send, observer),
                 Err(err) => Ok(Some(DestError::from(err))),
             };
+            if let Err(fatal) = &outcome {
+                // Tell the source why while the link still carries it.
+                let _ = send(&Message::Error(migration_wire::PeerError {
+                    code: fatal.code(),
+                    message: ErrorChain(fatal).to_string(),
+                }));
+            }
             if !matches!(outcome, Ok(None)) {
                 closers.iter().for_each(|close| close());
             }
@@ -578,13 +592,7 @@ impl Control {
                 Ok(LinkEnd::Lost(err))
             }
             (Err(fatal), tx) => {
-                // Tell the source why, if the link still carries it.
-                if let Some(mut tx) = tx {
-                    let _ = tx.send(&Message::Error(migration_wire::PeerError {
-                        code: fatal.code(),
-                        message: ErrorChain(&fatal).to_string(),
-                    }));
-                }
+                self.bytes += rxs[0].bytes_received() + tx.map_or(0, |tx| tx.bytes_sent());
                 Err(fatal)
             }
         };
@@ -615,6 +623,7 @@ impl Control {
                     return Ok(Some(err.into()));
                 }
                 *ready_sent = true;
+                *self.completed.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.started.elapsed());
             }
             if *ready_sent && ended == threads {
                 return Ok(None);

@@ -8,8 +8,10 @@
 //! never answered by resuming the VM here.
 
 use super::threads::PendingPages;
-use super::{Job, Link, Returned, SourceError, SourceRun, Verification, device_state};
+use super::{Job, Link, Returned, SourceError, SourceRun, Verification, device_state, pause_vm};
 use crate::bitmap::Bitmap;
+use crate::dirty::DirtyLog;
+use crate::engine::PrecopyEngine;
 use crate::error_chain::ErrorChain;
 use crate::stats::{Event, PostcopyStats};
 use crate::transport::{Channel, TransportError};
@@ -19,6 +21,13 @@ use migration_wire::{EndOfRam, MAX_BITMAP_PAGES, Message, PostcopyStart, Resume}
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+/// Most rounds of discards sent while the guest still runs (each waits for
+/// the destination to apply them).
+const PREPARE_ROUNDS: u32 = 3;
+
+/// Fewer pages than this gone stale in a round: the pause may come.
+const SMALL_DISCARD: u64 = 4096;
 
 /// Pages per discard message: 64 KiB of bits.
 const DISCARD_CHUNK: u64 = 1 << 19;
@@ -41,42 +50,21 @@ impl SourceRun<'_> {
         Some(stats)
     }
 
-    fn pending(&self) -> Arc<PendingPages> {
-        Arc::clone(self.postcopy_pages.as_ref().expect("postcopy was agreed"))
-    }
-
-    /// The switch and the whole postcopy phase, up to the digest check.
-    pub(super) fn postcopy(
-        &mut self,
-        link: &mut Link,
-        left: Vec<Bitmap>,
-        epochs: u64,
-        connect: &mut dyn FnMut(u16) -> Result<Box<dyn Channel>, TransportError>,
-        vm: &mut dyn Vm,
-        observer: &mut dyn FnMut(&Event),
-    ) -> Result<Verification, SourceError> {
-        let pending = self.pending();
-        pending.epoch.store(epochs, Ordering::Release);
-        for (map, left) in pending.blocks.iter().zip(&left) {
-            let mut page = 0;
-            while let Some(first) = left.next_set(page) {
-                map.set(first);
-                page = first + 1;
-            }
-        }
-        self.postcopy = Some(PostcopyStats::default());
-
-        // Precopy ends on every data channel; the main one then carries the
-        // discard set and the device state.
-        for channel in 0..link.data {
-            self.submit(
-                link,
-                channel,
-                Job::Control(Message::PostcopyStart(PostcopyStart { epochs })),
-            )?;
-        }
-        for (block, left) in left.iter().enumerate() {
-            for (first, count, bits) in bitmap_chunks(left) {
+    /// Discard messages for the pages of `pages` (one bitmap per block) not
+    /// in `already` (sent before).
+    fn send_discards(&mut self, link: &Link, pages: &[Bitmap], already: Option<&[Bitmap]>) -> Result<(), SourceError> {
+        for (block, map) in pages.iter().enumerate() {
+            let new;
+            let map = match already.and_then(|a| a.get(block)) {
+                Some(sent) => {
+                    let mut fresh = map.clone();
+                    fresh.clear_from(sent);
+                    new = fresh;
+                    &new
+                }
+                None => map,
+            };
+            for (first, count, bits) in bitmap_chunks(map) {
                 let job = Job::Discard {
                     block: block as u32,
                     first,
@@ -85,6 +73,83 @@ impl SourceRun<'_> {
                 };
                 self.submit(link, 0, job)?;
             }
+        }
+        Ok(())
+    }
+
+    fn pending(&self) -> Arc<PendingPages> {
+        Arc::clone(self.postcopy_pages.as_ref().expect("postcopy was agreed"))
+    }
+
+    /// The switch and the whole postcopy phase, up to the digest check.
+    /// `engine` decided the switch; the VM still runs.
+    pub(super) fn postcopy(
+        &mut self,
+        link: &mut Link,
+        mut engine: PrecopyEngine,
+        connect: &mut dyn FnMut(u16, Duration) -> Result<Box<dyn Channel>, TransportError>,
+        vm: &mut dyn Vm,
+        dirty_log: &mut dyn DirtyLog,
+        observer: &mut dyn FnMut(&Event),
+    ) -> Result<Verification, SourceError> {
+        let epochs = self.ended.map_or(0, |epoch| epoch + 1);
+        self.engine_stats.iterations = epochs;
+        self.postcopy = Some(PostcopyStats::default());
+
+        // While the guest still runs: precopy ends on every data channel, and
+        // the destination drops the pages known stale now and prepares its
+        // memory. Only what the guest dirties meanwhile is left for the pause.
+        for channel in 0..link.data {
+            self.submit(
+                link,
+                channel,
+                Job::Control(Message::PostcopyStart(PostcopyStart { epochs })),
+            )?;
+            self.submit(link, channel, Job::Background)?;
+        }
+        // Each round the destination drops what went stale, the guest
+        // dirties less (in less time); the last round is left to the pause.
+        let mut stale: Vec<Bitmap> = engine.dirty().to_vec();
+        self.send_discards(link, &stale, None)?;
+        self.pausing_sent = true;
+        for round in 1.. {
+            self.submit(link, 0, Job::Control(Message::Pausing))?;
+            self.wait_for(link, "prepared (for postcopy)", |m| matches!(m, Returned::Prepared))?;
+            if round == PREPARE_ROUNDS {
+                break;
+            }
+            dirty_log.collect(&mut |block, first, count| engine.handle_dirty(block, first, count))?;
+            let fresh: u64 = engine
+                .dirty()
+                .iter()
+                .zip(&stale)
+                .map(|(now, before)| {
+                    let mut fresh = now.clone();
+                    fresh.clear_from(before);
+                    fresh.count_ones()
+                })
+                .sum();
+            if fresh == 0 {
+                break;
+            }
+            self.send_discards(link, engine.dirty(), Some(&stale))?;
+            stale = engine.dirty().to_vec();
+            if fresh < SMALL_DISCARD {
+                break;
+            }
+        }
+
+        self.pause_attempted = true;
+        let paused = pause_vm(vm)?;
+        self.paused_at = Some(paused.at());
+        observer(&Event::Paused);
+        dirty_log.collect(&mut |block, first, count| engine.handle_dirty(block, first, count))?;
+        let left = engine.handle_postcopy_paused(&paused);
+        self.send_discards(link, &left, Some(&stale))?;
+        let pending = self.pending();
+        pending.epoch.store(epochs, Ordering::Release);
+        for (map, left) in pending.blocks.iter().zip(&left) {
+            map.store(left, false);
         }
         let state = device_state(vm)?;
         self.submit(link, 0, Job::DeviceState(state))?;
@@ -175,9 +240,15 @@ impl SourceRun<'_> {
         // arrive; then it says it holds them all.
         self.wait_for(link, "ready (every page placed)", |m| matches!(m, Returned::Ready))
             .map_err(classify)?;
-        let urgent = link.data;
-        if urgent < link.jobs.len() {
-            let _ = link.jobs[urgent].send(Job::Control(Message::EndOfRam(end)));
+        let completed = self.started.elapsed();
+        if let Some(stats) = &mut self.postcopy {
+            stats.completed = Some(completed);
+        }
+        if let Some(urgent) = &link.urgent {
+            let _ = urgent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(&Message::EndOfRam(end));
         }
         Ok(())
     }
@@ -190,7 +261,7 @@ impl SourceRun<'_> {
         link: &mut Link,
         cause: &SourceError,
         generation: u32,
-        connect: &mut dyn FnMut(u16) -> Result<Box<dyn Channel>, TransportError>,
+        connect: &mut dyn FnMut(u16, Duration) -> Result<Box<dyn Channel>, TransportError>,
         observer: &mut dyn FnMut(&Event),
     ) -> Result<(), SourceError> {
         let lost_at = Instant::now();
@@ -215,7 +286,7 @@ impl SourceRun<'_> {
                     self.options.resume_timeout
                 )));
             }
-            match self.resume_link(generation, connect) {
+            match self.resume_link(generation, deadline, connect) {
                 Ok(new) => {
                     *link = new;
                     break;
@@ -243,9 +314,14 @@ impl SourceRun<'_> {
     fn resume_link(
         &mut self,
         generation: u32,
-        connect: &mut dyn FnMut(u16) -> Result<Box<dyn Channel>, TransportError>,
+        deadline: Instant,
+        connect: &mut dyn FnMut(u16, Duration) -> Result<Box<dyn Channel>, TransportError>,
     ) -> Result<Link, SourceError> {
-        let mut main = connect(0)?;
+        let wait = self
+            .options
+            .reply_timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let mut main = connect(0, wait)?;
         main.set_timeout(Some(self.options.reply_timeout))?;
         main.send(&Message::Resume(Resume {
             session: self.options.session,
@@ -283,13 +359,7 @@ impl SourceRun<'_> {
         // Whatever the destination does not hold goes again.
         let pending = self.pending();
         for (map, held) in pending.blocks.iter().zip(&held) {
-            for page in 0..map.len() {
-                if held.get(page) {
-                    map.test_and_clear(page);
-                } else {
-                    map.set(page);
-                }
-            }
+            map.store(held, true);
         }
         let link = self.start_link(std::iter::once(main).chain(extra).collect())?;
         for jobs in &link.jobs[..link.data] {
@@ -327,6 +397,7 @@ fn empty_link() -> Link {
         next: std::cell::Cell::new(0),
         data: 1,
         threads: Vec::new(),
+        urgent: None,
     }
 }
 

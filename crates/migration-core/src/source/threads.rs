@@ -145,7 +145,7 @@ impl PageEncoder {
         }
     }
 
-    fn send_run(
+    pub(super) fn send_run(
         &mut self,
         tx: &mut dyn ChannelTx,
         ram: &Ram,
@@ -260,7 +260,7 @@ impl PendingPages {
         let end = request.page.checked_add(request.count.into());
         if request.count > MAX_PAGES_PER_BATCH || end.is_none_or(|end| end > pending.len()) {
             return Err(format!(
-                "the destination asked for {} pages from page {} of block {}, outside its {} pages",
+                "the destination asked for {} pages from page {} of block {} of {} pages (outside it, or more than {MAX_PAGES_PER_BATCH} at once)",
                 request.count,
                 request.page,
                 request.block,
@@ -280,11 +280,43 @@ impl PendingPages {
     }
 }
 
-/// Where the return-path reader sends page requests: the urgent channel's
-/// thread, straight, so a request never waits behind the control loop.
+/// The urgent-page channel's sending half: the return-path reader sends
+/// requested pages on it itself, so a request costs no hand-over to another
+/// thread; the lock is taken by the control thread only to end the stream.
+pub(super) struct UrgentSender {
+    pub(super) tx: Box<dyn ChannelTx>,
+    pub(super) encoder: PageEncoder,
+    pub(super) counters: Arc<Counters>,
+}
+
+impl UrgentSender {
+    /// Sends one message, counting its bytes.
+    pub(super) fn send(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
+        let before = self.tx.bytes_sent();
+        let result = self.tx.send(message);
+        self.counters
+            .wire_bytes
+            .fetch_add(self.tx.bytes_sent() - before, Ordering::Relaxed);
+        result
+    }
+
+    fn send_run(&mut self, ram: &Ram, run: PageRun) -> Result<(), ChannelFailure> {
+        let before = self.tx.bytes_sent();
+        let result = self.encoder.send_run(self.tx.as_mut(), ram, run, &self.counters);
+        self.counters
+            .wire_bytes
+            .fetch_add(self.tx.bytes_sent() - before, Ordering::Relaxed);
+        result
+    }
+}
+
+/// Where the return-path reader sends page requests: straight onto the
+/// urgent channel, so a request never waits behind the control loop or
+/// another thread's wake-up.
 pub(super) struct RequestRoute {
-    pub(super) urgent: Sender<Job>,
+    pub(super) urgent: Arc<Mutex<UrgentSender>>,
     pub(super) pending: Arc<PendingPages>,
+    pub(super) ram: Ram,
 }
 
 /// The return path: forwards what the destination says; page requests go
@@ -294,6 +326,8 @@ pub(super) fn spawn_reader_thread(mut rx: Box<dyn ChannelRx>, route: Option<Requ
     std::thread::Builder::new()
         .name("migration-return-path".into())
         .spawn(move || {
+            // It serves page requests (postcopy): a guest waits on each.
+            let _ = migration_sys::thread::prefer_latency();
             // The destination may be quiet for long stretches (a long pass).
             if let Err(err) = rx.set_timeout(None) {
                 let _ = forward.send(Returned::Failed(err));
@@ -303,17 +337,23 @@ pub(super) fn spawn_reader_thread(mut rx: Box<dyn ChannelRx>, route: Option<Requ
                 let message = match rx.recv() {
                     Ok(Message::Ack(ack)) => Returned::Ack(ack.epoch),
                     Ok(Message::Ready) => Returned::Ready,
+                    Ok(Message::Prepared) => Returned::Prepared,
                     Ok(Message::Resumed) => Returned::Resumed,
                     Ok(Message::Verdict(v)) => Returned::Verdict(v),
                     Ok(Message::Error(e)) => Returned::Error(e),
                     Ok(Message::PageRequest(request)) => match &route {
                         Some(route) if route.pending.active.load(Ordering::Acquire) => {
                             match route.pending.serve(request) {
-                                Ok(run) => match route.urgent.send(Job::Pages(run)) {
-                                    Ok(()) => continue,
-                                    // The urgent channel's thread stopped: its error says why.
-                                    Err(_) => Returned::Failed(TransportError::Closed),
-                                },
+                                Ok(run) => {
+                                    let mut urgent = route.urgent.lock().unwrap_or_else(|e| e.into_inner());
+                                    match urgent.send_run(&route.ram, run) {
+                                        Ok(()) => continue,
+                                        Err(ChannelFailure::Transport(err)) => Returned::Failed(err),
+                                        Err(ChannelFailure::Memory(err)) => {
+                                            Returned::Protocol(format!("reading a requested page failed: {err}"))
+                                        }
+                                    }
+                                }
                                 Err(problem) => Returned::Protocol(problem),
                             }
                         }
