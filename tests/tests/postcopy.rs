@@ -92,40 +92,41 @@ fn postcopy_at_once_the_destination_guest_reads_pages_that_have_not_arrived() {
 #[test]
 fn a_link_cut_in_postcopy_is_resumed_and_nothing_is_lost() {
     let _lock = lock();
-    let (recv, addr) = spawn_recv(&["--json", "--run-for", "200ms", "--io-timeout", "10s"]);
-    // The main connection breaks on the destination's second page request:
-    // the guest there runs, and waits for pages.
-    let proxy = FaultProxy::start(
-        addr,
-        0,
-        Toward::Source,
-        MessageKind::PageRequest,
-        2,
-        migration_tests::Fault::Cut,
-    );
-    let send = spawn_send(
-        proxy.addr,
-        &[
-            "--mem-size",
-            "64M",
-            "--dirty-rate",
-            "16M",
-            "--postcopy",
-            "--postcopy-after",
-            "0",
-            "--json",
-            "--io-timeout",
-            "10s",
-        ],
-    );
-    let (send, recv) = assert_pair_completed(send, recv);
-    assert!(
-        proxy.fired.load(std::sync::atomic::Ordering::SeqCst),
-        "the cut never happened"
-    );
-    assert_eq!(field(&recv, "guest_check"), "passed", "{recv:#}");
-    for (side, json) in [("send", &send), ("recv", &recv)] {
-        assert_eq!(num(postcopy(json), "recoveries"), 1, "{side}: {json:#}");
+    // The main connection breaks on the destination's second page request,
+    // or the urgent-page connection (the third: main, one data channel,
+    // urgent) on its second page batch: the guest there runs, and waits for
+    // pages either way.
+    let cuts = [
+        ("main", 0, Toward::Source, MessageKind::PageRequest),
+        ("urgent", 2, Toward::Destination, MessageKind::Pages),
+    ];
+    for (what, connection, toward, kind) in cuts {
+        let (recv, addr) = spawn_recv(&["--json", "--run-for", "200ms", "--io-timeout", "10s"]);
+        let proxy = FaultProxy::start(addr, connection, toward, kind, 2, migration_tests::Fault::Cut);
+        let send = spawn_send(
+            proxy.addr,
+            &[
+                "--mem-size",
+                "64M",
+                "--dirty-rate",
+                "16M",
+                "--postcopy",
+                "--postcopy-after",
+                "0",
+                "--json",
+                "--io-timeout",
+                "10s",
+            ],
+        );
+        let (send, recv) = assert_pair_completed(send, recv);
+        assert!(
+            proxy.fired.load(std::sync::atomic::Ordering::SeqCst),
+            "{what}: the cut never happened"
+        );
+        assert_eq!(field(&recv, "guest_check"), "passed", "{what}: {recv:#}");
+        for (side, json) in [("send", &send), ("recv", &recv)] {
+            assert_eq!(num(postcopy(json), "recoveries"), 1, "{what}, {side}: {json:#}");
+        }
     }
 }
 

@@ -213,7 +213,10 @@ pub fn receive(
             };
             report.error = Some(format!("{:#}", anyhow::Error::new(failure.error)));
             if lost {
-                // The guest here waits for pages that will never come.
+                // The guest here waits for pages that will never come: its
+                // threads blocked on them never stop, so it is not dropped
+                // (which would wait for them); the process ends with them.
+                std::mem::forget(guest);
                 return Ok(exit::LOST);
             }
             (failure.resumed, false)

@@ -416,6 +416,18 @@ impl Progress {
             let per: Vec<String> = stats.channel_bytes.iter().map(u64::to_string).collect();
             fields += &format!(" channel_bytes={}", per.join(","));
         }
+        if let Some(postcopy) = &stats.postcopy {
+            fields += &format!(
+                " postcopy_requested_pages={} postcopy_streamed_pages={}",
+                postcopy.requested_pages, postcopy.streamed_pages
+            );
+            if postcopy.faults > 0 {
+                fields += &format!(
+                    " postcopy_faults={} service_p50_us={:.0} service_p99_us={:.0}",
+                    postcopy.faults, postcopy.service.p50_us, postcopy.service.p99_us
+                );
+            }
+        }
         if let Some(bar) = &self.bar {
             let mut msg = format!(
                 "pass {}  {} sent  {}/s",
@@ -425,6 +437,15 @@ impl Progress {
             );
             if let Some(remaining) = stats.remaining_bytes {
                 msg += &format!("  {} dirty", human_bytes(remaining as f64));
+            }
+            if let Some(postcopy) = &stats.postcopy {
+                msg += &format!(
+                    "  postcopy: {} requested, {} streamed",
+                    postcopy.requested_pages, postcopy.streamed_pages
+                );
+                if postcopy.faults > 0 {
+                    msg += &format!(", fault p50 {:.0} us", postcopy.service.p50_us);
+                }
             }
             if let Some(expected) = stats.expected_downtime {
                 msg += &format!("  expected downtime {:.0} ms", expected.as_secs_f64() * 1e3);

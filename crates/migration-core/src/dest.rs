@@ -228,12 +228,33 @@ fn join_channel(
     io_timeout: Duration,
     slots: &mut [Option<Box<dyn Channel>>],
 ) -> Result<u16, DestError> {
-    let result = (|| {
+    let hello = (|| {
         channel.set_timeout(Some(io_timeout))?;
-        let hello = match channel.recv()? {
-            Message::ChannelHello(hello) => hello,
-            other => return Err(unexpected("channel-hello", &other)),
-        };
+        match channel.recv()? {
+            Message::ChannelHello(hello) => Ok(hello),
+            other => Err(unexpected("channel-hello", &other)),
+        }
+    })();
+    match hello {
+        Ok(hello) => seat_channel(channel, hello, session, channels, slots),
+        Err(err) => {
+            tell_peer(channel.as_mut(), &err);
+            Err(err)
+        }
+    }
+}
+
+/// Takes `channel`, whose [`ChannelHello`](migration_wire::ChannelHello) was
+/// `hello`, into its slot of `slots` (one per extra channel, by index - 1)
+/// if it names `session` and a free slot; otherwise tells it why not.
+fn seat_channel(
+    mut channel: Box<dyn Channel>,
+    hello: migration_wire::ChannelHello,
+    session: SessionId,
+    channels: u16,
+    slots: &mut [Option<Box<dyn Channel>>],
+) -> Result<u16, DestError> {
+    let result = (|| {
         if hello.session != session {
             return Err(DestError::Protocol(format!(
                 "channel of session {:#x}, this migration is session {:#x}",

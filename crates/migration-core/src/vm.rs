@@ -50,7 +50,10 @@ pub trait Vm: Send {
     fn save_device_state(&mut self) -> Result<Vec<u8>, VmError>;
 
     /// Loads the blob the source saved. Called on the destination, paused,
-    /// with every page of guest RAM in place.
+    /// with every page of guest RAM in place; in postcopy, with guest RAM
+    /// registered for missing-page faults and only part of it there, so it
+    /// (and [`Vm::resume`] after it) must not touch guest memory: a page not
+    /// yet there would wait until the guest runs, which is after this.
     fn load_device_state(&mut self, state: &[u8]) -> Result<(), VmError>;
 
     /// Slows the VM's vCPUs to `percent` of their time being throttled

@@ -394,8 +394,9 @@ impl Placer {
         let known = batch.page_hashes();
         let (mut data_at, mut plain_index) = (0usize, 0usize);
         // Runs of consecutive pages of one kind, none held: (first page,
-        // count, payload offset of a plain run or None for zeros).
-        let mut runs: Vec<(u64, u64, Option<usize>)> = Vec::new();
+        // count, payload offset of a plain run or None for zeros, index of
+        // its first page's hash in `hashes`).
+        let mut runs: Vec<(u64, u64, Option<usize>, usize)> = Vec::new();
         let mut hashes = Vec::with_capacity(batch.len());
         for entry in batch.entries().flatten() {
             let at = (entry.encoding == PageEncoding::Plain).then_some(data_at);
@@ -410,31 +411,33 @@ impl Placer {
                 }
                 PageEncoding::Zero => zero_page_hash(),
             };
-            hashes.push((entry.page, hash));
+            hashes.push(hash);
             if self.received[index].get(entry.page) {
                 continue;
             }
+            let this = hashes.len() - 1;
             match runs.last_mut() {
-                Some((first, count, Some(start)))
+                // A run takes the next entry when it is the next page, of the
+                // same kind, next in the payload, with no page held between.
+                Some((first, count, Some(start), h))
                     if at.is_some_and(|at| {
-                        *first + *count == entry.page && *start + *count as usize * page_size == at
+                        *first + *count == entry.page
+                            && *start + *count as usize * page_size == at
+                            && *h + *count as usize == this
                     }) =>
                 {
                     *count += 1;
                 }
-                Some((first, count, None)) if at.is_none() && *first + *count == entry.page => *count += 1,
-                _ => runs.push((entry.page, 1, at)),
+                Some((first, count, None, h))
+                    if at.is_none() && *first + *count == entry.page && *h + *count as usize == this =>
+                {
+                    *count += 1;
+                }
+                _ => runs.push((entry.page, 1, at, this)),
             }
         }
-        let hash_of = |page: u64| {
-            hashes
-                .iter()
-                .find(|(p, _)| *p == page)
-                .map(|(_, h)| *h)
-                .unwrap_or_default()
-        };
-        let mut record = |page: u64, zero: bool| {
-            self.hashes[index][page as usize].store(hash_of(page), Ordering::Relaxed);
+        let mut record = |page: u64, hash: u64, zero: bool| {
+            self.hashes[index][page as usize].store(hash, Ordering::Relaxed);
             if !self.received[index].test_and_set(page) {
                 self.placed.fetch_add(1, Ordering::Relaxed);
                 if zero {
@@ -445,7 +448,7 @@ impl Placer {
                 placed(page);
             }
         };
-        for (first, count, at) in runs {
+        for (first, count, at, hash_at) in runs {
             let mut done = 0;
             while done < count {
                 let page = first + done;
@@ -463,7 +466,7 @@ impl Placer {
                     Placed::UpTo(bytes) => (bytes / page_size) as u64,
                 };
                 for p in page..page + placed_pages {
-                    record(p, at.is_none());
+                    record(p, hashes[hash_at + (p - first) as usize], at.is_none());
                 }
                 // A page found present ends the ioctl: it is someone else's.
                 done += placed_pages + u64::from(matches!(outcome, Placed::UpTo(_)));

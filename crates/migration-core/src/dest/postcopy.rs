@@ -22,7 +22,7 @@
 
 use super::place::Placer;
 use super::receive::Shared;
-use super::{DestError, DestOptions, DestRun, Link, join_channel, tell_peer, unexpected};
+use super::{DestError, DestOptions, DestRun, Link, seat_channel, tell_peer, unexpected};
 use crate::bitmap::AtomicBitmap;
 use crate::error_chain::ErrorChain;
 use crate::stats::{Event, Histogram, PostcopyStats};
@@ -115,7 +115,12 @@ pub(super) fn run(
     };
     let urgent = link.urgent.expect("checked by the switch");
     run.handover = Some(run.started.elapsed());
-    vm.resume()?;
+    if let Err(err) = vm.resume() {
+        let err = DestError::from(err);
+        tell_peer(main.as_mut(), &err);
+        missing.into_iter().for_each(MissingPages::keep_absent_pages_blocked);
+        return Err(err);
+    }
     run.resumed = true;
 
     let ram = shared.placer.ram();
@@ -180,12 +185,23 @@ pub(super) fn run(
     run.received_bytes += control.bytes;
     let stats = pc.stats(&control);
     run.postcopy = Some(stats);
-    // Every page is held (or the migration is lost): no fault is served any
-    // more, and a page absent now reads as zeros, which every page held but
-    // absent is.
     let Postcopy { missing, .. } = pc;
-    drop(missing);
-    let (mut tx, mut rx) = result?;
+    let (mut tx, mut rx) = match result {
+        // Every page is held: no fault is served any more, and a page absent
+        // now reads as zeros, which every page held but absent is.
+        Ok(halves) => {
+            drop(missing);
+            halves
+        }
+        Err(err) => {
+            // The guest must not run on with zeros where its pages belong: a
+            // thread touching a missing page waits for good instead. (Pausing
+            // it here could wait for good too: a vCPU blocked on a missing
+            // page never stops.) What becomes of it is the VMM's call.
+            missing.into_iter().for_each(MissingPages::keep_absent_pages_blocked);
+            return Err(err);
+        }
+    };
     observer(&Event::Ready);
     let verified = verify(&mut *rx, &mut *tx, shared, options, observer);
     run.received_bytes += rx.bytes_received() + tx.bytes_sent();
@@ -216,8 +232,10 @@ fn switch(
     let mut missing = Vec::with_capacity(ram.blocks().len());
     for (index, block) in ram.blocks().iter().enumerate() {
         let held = &placer.received()[index];
-        discard_runs(block.region(), (0..block.pages()).filter(|&page| !held.get(page)))?;
+        // Registered first: no page can come back (say, a huge page
+        // collapsed) between the drop and the registration.
         missing.push(MissingPages::register(Arc::clone(block.region()))?);
+        discard_runs(block.region(), (0..block.pages()).filter(|&page| !held.get(page)))?;
     }
     main.set_timeout(Some(options.io_timeout))?;
     let mut device_state = None;
@@ -306,7 +324,8 @@ impl Postcopy<'_> {
                 continue;
             }
             self.faults.fetch_add(1, Ordering::Relaxed);
-            if !self.requested[block].test_and_set(page) {
+            // Asked for once; and not at all when it landed meanwhile.
+            if !self.requested[block].test_and_set(page) && !self.placer.holds(block, page) {
                 let at = self.base.elapsed().as_nanos().max(1) as u64;
                 self.requested_at[block][page as usize].store(at, Ordering::Relaxed);
                 self.request(block, page);
@@ -480,16 +499,19 @@ impl Control {
                 Ok(LinkEnd::Lost(err)) => err,
                 Err(fatal) => return Err(lost(fatal)),
             };
-            if ready_sent {
-                // Every page is here: nothing to resume, only the digest
-                // check is lost.
-                return Err(err);
-            }
             let lost_at = Instant::now();
             observer(&Event::PostcopyPaused {
                 reason: ErrorChain(&err).to_string(),
             });
-            channels = self.resume(pc, accept, options, &err)?;
+            // Even with every page here (READY may not have reached the
+            // source) the link is waited for: the source learns from the
+            // resumed link that nothing is missing.
+            channels = match self.resume(pc, accept, options, &err) {
+                Ok(channels) => channels,
+                // Every page is here: only the digest check is lost.
+                Err(_) if ready_sent || pc.remaining.load(Ordering::Acquire) == 0 => return Err(err),
+                Err(lost) => return Err(lost),
+            };
             let after = lost_at.elapsed();
             self.recoveries += 1;
             self.paused += after;
@@ -579,10 +601,16 @@ impl Control {
                 .collect();
             (outcome, rxs)
         });
-        let (outcome, mut rxs) = outcome;
-        // Drain what the threads reported after the verdict on this link.
-        while happened.try_recv().is_ok() {}
+        let (mut outcome, mut rxs) = outcome;
+        // No request goes out on this link any more; then what the threads
+        // reported after the verdict on it is drained (a fault thread that
+        // failed stays a failure).
         let tx = pc.requests.lock().unwrap_or_else(|e| e.into_inner()).take();
+        while let Ok(event) = happened.try_recv() {
+            if let Happened::FaultFailed(err) = event {
+                outcome = Err(DestError::Memory(err));
+            }
+        }
         self.bytes += rxs.iter().skip(1).map(|rx| rx.bytes_received()).sum::<u64>();
         let end = match (outcome, tx) {
             (Ok(None), Some(tx)) => Ok(LinkEnd::Done((tx, rxs.swap_remove(0)))),
@@ -635,16 +663,20 @@ impl Control {
                 observer(&Event::Progress(stats));
                 next_report = now + Duration::from_millis(200);
             }
-            // Pages left, yet none arrives: the link is as good as lost.
+            // Pages left yet none arrives, or every page here yet the streams
+            // do not end: the link is as good as lost.
             let placed = shared.placer.placed.load(Ordering::Relaxed);
-            if placed != last_placed || *ready_sent {
+            if placed != last_placed {
                 last_placed = placed;
                 last_progress = now;
             } else if now - last_progress > pc.io_timeout {
                 return Ok(Some(DestError::Transport(TransportError::TimedOut(pc.io_timeout))));
             }
             match happened.recv_timeout(TICK) {
-                Ok(Happened::ChannelEnded { result: Ok(()), .. }) => ended += 1,
+                Ok(Happened::ChannelEnded { result: Ok(()), .. }) => {
+                    ended += 1;
+                    last_progress = Instant::now();
+                }
                 Ok(Happened::ChannelEnded {
                     result: Err(err),
                     index,
@@ -667,7 +699,8 @@ impl Control {
 
     /// Waits for the source to resume the lost link: a new main connection
     /// with [`Message::Resume`], answered with the pages held, then every
-    /// other channel. Gives up at the resume timeout.
+    /// other channel. A new `Resume` starts over (the source retries when an
+    /// attempt fails part way); gives up at the resume timeout.
     fn resume(
         &mut self,
         pc: &Postcopy<'_>,
@@ -676,82 +709,107 @@ impl Control {
         cause: &DestError,
     ) -> Result<LinkChannels, DestError> {
         let deadline = Instant::now() + options.resume_timeout;
-        let expected = self.generation + 1;
+        // The main connection of the attempt under way, and its channels.
+        let mut attempt: Option<Attempt> = None;
         loop {
-            if Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(DestError::StateLost(format!(
                     "the link to the source was lost ({}) and not resumed within {:?}",
                     ErrorChain(cause),
                     options.resume_timeout
                 )));
             }
-            let Ok(mut main) = accept(deadline.saturating_duration_since(Instant::now())) else {
-                continue;
-            };
-            let resumed = (|| {
-                main.set_timeout(Some(options.io_timeout))?;
-                match main.recv()? {
-                    Message::Resume(resume) if resume.session == self.session && resume.generation == expected => {
-                        Ok(())
+            let asked = Instant::now();
+            let mut channel = match accept(left) {
+                Ok(channel) => channel,
+                Err(_) => {
+                    // Bounded by `left`; an accept that fails at once (out
+                    // of descriptors, say) is not retried in a busy loop.
+                    if asked.elapsed() < Duration::from_millis(10) {
+                        std::thread::sleep(Duration::from_millis(50).min(left));
                     }
-                    Message::Resume(resume) => Err(DestError::Protocol(format!(
-                        "resume of session {:#x} (link {}), this destination waits for session {:#x} (link {expected})",
-                        resume.session.0, resume.generation, self.session.0
-                    ))),
-                    other => Err(DestError::Protocol(format!(
-                        "{} while waiting to resume a postcopy migration",
-                        other.kind().name()
-                    ))),
+                    continue;
                 }
-            })();
-            if let Err(err) = resumed {
-                tell_peer(main.as_mut(), &err);
-                continue;
-            }
-            let listed = (|| -> Result<(), DestError> {
-                for (block, held) in pc.placer.received().iter().enumerate() {
-                    let bytes = held.to_le_bytes();
-                    let mut first = 0;
-                    while first < held.len() {
-                        let count = BITMAP_CHUNK.min(held.len() - first);
-                        let bits = &bytes[(first / 8) as usize..(first + count).div_ceil(8) as usize];
-                        let map = PageBitmap::new(block as u32, first, count as u32, bits)
-                            .expect("a whole chunk of our own bitmap");
-                        main.send(&Message::ReceivedPages(map))?;
-                        first += count;
-                    }
-                }
-                main.send(&Message::ResumeAccepted)?;
-                Ok(())
-            })();
-            if listed.is_err() {
-                continue;
-            }
-            // The other channels join as in the handshake.
-            let mut slots: Vec<Option<Box<dyn Channel>>> = (0..self.channels).map(|_| None).collect();
-            while slots.iter().any(Option::is_none) && Instant::now() < deadline {
-                let Ok(channel) = accept(
-                    options
-                        .io_timeout
-                        .min(deadline.saturating_duration_since(Instant::now())),
-                ) else {
-                    break;
-                };
-                let _ = join_channel(channel, self.session, self.channels, options.io_timeout, &mut slots);
-            }
-            let Some(mut joined) = slots.into_iter().collect::<Option<Vec<_>>>() else {
-                continue;
             };
-            self.generation = expected;
-            let urgent = joined.pop().expect("the urgent-page channel");
-            return Ok(LinkChannels {
-                main,
-                data: joined,
-                urgent,
+            // What the connection is, by its first message.
+            enum First {
+                Resume(migration_wire::Resume),
+                Hello(migration_wire::ChannelHello),
+                Other(&'static str),
+            }
+            let first = channel.set_timeout(Some(options.io_timeout.min(left))).and_then(|()| {
+                Ok(match channel.recv()? {
+                    Message::Resume(resume) => First::Resume(resume),
+                    Message::ChannelHello(hello) => First::Hello(hello),
+                    other => First::Other(other.kind().name()),
+                })
             });
+            match first {
+                Ok(First::Resume(resume)) if resume.session == self.session && resume.generation >= self.generation => {
+                    if self.list_held(pc, channel.as_mut()).is_ok() {
+                        self.generation = resume.generation;
+                        let slots = (0..self.channels).map(|_| None).collect();
+                        attempt = Some((channel, slots));
+                    }
+                }
+                Ok(First::Hello(hello)) if attempt.is_some() => {
+                    let (_, slots) = attempt.as_mut().expect("an attempt under way");
+                    let _ = seat_channel(channel, hello, self.session, self.channels, slots);
+                }
+                Ok(First::Resume(_) | First::Hello(_)) => {
+                    let err = DestError::Protocol(format!(
+                        "not a resume of postcopy migration {:#x} (link {} or later)",
+                        self.session.0, self.generation
+                    ));
+                    tell_peer(channel.as_mut(), &err);
+                }
+                Ok(First::Other(what)) => {
+                    let err = DestError::Protocol(format!(
+                        "{what} while waiting to resume postcopy migration {:#x}",
+                        self.session.0
+                    ));
+                    tell_peer(channel.as_mut(), &err);
+                }
+                Err(_) => {}
+            }
+            if attempt
+                .as_ref()
+                .is_some_and(|(_, slots)| slots.iter().all(Option::is_some))
+            {
+                let (main, slots) = attempt.take().expect("an attempt under way");
+                let mut joined: Vec<_> = slots.into_iter().flatten().collect();
+                let urgent = joined.pop().expect("the urgent-page channel");
+                return Ok(LinkChannels {
+                    main,
+                    data: joined,
+                    urgent,
+                });
+            }
         }
     }
+
+    /// Tells a resuming source which pages this side holds.
+    fn list_held(&self, pc: &Postcopy<'_>, main: &mut dyn Channel) -> Result<(), TransportError> {
+        for (block, held) in pc.placer.received().iter().enumerate() {
+            let bytes = held.to_le_bytes();
+            let mut first = 0;
+            while first < held.len() {
+                let count = BITMAP_CHUNK.min(held.len() - first);
+                let bits = &bytes[(first / 8) as usize..(first + count).div_ceil(8) as usize];
+                let map =
+                    PageBitmap::new(block as u32, first, count as u32, bits).expect("a whole chunk of our own bitmap");
+                main.send(&Message::ReceivedPages(map))?;
+                first += count;
+            }
+        }
+        main.send(&Message::ResumeAccepted)
+    }
 }
+
+/// A resumption under way: its main connection, and a slot per other
+/// channel.
+type Attempt = (Box<dyn Channel>, Vec<Option<Box<dyn Channel>>>);
 
 /// A failure no resumed link mends, after the guest ran here.
 fn lost(err: DestError) -> DestError {

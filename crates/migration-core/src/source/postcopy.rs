@@ -184,7 +184,7 @@ impl SourceRun<'_> {
         }
 
         loop {
-            match self.stream(link, &pending, epochs) {
+            match self.stream(link, &pending, epochs, observer) {
                 Ok(()) => break,
                 Err(Interrupted::Fatal(err)) => return Err(lost(&err)),
                 Err(Interrupted::LinkLost(err)) => {
@@ -200,7 +200,14 @@ impl SourceRun<'_> {
     /// are served meanwhile by the return-path reader and the urgent
     /// channel), ends the stream, and waits until the destination holds
     /// every page.
-    fn stream(&mut self, link: &Link, pending: &PendingPages, epochs: u64) -> Result<(), Interrupted> {
+    fn stream(
+        &mut self,
+        link: &Link,
+        pending: &PendingPages,
+        epochs: u64,
+        observer: &mut dyn FnMut(&Event),
+    ) -> Result<(), Interrupted> {
+        let mut next_progress = Instant::now();
         let batch = u64::from(
             self.options
                 .precopy
@@ -221,6 +228,10 @@ impl SourceRun<'_> {
                 self.submit(link, channel, Job::Pages(run)).map_err(classify)?;
                 if let Some(stats) = &mut self.postcopy {
                     stats.streamed_pages += count;
+                }
+                if Instant::now() >= next_progress {
+                    observer(&Event::Progress(self.stats()));
+                    next_progress = Instant::now() + self.options.progress_interval;
                 }
             }
         }
@@ -291,7 +302,8 @@ impl SourceRun<'_> {
                     *link = new;
                     break;
                 }
-                Err(err @ (SourceError::Peer(_) | SourceError::Protocol(_))) => return Err(lost(&err)),
+                // Whatever went wrong (the destination may have been between
+                // two attempts, and said so), try again until the deadline.
                 Err(err) => {
                     last_error = ErrorChain(&err).to_string();
                     // Pace the attempts; the destination may need a moment
@@ -329,6 +341,12 @@ impl SourceRun<'_> {
         }))?;
         let mut held: Vec<Bitmap> = self.ram.blocks().iter().map(|b| Bitmap::new(b.pages())).collect();
         loop {
+            if Instant::now() >= deadline {
+                return Err(SourceError::Timeout {
+                    what: "the list of the pages the destination holds",
+                    timeout: self.options.resume_timeout,
+                });
+            }
             match main.recv()? {
                 Message::ReceivedPages(map) => {
                     let Some(block) = held.get_mut(map.block as usize) else {
