@@ -324,6 +324,27 @@ pub fn spawn_recv(args: &[&str]) -> (Proc, SocketAddr) {
     (proc, addr)
 }
 
+/// Spawns a destination hardened against a hostile source, as the hostile
+/// tests run it: `recv --listen 127.0.0.1:0 --guard-pages --json --run-for
+/// 0s ARGS` under a 1 GiB address-space limit (a write outside the
+/// announced RAM kills it with SIGSEGV instead of ending in a report, and a
+/// large allocation on a peer's word fails); returns it and its address.
+pub fn spawn_hardened_recv(args: &[&str]) -> (Proc, SocketAddr) {
+    let mut all = vec![
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--guard-pages",
+        "--json",
+        "--run-for",
+        "0s",
+    ];
+    all.extend_from_slice(args);
+    let mut proc = Proc::spawn_limited("recv", &all, Some(Limit::AddressSpaceKib(1 << 20)));
+    let addr = proc.wait_listening();
+    (proc, addr)
+}
+
 /// Spawns `migrate-cli send --to ADDR ARGS`.
 pub fn spawn_send(to: SocketAddr, args: &[&str]) -> Proc {
     let to = to.to_string();

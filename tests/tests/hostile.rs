@@ -13,7 +13,7 @@
 
 use std::path::Path;
 
-use migration_tests::{Limit, MIGRATION_WAIT, Proc, field, lock};
+use migration_tests::{MIGRATION_WAIT, Proc, field, lock};
 
 /// Runs the suite's malicious peer with `args`.
 fn malicious_peer(args: &[&str]) -> Proc {
@@ -44,20 +44,7 @@ fn every_lie_is_refused_by_name_and_nothing_runs() {
         );
     }
     for (lie, problem) in cases {
-        let mut recv = Proc::spawn_limited(
-            "recv",
-            &[
-                "recv",
-                "--listen",
-                "127.0.0.1:0",
-                "--guard-pages",
-                "--json",
-                "--run-for",
-                "0s",
-            ],
-            Some(Limit::AddressSpaceKib(1 << 20)),
-        );
-        let addr = recv.wait_listening();
+        let (recv, addr) = migration_tests::spawn_hardened_recv(&[]);
         let peer = malicious_peer(&["source", &addr.to_string(), lie]).wait(MIGRATION_WAIT);
         assert_eq!(peer.code, Some(0), "{lie}: the peer ran its lie\n{}", peer.describe());
         let out = recv.wait(MIGRATION_WAIT);

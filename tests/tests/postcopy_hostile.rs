@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use migration_tests::{Limit, MIGRATION_WAIT, Output, Proc, error_text, field, lock, num, spawn_send};
+use migration_tests::{MIGRATION_WAIT, Output, Proc, error_text, field, lock, num, spawn_send};
 use migration_wire::MAX_PAGES_PER_BATCH;
 
 /// Runs the suite's malicious peer with `args`.
@@ -69,22 +69,7 @@ fn a_lying_postcopy_source_is_refused_by_name() {
     for (lie, code, problem, guest_ran) in cases {
         // Guard pages around every block: a write outside the announced
         // RAM would kill the destination with SIGSEGV, not end in a report.
-        let mut recv = Proc::spawn_limited(
-            "recv",
-            &[
-                "recv",
-                "--listen",
-                "127.0.0.1:0",
-                "--guard-pages",
-                "--json",
-                "--run-for",
-                "0s",
-                "--io-timeout",
-                "10s",
-            ],
-            Some(Limit::AddressSpaceKib(1 << 20)),
-        );
-        let addr = recv.wait_listening();
+        let (recv, addr) = migration_tests::spawn_hardened_recv(&["--io-timeout", "10s"]);
         let peer = malicious_peer(&["source", &addr.to_string(), lie]).wait(MIGRATION_WAIT);
         assert_eq!(peer.code, Some(0), "{lie}: the peer ran its lie\n{}", peer.describe());
         let out = recv.wait(MIGRATION_WAIT);

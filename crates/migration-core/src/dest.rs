@@ -667,34 +667,10 @@ impl DestRun {
         observer(&Event::Resumed);
 
         // The VM runs here now; compare the source's frozen RAM with what
-        // was placed. The source hashes all of its RAM first: allow for it.
-        let hashing = Duration::from_secs_f64(shared.placer.ram().total_bytes() as f64 / (256u64 << 20) as f64);
-        channel.set_timeout(Some(options.io_timeout + hashing))?;
-        let digests = match channel.recv()? {
-            Message::Complete(complete) => complete.digests,
-            other => return Err(unexpected("complete", &other)),
-        };
-        let placed = shared.placer.digests();
-        if digests.len() != placed.len() {
-            return Err(DestError::Protocol(format!(
-                "{} digests for {} blocks",
-                digests.len(),
-                placed.len()
-            )));
-        }
-        let mismatched: Vec<u32> = placed
-            .iter()
-            .zip(&digests)
-            .enumerate()
-            .filter(|(_, (ours, theirs))| ours != theirs)
-            .map(|(i, _)| i as u32)
-            .collect();
-        let verdict = Verdict {
-            mismatched: mismatched.clone(),
-        };
-        observer(&Event::Verified(verdict.is_verified()));
-        channel.send(&Message::Verdict(verdict))?;
-        Ok((Some(mismatched.is_empty()), mismatched))
+        // was placed.
+        let verdict = compare_digests(channel, shared, options, observer)?;
+        channel.send(&Message::Verdict(verdict.clone()))?;
+        Ok((Some(verdict.is_verified()), verdict.mismatched))
     }
 
     /// Every channel's pages until the end of RAM: the extra channels on
@@ -798,6 +774,41 @@ impl DestRun {
             }
         }
     }
+}
+
+/// Receives the digests of the source's frozen RAM and compares them with
+/// the pages placed; the verdict is the caller's to send. The source hashes
+/// all of its RAM first: the wait allows for it.
+fn compare_digests(
+    rx: &mut dyn crate::transport::ChannelRx,
+    shared: &Shared,
+    options: &DestOptions,
+    observer: &mut dyn FnMut(&Event),
+) -> Result<Verdict, DestError> {
+    let hashing = Duration::from_secs_f64(shared.placer.ram().total_bytes() as f64 / (256u64 << 20) as f64);
+    rx.set_timeout(Some(options.io_timeout + hashing))?;
+    let digests = match rx.recv()? {
+        Message::Complete(complete) => complete.digests,
+        other => return Err(unexpected("complete", &other)),
+    };
+    let placed = shared.placer.digests();
+    if digests.len() != placed.len() {
+        return Err(DestError::Protocol(format!(
+            "{} digests for {} blocks",
+            digests.len(),
+            placed.len()
+        )));
+    }
+    let mismatched = placed
+        .iter()
+        .zip(&digests)
+        .enumerate()
+        .filter(|(_, (ours, theirs))| ours != theirs)
+        .map(|(i, _)| i as u32)
+        .collect();
+    let verdict = Verdict { mismatched };
+    observer(&Event::Verified(verdict.is_verified()));
+    Ok(verdict)
 }
 
 /// The error for a message that is not the one the protocol expects next.

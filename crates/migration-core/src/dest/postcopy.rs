@@ -22,7 +22,7 @@
 
 use super::place::Placer;
 use super::receive::Shared;
-use super::{DestError, DestOptions, DestRun, Link, seat_channel, tell_peer, unexpected};
+use super::{DestError, DestOptions, DestRun, Link, compare_digests, seat_channel, tell_peer, unexpected};
 use crate::bitmap::AtomicBitmap;
 use crate::error_chain::ErrorChain;
 use crate::stats::{Event, Histogram, PostcopyStats};
@@ -30,7 +30,7 @@ use crate::transport::{Channel, ChannelHalves, ChannelRx, ChannelTx, Closer, Tra
 use crate::vm::Vm;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 use migration_sys::uffd::{MissingPages, Placed};
-use migration_wire::{Features, Message, PageBitmap, PageRequest, SessionId, Verdict};
+use migration_wire::{Features, Message, PageBitmap, PageRequest, SessionId};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -203,7 +203,10 @@ pub(super) fn run(
         }
     };
     observer(&Event::Ready);
-    let verified = verify(&mut *rx, &mut *tx, shared, options, observer);
+    let verified = compare_digests(&mut *rx, shared, options, observer).and_then(|verdict| {
+        tx.send(&Message::Verdict(verdict.clone()))?;
+        Ok((Some(verdict.is_verified()), verdict.mismatched))
+    });
     run.received_bytes += rx.bytes_received() + tx.bytes_sent();
     verified
 }
@@ -817,41 +820,4 @@ fn lost(err: DestError) -> DestError {
         DestError::StateLost(_) => err,
         other => DestError::StateLost(ErrorChain(&other).to_string()),
     }
-}
-
-/// The digests of the source's frozen RAM against the pages placed.
-fn verify(
-    rx: &mut dyn ChannelRx,
-    tx: &mut dyn ChannelTx,
-    shared: &Shared,
-    options: &DestOptions,
-    observer: &mut dyn FnMut(&Event),
-) -> Result<(Option<bool>, Vec<u32>), DestError> {
-    let hashing = Duration::from_secs_f64(shared.placer.ram().total_bytes() as f64 / (256u64 << 20) as f64);
-    rx.set_timeout(Some(options.io_timeout + hashing))?;
-    let digests = match rx.recv()? {
-        Message::Complete(complete) => complete.digests,
-        other => return Err(unexpected("complete", &other)),
-    };
-    let placed = shared.placer.digests();
-    if digests.len() != placed.len() {
-        return Err(DestError::Protocol(format!(
-            "{} digests for {} blocks",
-            digests.len(),
-            placed.len()
-        )));
-    }
-    let mismatched: Vec<u32> = placed
-        .iter()
-        .zip(&digests)
-        .enumerate()
-        .filter(|(_, (ours, theirs))| ours != theirs)
-        .map(|(i, _)| i as u32)
-        .collect();
-    let verdict = Verdict {
-        mismatched: mismatched.clone(),
-    };
-    observer(&Event::Verified(verdict.is_verified()));
-    tx.send(&Message::Verdict(verdict))?;
-    Ok((Some(mismatched.is_empty()), mismatched))
 }
