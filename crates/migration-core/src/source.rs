@@ -489,6 +489,8 @@ impl SourceRun<'_> {
         for (index, (tx, rx, closer)) in halves.into_iter().enumerate() {
             if index == data {
                 // The urgent-page channel: the return-path reader sends on it.
+                let mut tx = tx;
+                tx.prefer_latency();
                 link.closers.push(closer);
                 link.urgent = Some(Arc::new(Mutex::new(threads::UrgentSender {
                     tx,

@@ -64,6 +64,11 @@ pub trait ChannelTx: Send {
 
     /// Closes the sending direction; the peer sees end of stream.
     fn shutdown(&mut self);
+
+    /// This half carries few, small messages someone waits on (postcopy's
+    /// page requests and requested pages): a transport may trade throughput
+    /// for latency from now on. The default changes nothing.
+    fn prefer_latency(&mut self) {}
 }
 
 /// A stretch of guest memory that consecutive page bytes of a batch go to.
@@ -150,6 +155,9 @@ pub trait ChannelRx: Send {
 
     /// Wire bytes received so far on this half.
     fn bytes_received(&self) -> u64;
+
+    /// See [`ChannelTx::prefer_latency`].
+    fn prefer_latency(&mut self) {}
 }
 
 /// Shuts a channel down in both directions from any thread, so that a

@@ -360,6 +360,7 @@ impl Postcopy<'_> {
         // runs as soon as it wakes (best effort both: at worst they compete
         // as equals).
         let _ = if urgent {
+            rx.prefer_latency();
             migration_sys::thread::prefer_latency()
         } else {
             migration_sys::thread::lower_priority(migration_sys::thread::BACKGROUND_NICE)
@@ -543,10 +544,12 @@ impl Control {
                 Err(err) => return (false, Ok(LinkEnd::Lost(err.into()))),
             }
         }
-        let (tx, main_rx) = match main.split() {
+        let (mut tx, main_rx) = match main.split() {
             Ok(halves) => halves,
             Err(err) => return (false, Ok(LinkEnd::Lost(err.into()))),
         };
+        // The fault threads' page requests go out on it.
+        tx.prefer_latency();
         *pc.requests.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
         let mut ready_sent = false;
         let send = |message: &Message<'_>| -> Result<(), TransportError> {

@@ -328,6 +328,9 @@ pub(super) fn spawn_reader_thread(mut rx: Box<dyn ChannelRx>, route: Option<Requ
         .spawn(move || {
             // It serves page requests (postcopy): a guest waits on each.
             let _ = migration_sys::thread::prefer_latency();
+            if route.is_some() {
+                rx.prefer_latency();
+            }
             // The destination may be quiet for long stretches (a long pass).
             if let Err(err) = rx.set_timeout(None) {
                 let _ = forward.send(Returned::Failed(err));
