@@ -1,6 +1,7 @@
 //! `migrate-cli`: live-migrate a VM's memory between processes and hosts.
 
 mod demo;
+mod dirty_rate;
 mod memory;
 mod recv;
 mod report;
@@ -60,6 +61,8 @@ enum Command {
     Inspect(snapshot::InspectArgs),
     /// Write a throwaway CA, server and client certificates for TLS tests and first tries.
     GenCerts(tls::GenCertsArgs),
+    /// Measure how fast a running guest dirties its memory (pages per second, hot set).
+    DirtyRate(dirty_rate::DirtyRateArgs),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => snapshot::restore(args),
         Command::Inspect(args) => snapshot::inspect(args),
         Command::GenCerts(args) => tls::gen_certs(args),
+        Command::DirtyRate(args) => dirty_rate::run(args),
     };
     ExitCode::from(code)
 }

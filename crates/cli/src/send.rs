@@ -66,9 +66,9 @@ pub struct SendArgs {
     pub source: SourceArgs,
 }
 
-/// The guest and the precopy settings, shared by `send` and `save`.
+/// The synthetic guest, shared by `send`, `save` and `dirty-rate`.
 #[derive(Debug, clap::Args)]
-pub struct SourceArgs {
+pub struct GuestArgs {
     /// Back guest RAM with this existing file (MAP_SHARED), keeping its content.
     #[arg(long, conflicts_with = "mem_size")]
     pub mem_file: Option<PathBuf>,
@@ -87,6 +87,40 @@ pub struct SourceArgs {
     /// What the guest's pages hold: random, text or zero-heavy.
     #[arg(long, default_value = "random")]
     pub content: Content,
+    /// Writer threads of the synthetic guest.
+    #[arg(long, default_value_t = 2)]
+    pub writers: usize,
+    /// Seed of the synthetic guest's contents and choices.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl GuestArgs {
+    /// Guest RAM and the guest over it, not yet running.
+    pub fn build(&self) -> Result<(GuestMemory, SyntheticGuest)> {
+        let memory: GuestMemory = match &self.mem_file {
+            Some(path) => memory::source_file(path)?,
+            None => memory::anonymous(&memory::source_layout(self.mem_size.unwrap_or(256 << 20))?)?,
+        };
+        let spec = GuestSpec {
+            dirty_rate: self.dirty_rate,
+            pattern: self.pattern,
+            hot_set: self.hot_set.unwrap_or(memory.ram.total_bytes() / 4),
+            content: self.content,
+            writers: self.writers,
+            seed: self.seed,
+        };
+        let guest = SyntheticGuest::new(memory.regions(), spec, self.mem_file.is_none())
+            .context("starting the synthetic guest")?;
+        Ok((memory, guest))
+    }
+}
+
+/// The guest and the precopy settings, shared by `send` and `save`.
+#[derive(Debug, clap::Args)]
+pub struct SourceArgs {
+    #[command(flatten)]
+    pub guest: GuestArgs,
     /// Switch over once the expected downtime is at most this many milliseconds.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
@@ -102,12 +136,6 @@ pub struct SourceArgs {
     /// When a limit is reached first: switch over anyway, or fail.
     #[arg(long, value_enum, default_value = "switchover")]
     pub on_limit: OnLimit,
-    /// Writer threads of the synthetic guest.
-    #[arg(long, default_value_t = 2)]
-    pub writers: usize,
-    /// Seed of the synthetic guest's contents and choices.
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
     /// Parallel channels (connections or file writers, each with a thread
     /// of its own) that carry pages; a destination's `--channels` is the
     /// limit.
@@ -155,22 +183,8 @@ fn session_id() -> SessionId {
 
 fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8> {
     let setup_start = Instant::now();
-    let memory: GuestMemory = match &args.mem_file {
-        Some(path) => memory::source_file(path)?,
-        None => memory::anonymous(&memory::source_layout(args.mem_size.unwrap_or(256 << 20))?)?,
-    };
-    let ram_bytes = memory.ram.total_bytes();
-    report.ram_bytes = Some(ram_bytes);
-    let spec = GuestSpec {
-        dirty_rate: args.dirty_rate,
-        pattern: args.pattern,
-        hot_set: args.hot_set.unwrap_or(ram_bytes / 4),
-        content: args.content,
-        writers: args.writers,
-        seed: args.seed,
-    };
-    let mut guest =
-        SyntheticGuest::new(memory.regions(), spec, args.mem_file.is_none()).context("starting the synthetic guest")?;
+    let (memory, mut guest) = args.guest.build()?;
+    report.ram_bytes = Some(memory.ram.total_bytes());
     // Track writes before the guest runs, so none goes unseen.
     let mut dirty = KernelDirtyLog::start(&memory.ram).context("starting kernel dirty tracking")?;
     guest.start().context("starting the synthetic guest")?;
@@ -203,7 +217,7 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
     let channel = match connect(0, first_wait) {
         Ok(channel) => channel,
         Err(err) => {
-            report.writes_after_resume = Some(Some(writes_while_running(&guest, args.dirty_rate)));
+            report.writes_after_resume = Some(Some(writes_while_running(&guest, args.guest.dirty_rate)));
             return Err(err).context("connecting to the destination");
         }
     };
@@ -315,7 +329,7 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
             report.error = Some(format!("{:#}", anyhow::Error::new(failure.error)));
             report.source_resumed = Some(failure.source_resumed);
             if failure.source_resumed {
-                report.writes_after_resume = Some(Some(writes_while_running(&guest, args.dirty_rate)));
+                report.writes_after_resume = Some(Some(writes_while_running(&guest, args.guest.dirty_rate)));
             }
             Ok(if failure.source_resumed {
                 exit::FAILED

@@ -14,6 +14,7 @@ pub mod cancel;
 pub mod compress;
 pub mod dest;
 pub mod dirty;
+pub mod dirty_rate;
 pub mod engine;
 pub mod error_chain;
 pub mod ram;
