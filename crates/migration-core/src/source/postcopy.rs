@@ -398,9 +398,7 @@ fn classify(err: SourceError) -> Interrupted {
 
 fn lost(err: &SourceError) -> SourceError {
     match err {
-        SourceError::StateLost(_) => {
-            SourceError::StateLost(ErrorChain(err).to_string().replacen("VM state lost: ", "", 1))
-        }
+        SourceError::StateLost(reason) => SourceError::StateLost(reason.clone()),
         other => SourceError::StateLost(ErrorChain(other).to_string()),
     }
 }
