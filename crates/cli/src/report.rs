@@ -61,11 +61,35 @@ pub struct Report {
     /// Postcopy: present once the migration switched to it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postcopy: Option<PostcopyReport>,
+    /// XBZRLE: present where deltas were agreed (source) or arrived
+    /// (destination).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xbzrle: Option<XbzrleReport>,
     /// The most memory this process had resident at any time (`VmHWM`).
     pub peak_resident_bytes: Option<u64>,
     /// Print the JSON object on stderr (stdout carries a stream).
     #[serde(skip)]
     pub json_to_stderr: bool,
+}
+
+/// How pages sent again fared against the XBZRLE cache; the destination
+/// knows only `pages`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct XbzrleReport {
+    pub cache_bytes: Option<u64>,
+    /// Pages sent or placed as deltas (unchanged pages included).
+    pub pages: u64,
+    /// Bytes of those deltas.
+    pub bytes: Option<u64>,
+    /// Pages found in the cache (sent as deltas, or whole when the delta
+    /// was too long).
+    pub cache_hits: Option<u64>,
+    /// Pages looked up and not found (sent whole).
+    pub cache_misses: Option<u64>,
+    /// Pages found whose delta was too long (sent whole).
+    pub overflows: Option<u64>,
+    /// Guest bytes the deltas stand for, per delta byte.
+    pub encoding_rate: Option<f64>,
 }
 
 /// What a postcopy migration reports.
@@ -188,6 +212,7 @@ impl Report {
             mismatched_blocks: Vec::new(),
             lazy: None,
             postcopy: None,
+            xbzrle: None,
             peak_resident_bytes: None,
             json_to_stderr: false,
         }
@@ -222,6 +247,18 @@ impl Report {
                 paused_unix_us: keep.paused_unix_us,
                 first_access_unix_us: keep.first_access_unix_us,
                 ..PostcopyReport::new(postcopy, destination)
+            });
+        }
+        if let Some(x) = &stats.xbzrle {
+            let source = self.role != "recv";
+            self.xbzrle = Some(XbzrleReport {
+                cache_bytes: source.then_some(x.cache_bytes),
+                pages: x.pages,
+                bytes: source.then_some(x.bytes),
+                cache_hits: source.then_some(x.cache_hits),
+                cache_misses: source.then_some(x.cache_misses),
+                overflows: source.then_some(x.overflows),
+                encoding_rate: (source && x.bytes > 0).then(|| (x.pages * 4096) as f64 / x.bytes as f64),
             });
         }
         if !stats.channel_bytes.is_empty() {
@@ -279,6 +316,12 @@ impl Report {
         }
         if let Some(true) = self.source_resumed {
             line += ", source resumed";
+        }
+        if let Some(x) = &self.xbzrle {
+            line += &format!(", {} pages as XBZRLE deltas", x.pages);
+            if let (Some(hits), Some(misses)) = (x.cache_hits, x.cache_misses) {
+                line += &format!(" ({hits} cache hits, {misses} misses)");
+            }
         }
         if let Some(postcopy) = &self.postcopy {
             line += &format!(

@@ -497,6 +497,7 @@ pub fn run_destination(
             .then(|| std::sync::Arc::new(RamTargets::new(ram, fresh))),
         io_timeout: options.io_timeout,
         codecs: agreed_codecs,
+        deltas: hello.features.contains(Features::XBZRLE),
     };
     let postcopy = hello.features.contains(Features::POSTCOPY);
     let result = match (gathered, extra.into_iter().collect::<Option<Vec<_>>>()) {

@@ -23,6 +23,7 @@ pub mod stats;
 pub mod transport;
 pub mod verify;
 pub mod vm;
+pub mod xbzrle;
 
 pub use cancel::Cancel;
 pub use compress::Compression;

@@ -54,6 +54,10 @@ pub struct SourceOptions {
     /// In postcopy, how long to try to resume a lost link before the
     /// migration is given up (and the VM's state with it).
     pub resume_timeout: Duration,
+    /// Bytes of XBZRLE cache, shared out among the data channels (`None`:
+    /// pages sent again travel whole). Used where the destination agrees,
+    /// from the second pass on, in precopy only.
+    pub xbzrle_cache: Option<u64>,
 }
 
 impl Default for SourceOptions {
@@ -67,6 +71,7 @@ impl Default for SourceOptions {
             channels: 1,
             compression: Compression::None,
             resume_timeout: Duration::from_secs(300),
+            xbzrle_cache: None,
         }
     }
 }
@@ -240,6 +245,7 @@ pub fn run_source(
         stream_ended: false,
         complete_sent: false,
         zero_pages: true,
+        xbzrle: false,
         abandon: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         postcopy_pages: None,
         postcopy: None,
@@ -354,6 +360,9 @@ struct SourceRun<'a> {
     complete_sent: bool,
     /// Whether zero pages may travel as a flag (agreed in the handshake).
     zero_pages: bool,
+    /// Whether pages sent again travel as XBZRLE deltas: agreed in the
+    /// handshake, and cleared at the switch to postcopy.
+    xbzrle: bool,
     /// Set on failure: channel threads drop the page jobs still queued.
     abandon: Arc<std::sync::atomic::AtomicBool>,
     /// Postcopy was agreed: the pages still to send in postcopy, per block
@@ -386,6 +395,17 @@ impl SourceRun<'_> {
             elapsed: self.started.elapsed(),
             downtime: self.downtime,
             postcopy: self.postcopy_stats(),
+            xbzrle: self.options.xbzrle_cache.map(|cache_bytes| {
+                let (pages, overflows) = (self.sum(|c| &c.delta_pages), self.sum(|c| &c.delta_overflows));
+                crate::stats::XbzrleStats {
+                    cache_bytes,
+                    pages,
+                    bytes: self.sum(|c| &c.delta_bytes),
+                    cache_hits: pages + overflows,
+                    cache_misses: self.sum(|c| &c.cache_misses),
+                    overflows,
+                }
+            }),
             ..self.engine_stats.clone()
         }
     }
@@ -505,7 +525,7 @@ impl SourceRun<'_> {
                 self.ram.clone(),
                 Arc::clone(&self.abandon),
                 Arc::clone(&self.counters[index]),
-                PageEncoder::new(self.zero_pages, self.options.compression),
+                self.encoder(),
             );
             link.jobs.push(jobs);
             link.channel_error.push(error);
@@ -530,13 +550,27 @@ impl SourceRun<'_> {
         Ok(link)
     }
 
-    fn proposed_features(&self) -> Features {
-        let features = Features::ZERO_PAGES.union(self.options.compression.codec().feature());
-        if self.options.precopy.postcopy.is_some() {
-            features.union(Features::POSTCOPY)
-        } else {
-            features
+    /// A data channel's page encoder.
+    fn encoder(&self) -> PageEncoder {
+        let mut encoder = PageEncoder::new(self.zero_pages, self.options.compression);
+        if self.xbzrle
+            && let Some(bytes) = self.options.xbzrle_cache
+        {
+            let channels = usize::from(self.options.channels.max(1));
+            encoder.xbzrle = Some(threads::Deltas::new(bytes / channels as u64, self.ram, channels));
         }
+        encoder
+    }
+
+    fn proposed_features(&self) -> Features {
+        let mut features = Features::ZERO_PAGES.union(self.options.compression.codec().feature());
+        if self.options.precopy.postcopy.is_some() {
+            features = features.union(Features::POSTCOPY);
+        }
+        if self.options.xbzrle_cache.is_some() {
+            features = features.union(Features::XBZRLE);
+        }
+        features
     }
 
     /// The handshake on the main connection, then the extra channels.
@@ -617,6 +651,7 @@ impl SourceRun<'_> {
                     )));
                 }
                 self.zero_pages = reply.features.contains(Features::ZERO_PAGES);
+                self.xbzrle = reply.features.contains(Features::XBZRLE) && self.options.xbzrle_cache.is_some();
                 if self.options.precopy.postcopy.is_some() {
                     if !reply.features.contains(Features::POSTCOPY) {
                         return Err(SourceError::Protocol(
@@ -698,6 +733,8 @@ impl SourceRun<'_> {
     ) -> Result<Switch, SourceError> {
         let mut engine = PrecopyEngine::new(self.ram, self.options.precopy.clone(), self.started);
         let mut next_progress = Instant::now();
+        // With deltas, each page keeps to the channel that caches it.
+        let numbering = self.xbzrle.then(|| crate::xbzrle::PageNumbering::new(self.ram));
         loop {
             self.check_cancel()?;
             while let Ok(message) = link.returned.try_recv() {
@@ -711,10 +748,17 @@ impl SourceRun<'_> {
                 next_progress = now + self.options.progress_interval;
             }
             match engine.poll(now) {
-                Action::Send(run) => {
-                    let channel = link.next_data();
-                    self.submit(link, channel, Job::Pages(run))?;
-                }
+                Action::Send(run) => match &numbering {
+                    Some(numbering) => {
+                        for (channel, piece) in crate::xbzrle::route(numbering, run, link.data) {
+                            self.submit(link, channel, Job::Pages(piece))?;
+                        }
+                    }
+                    None => {
+                        let channel = link.next_data();
+                        self.submit(link, channel, Job::Pages(run))?;
+                    }
+                },
                 Action::EndEpoch { epoch } => {
                     self.ended = Some(epoch);
                     // Every channel closes the epoch with its own marker.

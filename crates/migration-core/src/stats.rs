@@ -36,6 +36,28 @@ pub struct Stats {
     pub elapsed: Duration,
     /// Figures of the postcopy phase, once it started.
     pub postcopy: Option<PostcopyStats>,
+    /// XBZRLE figures, where deltas were agreed (source) or arrived
+    /// (destination).
+    pub xbzrle: Option<XbzrleStats>,
+}
+
+/// How pages sent again fared against the XBZRLE cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XbzrleStats {
+    /// Bytes of cache (source).
+    pub cache_bytes: u64,
+    /// Pages sent (source) or placed (destination) as deltas, unchanged
+    /// pages included.
+    pub pages: u64,
+    /// Bytes of those deltas (source).
+    pub bytes: u64,
+    /// Pages found in the cache: sent as deltas, or whole when the delta
+    /// was too long (source).
+    pub cache_hits: u64,
+    /// Pages not in the cache, sent whole (source).
+    pub cache_misses: u64,
+    /// Pages found in the cache whose delta was too long (source).
+    pub overflows: u64,
 }
 
 /// Figures of a postcopy phase.

@@ -3,6 +3,7 @@
 
 use crate::codec::{Reader, reserved_zero};
 use crate::control::{Complete, EndOfRam, SyncMarker};
+use crate::delta::DeltaBatch;
 use crate::handshake::{BlockList, ChannelHello, Hello, HelloReply};
 use crate::page::PageBatch;
 use crate::postcopy::{PageBitmap, PostcopyStart, Resume};
@@ -69,6 +70,8 @@ pub enum MessageKind {
     /// Source → destination: the discards sent while the source ran are
     /// all; it pauses once they are applied.
     Pausing = 17,
+    /// Source → destination: pages sent as XBZRLE deltas.
+    Deltas = 18,
     /// Destination → source: progress acknowledgement.
     Ack = 32,
     /// Destination → source: everything is placed; waiting for GO.
@@ -113,6 +116,7 @@ impl MessageKind {
             15 => Discard,
             16 => Resume,
             17 => Pausing,
+            18 => Deltas,
             32 => Ack,
             33 => Ready,
             34 => Resumed,
@@ -156,6 +160,7 @@ impl MessageKind {
             ResumeAccepted => "resume-accepted",
             Pausing => "pausing",
             Prepared => "prepared",
+            Deltas => "deltas",
         }
     }
 }
@@ -248,6 +253,8 @@ pub enum Message<'a> {
     BlocksAccepted,
     /// See [`PageBatch`].
     Pages(PageBatch<'a>),
+    /// See [`DeltaBatch`].
+    Deltas(DeltaBatch<'a>),
     /// See [`SyncMarker`].
     SyncMarker(SyncMarker),
     /// The VM's device state, opaque to the migration stack.
@@ -302,6 +309,7 @@ impl<'a> Message<'a> {
             Message::BlockList(_) => MessageKind::BlockList,
             Message::BlocksAccepted => MessageKind::BlocksAccepted,
             Message::Pages(_) => MessageKind::Pages,
+            Message::Deltas(_) => MessageKind::Deltas,
             Message::SyncMarker(_) => MessageKind::SyncMarker,
             Message::DeviceState(_) => MessageKind::DeviceState,
             Message::EndOfRam(_) => MessageKind::EndOfRam,
@@ -336,6 +344,7 @@ impl<'a> Message<'a> {
                 m.encode_head(out);
                 out.extend_from_slice(m.payload());
             }
+            Message::Deltas(m) => m.encode(out),
             Message::SyncMarker(m) => m.encode(out),
             Message::DeviceState(blob) => out.extend_from_slice(blob),
             Message::EndOfRam(m) => m.encode(out),
@@ -406,6 +415,7 @@ impl<'a> Message<'a> {
                 Message::BlocksAccepted
             }
             MessageKind::Pages => Message::Pages(PageBatch::decode(body)?),
+            MessageKind::Deltas => Message::Deltas(DeltaBatch::decode(body)?),
             MessageKind::SyncMarker => Message::SyncMarker(SyncMarker::decode(body)?),
             MessageKind::DeviceState => Message::DeviceState(body),
             MessageKind::EndOfRam => Message::EndOfRam(EndOfRam::decode(body)?),

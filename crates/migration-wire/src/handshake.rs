@@ -25,8 +25,12 @@ impl Features {
     /// channel, the urgent-page channel (index `channels` in its
     /// [`ChannelHello`]).
     pub const POSTCOPY: Features = Features(1 << 3);
+    /// Pages may travel as XBZRLE deltas against the destination's copy
+    /// (see [`crate::delta`]).
+    pub const XBZRLE: Features = Features(1 << 4);
     /// Every feature this version knows.
-    pub const KNOWN: Features = Features(Self::ZERO_PAGES.0 | Self::LZ4.0 | Self::ZSTD.0 | Self::POSTCOPY.0);
+    pub const KNOWN: Features =
+        Features(Self::ZERO_PAGES.0 | Self::LZ4.0 | Self::ZSTD.0 | Self::POSTCOPY.0 | Self::XBZRLE.0);
 
     /// The union of both sets.
     pub fn union(self, other: Features) -> Features {

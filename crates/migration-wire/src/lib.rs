@@ -62,6 +62,7 @@
 
 mod codec;
 pub mod control;
+pub mod delta;
 pub mod error;
 pub mod frame;
 pub mod handshake;
@@ -69,8 +70,10 @@ pub mod mapped_ram;
 pub mod page;
 pub mod postcopy;
 pub mod return_path;
+pub mod xbzrle;
 
 pub use control::{Complete, EndOfRam, SyncMarker};
+pub use delta::{DeltaBatch, push_delta_entry};
 pub use error::WireError;
 pub use frame::{FRAME_HEADER_LEN, FrameHeader, MAX_FRAME_BODY, Message, MessageKind};
 pub use handshake::{Block, BlockList, ChannelHello, Features, Hello, HelloReply, MAX_CHANNELS, SessionId};

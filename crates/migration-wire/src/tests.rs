@@ -179,7 +179,25 @@ fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
         }
         out
     });
-    prop_oneof![8 => owned, 2 => postcopy, 2 => bitmap, 1 => blob, 2 => pages]
+    let deltas = (
+        any::<u32>(),
+        any::<u64>(),
+        proptest::collection::vec((1u64..1 << 30, proptest::collection::vec(any::<u8>(), 0..40)), 0..8),
+    )
+        .prop_map(|(block, epoch, pages)| {
+            let (mut table, mut bytes, mut page) = (Vec::new(), Vec::new(), 0);
+            for (step, delta) in pages {
+                // Indices strictly increase within a batch.
+                page += step;
+                crate::push_delta_entry(&mut table, page, delta.len());
+                bytes.extend_from_slice(&delta);
+            }
+            let mut out = Vec::new();
+            Message::Deltas(DeltaBatch::new(block, epoch, 4096, &table, &bytes).expect("consistent batch"))
+                .encode(&mut out);
+            out
+        });
+    prop_oneof![8 => owned, 2 => postcopy, 2 => bitmap, 1 => blob, 2 => pages, 2 => deltas]
 }
 
 proptest! {

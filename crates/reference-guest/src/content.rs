@@ -24,6 +24,9 @@ pub enum Content {
     Text,
     /// Half the pages all zero (chosen per page and generation), the others random.
     ZeroHeavy,
+    /// Random bytes fixed per page; each rewrite changes only the header and
+    /// one 64-byte window (a small change per write, as XBZRLE likes).
+    Sparse,
 }
 
 impl Content {
@@ -32,6 +35,7 @@ impl Content {
             Content::Random => 1,
             Content::Text => 2,
             Content::ZeroHeavy => 3,
+            Content::Sparse => 4,
         }
     }
 
@@ -40,6 +44,7 @@ impl Content {
             1 => Some(Content::Random),
             2 => Some(Content::Text),
             3 => Some(Content::ZeroHeavy),
+            4 => Some(Content::Sparse),
             _ => None,
         }
     }
@@ -51,6 +56,7 @@ impl fmt::Display for Content {
             Content::Random => "random",
             Content::Text => "text",
             Content::ZeroHeavy => "zero-heavy",
+            Content::Sparse => "sparse",
         })
     }
 }
@@ -63,10 +69,11 @@ impl FromStr for Content {
             "random" => Ok(Content::Random),
             "text" => Ok(Content::Text),
             "zero-heavy" => Ok(Content::ZeroHeavy),
+            "sparse" => Ok(Content::Sparse),
             _ => Err(ParseSpecError {
                 what: "content",
                 value: s.to_owned(),
-                expected: "random, text or zero-heavy",
+                expected: "random, text, zero-heavy or sparse",
             }),
         }
     }
@@ -110,11 +117,24 @@ pub fn fill_content(seed: u64, page: u64, generation: u32, kind: Content, out: &
         }
         Content::ZeroHeavy => fill_random(key, out),
         Content::Text => fill_text(key, out),
+        Content::Sparse => {
+            fill_random(mix64(seed ^ mix64(page ^ SPARSE_BASE)), out);
+            let at = SPARSE_WINDOW * (1 + (key % (PAGE_SIZE / SPARSE_WINDOW - 1) as u64) as usize);
+            let mut rng = WyRand(key);
+            for word in out[at..at + SPARSE_WINDOW].chunks_exact_mut(8) {
+                word.copy_from_slice(&rng.next_u64().to_le_bytes());
+            }
+        }
     }
     out[..8].copy_from_slice(&page.to_le_bytes());
     out[8..12].copy_from_slice(&generation.to_le_bytes());
     out[12..16].copy_from_slice(&(key as u32).to_le_bytes());
 }
+
+/// Bytes a sparse page's rewrite changes besides its header.
+const SPARSE_WINDOW: usize = 64;
+/// Mixed into a sparse page's key for the bytes every generation shares.
+const SPARSE_BASE: u64 = 0x5350_4152_5345;
 
 fn is_zero_page(key: u64) -> bool {
     mix64(key ^ 0x5a5a_5a5a_5a5a_5a5a) & 1 == 0
@@ -162,7 +182,7 @@ mod tests {
 
     #[test]
     fn content_is_deterministic_and_named() {
-        for kind in [Content::Random, Content::Text, Content::ZeroHeavy] {
+        for kind in [Content::Random, Content::Text, Content::ZeroHeavy, Content::Sparse] {
             for page in [0u64, 1, 77, 1 << 40] {
                 let a = content(9, page, 3, kind);
                 assert_eq!(a, content(9, page, 3, kind), "{kind} page {page}");
@@ -176,7 +196,7 @@ mod tests {
 
     #[test]
     fn generations_pages_and_seeds_differ() {
-        for kind in [Content::Random, Content::Text] {
+        for kind in [Content::Random, Content::Text, Content::Sparse] {
             assert_ne!(content(1, 5, 0, kind), content(1, 5, 1, kind));
             assert_ne!(content(1, 5, 0, kind), content(1, 6, 0, kind));
             assert_ne!(content(1, 5, 0, kind), content(2, 5, 0, kind));
@@ -189,6 +209,17 @@ mod tests {
         }
         // Only two consecutive zero pages may be equal (about a quarter of the pairs).
         assert!(differing > 50, "{differing}");
+    }
+
+    #[test]
+    fn sparse_rewrites_change_at_most_header_and_two_windows() {
+        for generation in 0..50 {
+            let a = content(4, 9, generation, Content::Sparse);
+            let b = content(4, 9, generation + 1, Content::Sparse);
+            let differing = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+            assert!(differing <= 8 + 2 * SPARSE_WINDOW, "{differing} bytes differ");
+            assert!(differing > 4, "{differing} bytes differ");
+        }
     }
 
     #[test]
@@ -216,7 +247,7 @@ mod tests {
 
     #[test]
     fn names_parse_and_print() {
-        for kind in [Content::Random, Content::Text, Content::ZeroHeavy] {
+        for kind in [Content::Random, Content::Text, Content::ZeroHeavy, Content::Sparse] {
             assert_eq!(kind.to_string().parse::<Content>().unwrap(), kind);
             assert_eq!(Content::from_wire(kind.to_wire()), Some(kind));
         }

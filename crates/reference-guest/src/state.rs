@@ -8,7 +8,7 @@
 //! dirty_rate u64
 //! hot_set    u64
 //! pattern    u8   (1 uniform, 2 hotset, 3 sequential; 0 invalid)
-//! content    u8   (1 random, 2 text, 3 zero-heavy; 0 invalid)
+//! content    u8   (1 random, 2 text, 3 zero-heavy, 4 sparse; 0 invalid)
 //! reserved   u16  (0)
 //! writers    u32, then per writer: position u64, prng state u64
 //! writes     u64  total page writes so far

@@ -9,7 +9,7 @@ use crate::stats::Stats;
 use crate::transport::{DirectPlacement, GuestRun};
 use crate::verify::{block_digest_atomic, page_hash, zero_page_hash};
 use migration_sys::uffd::{MissingPages, Placed};
-use migration_wire::{Codec, PageBatch, PageEncoding};
+use migration_wire::{Codec, DeltaBatch, PageBatch, PageEncoding};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -187,6 +187,7 @@ pub(crate) struct Placer {
     pub(crate) placed: AtomicU64,
     zero_pages: AtomicU64,
     plain_pages: AtomicU64,
+    delta_pages: AtomicU64,
 }
 
 impl Placer {
@@ -213,6 +214,7 @@ impl Placer {
             placed: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
             plain_pages: AtomicU64::new(0),
+            delta_pages: AtomicU64::new(0),
         }
     }
 
@@ -230,6 +232,13 @@ impl Placer {
             ram_transferred: self.placed_bytes(),
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
             plain_pages: self.plain_pages.load(Ordering::Relaxed),
+            xbzrle: match self.delta_pages.load(Ordering::Relaxed) {
+                0 => None,
+                pages => Some(crate::stats::XbzrleStats {
+                    pages,
+                    ..Default::default()
+                }),
+            },
             elapsed: started.elapsed(),
             ..Stats::default()
         }
@@ -251,33 +260,97 @@ impl Placer {
     /// Checks a batch against the announced blocks: the block, its page
     /// size, and every entry's page.
     fn check(&self, batch: &PageBatch<'_>) -> Result<&crate::ram::RamBlock, DestError> {
-        let Some(block) = self.ram.blocks().get(batch.block as usize) else {
+        let pages = batch
+            .entries()
+            .map(|entry| entry.map(|e| e.page).map_err(|e| DestError::Protocol(e.to_string())));
+        self.check_pages(batch.block, batch.page_size, pages)
+    }
+
+    /// Checks pages of `block` sent with `page_size`-byte pages against the
+    /// announced blocks.
+    fn check_pages(
+        &self,
+        block: u32,
+        page_size: u32,
+        pages: impl Iterator<Item = Result<u64, DestError>>,
+    ) -> Result<&crate::ram::RamBlock, DestError> {
+        let Some(found) = self.ram.blocks().get(block as usize) else {
             return Err(DestError::Protocol(format!(
-                "page batch for block {}, but only {} blocks were announced",
-                batch.block,
+                "page batch for block {block}, but only {} blocks were announced",
                 self.ram.blocks().len()
             )));
         };
-        let page_size = block.page_size() as usize;
-        if batch.page_size as usize != page_size {
+        if page_size != found.page_size() {
             return Err(DestError::Protocol(format!(
-                "page batch with {}-byte pages for block {} of {page_size}-byte pages",
-                batch.page_size,
-                block.name()
+                "page batch with {page_size}-byte pages for block {} of {}-byte pages",
+                found.name(),
+                found.page_size()
             )));
         }
-        let pages = block.pages();
-        for entry in batch.entries() {
-            let entry = entry.map_err(|e| DestError::Protocol(e.to_string()))?;
-            if entry.page >= pages {
+        let count = found.pages();
+        for page in pages {
+            let page = page?;
+            if page >= count {
                 return Err(DestError::Protocol(format!(
-                    "page {} is outside block {} of {pages} pages",
-                    entry.page,
-                    block.name()
+                    "page {page} is outside block {} of {count} pages",
+                    found.name()
                 )));
             }
         }
-        Ok(block)
+        Ok(found)
+    }
+
+    /// Checks a batch of deltas and applies each to the copy of its page in
+    /// guest RAM (the epoch barrier has placed every earlier copy), into a
+    /// buffer the returned placement writes back; records the new pages'
+    /// hashes. A delta for a page never received, or one that does not
+    /// decode, fails the batch before anything is written.
+    pub(crate) fn plan_deltas(&self, batch: &DeltaBatch<'_>) -> Result<Placement, DestError> {
+        let index = batch.block as usize;
+        let block = self.check_pages(batch.block, batch.page_size, batch.pages().map(|(page, _)| Ok(page)))?;
+        let page_size = block.page_size() as usize;
+        let mut owned = Vec::with_capacity(batch.len() * page_size);
+        let mut placement = Placement {
+            region: Arc::clone(block.region()),
+            page_size,
+            payload_at: 0,
+            writes: Vec::new(),
+            owned: None,
+        };
+        let mut updates = Vec::with_capacity(batch.len());
+        for (page, delta) in batch.pages() {
+            if !self.received[index].get(page) {
+                return Err(DestError::Protocol(format!(
+                    "a delta for page {page} of block {}, which was never sent whole",
+                    block.name()
+                )));
+            }
+            if delta.is_empty() {
+                continue; // Unchanged.
+            }
+            let at = owned.len();
+            owned.resize(at + page_size, 0);
+            let copy = &mut owned[at..];
+            block
+                .region()
+                .read(page as usize * page_size, copy)
+                .map_err(DestError::Memory)?;
+            migration_wire::xbzrle::decode(delta, copy).map_err(|e| {
+                DestError::Protocol(format!("the delta for page {page} of block {}: {e}", block.name()))
+            })?;
+            updates.push((page, page_hash(copy)));
+            placement.push_plain(page, at);
+        }
+        // Every delta decoded: record the pages.
+        for (page, hash) in updates {
+            self.hashes[index][page as usize].store(hash, Ordering::Relaxed);
+            self.zeroed[index].test_and_clear(page);
+        }
+        let pages = batch.len() as u64;
+        self.delta_pages.fetch_add(pages, Ordering::Relaxed);
+        self.placed.fetch_add(pages, Ordering::Relaxed);
+        placement.owned = Some(owned);
+        Ok(placement)
     }
 
     /// Checks a batch against the announced blocks and records its pages

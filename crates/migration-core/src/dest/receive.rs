@@ -106,6 +106,8 @@ pub(crate) struct Shared {
     pub(crate) io_timeout: Duration,
     /// Compression codecs agreed in the handshake.
     pub(crate) codecs: migration_wire::Features,
+    /// Whether pages may arrive as XBZRLE deltas (agreed in the handshake).
+    pub(crate) deltas: bool,
 }
 
 /// How a channel's stream ended.
@@ -159,6 +161,21 @@ pub(crate) fn receive(index: usize, channel: &mut dyn Channel, shared: &Shared) 
                 placement = Some(shared.placer.plan(&batch)?);
                 pages_in_epoch += batch.len() as u64;
                 shared.prefault.advance(shared.placer.placed_bytes());
+            }
+            Message::Deltas(batch) => {
+                if !shared.deltas {
+                    return Err(DestError::Protocol(format!(
+                        "channel {index}: delta pages, which the handshake did not agree"
+                    )));
+                }
+                if batch.epoch != epoch {
+                    return Err(DestError::Protocol(format!(
+                        "channel {index}: delta batch of epoch {} while receiving epoch {epoch}",
+                        batch.epoch
+                    )));
+                }
+                placement = Some(shared.placer.plan_deltas(&batch)?);
+                pages_in_epoch += batch.len() as u64;
             }
             Message::SyncMarker(marker) => {
                 if marker.epoch != epoch {

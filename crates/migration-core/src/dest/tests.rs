@@ -119,6 +119,7 @@ fn shared_for(ram: &Ram, channels: usize) -> Shared {
         direct: None,
         io_timeout: Duration::from_secs(30),
         codecs: migration_wire::Features::default(),
+        deltas: true,
     }
 }
 
@@ -372,4 +373,88 @@ fn hostile_batches_never_write_outside_guarded_guest_ram() {
         let err = receive(0, &mut liar, &shared).expect_err("refused");
         assert!(matches!(err, DestError::Protocol(_)), "{err}");
     }
+}
+
+/// A delta batch of one page: `delta` applied to page `page`.
+fn one_delta(page: u64, delta: &[u8]) -> Vec<u8> {
+    let mut table = Vec::new();
+    migration_wire::push_delta_entry(&mut table, page, delta.len());
+    table
+}
+
+/// Receives `messages` on a single channel into a 4-page block; returns
+/// the outcome and the block's page 2.
+fn receive_deltas(
+    messages: Vec<Message<'_>>,
+    deltas: bool,
+) -> (Result<super::receive::ChannelEnd, DestError>, Vec<u8>) {
+    let region = Arc::new(GuestRegion::anonymous(4 * 4096).expect("mmap"));
+    let ram = Ram::new(vec![RamBlock::new("ram", Arc::clone(&region))]);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut channel = Scripted::new(0, messages, log);
+    let shared = Shared {
+        deltas,
+        ..shared_for(&ram, 1)
+    };
+    let result = receive(0, &mut channel, &shared);
+    let mut page = vec![0u8; 4096];
+    region.read(2 * 4096, &mut page).expect("read");
+    (result, page)
+}
+
+#[test]
+fn a_delta_applies_to_the_copy_held_and_its_hash_follows() {
+    let (entries, bytes) = one_page(2, 0x11);
+    let mut new = vec![0x11u8; 4096];
+    new[100..104].copy_from_slice(b"abcd");
+    let mut delta = Vec::new();
+    assert!(migration_wire::xbzrle::encode(
+        &vec![0x11u8; 4096],
+        &new,
+        2048,
+        &mut delta
+    ));
+    let table = one_delta(2, &delta);
+    let messages = vec![
+        Message::Pages(PageBatch::new(0, 0, 4096, &entries, &bytes).expect("batch")),
+        Message::SyncMarker(SyncMarker { epoch: 0, pages: 1 }),
+        Message::Deltas(migration_wire::DeltaBatch::new(0, 1, 4096, &table, &delta).expect("batch")),
+        Message::SyncMarker(SyncMarker { epoch: 1, pages: 1 }),
+        Message::EndOfRam(EndOfRam { epochs: 2 }),
+    ];
+    let (result, page) = receive_deltas(messages, true);
+    result.expect("received");
+    assert_eq!(page, new, "the delta landed on the page held");
+}
+
+#[test]
+fn a_delta_for_a_page_never_sent_or_not_agreed_or_corrupt_is_refused() {
+    let mut delta = Vec::new();
+    let mut changed = [0u8; 4096];
+    changed[..64].fill(1);
+    assert!(migration_wire::xbzrle::encode(&[0u8; 4096], &changed, 2048, &mut delta));
+    let table = one_delta(2, &delta);
+    let batch = migration_wire::DeltaBatch::new(0, 0, 4096, &table, &delta).expect("batch");
+    let (result, page) = receive_deltas(vec![Message::Deltas(batch.clone())], true);
+    let err = result.expect_err("never sent whole");
+    assert!(err.to_string().contains("never sent whole"), "{err}");
+    assert!(page.iter().all(|&b| b == 0), "nothing written");
+
+    let (result, _) = receive_deltas(vec![Message::Deltas(batch)], false);
+    let err = result.expect_err("not agreed");
+    assert!(err.to_string().contains("did not agree"), "{err}");
+
+    // A delta that runs past the page: refused, and the page held stays.
+    let (entries, bytes) = one_page(2, 0x11);
+    let bad = [0x00, 0x7f, 0x7f];
+    let table = one_delta(2, &bad);
+    let messages = vec![
+        Message::Pages(PageBatch::new(0, 0, 4096, &entries, &bytes).expect("batch")),
+        Message::SyncMarker(SyncMarker { epoch: 0, pages: 1 }),
+        Message::Deltas(migration_wire::DeltaBatch::new(0, 1, 4096, &table, &bad).expect("batch")),
+    ];
+    let (result, page) = receive_deltas(messages, true);
+    let err = result.expect_err("corrupt delta");
+    assert!(err.to_string().contains("delta for page 2"), "{err}");
+    assert!(page.iter().all(|&b| b == 0x11), "the page held is untouched");
 }

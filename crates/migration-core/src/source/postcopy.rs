@@ -95,6 +95,8 @@ impl SourceRun<'_> {
         let epochs = self.ended.map_or(0, |epoch| epoch + 1);
         self.engine_stats.iterations = epochs;
         self.postcopy = Some(PostcopyStats::default());
+        // Postcopy places whole pages (a resumed link's threads too).
+        self.xbzrle = false;
 
         // While the guest still runs: precopy ends on every data channel, and
         // the destination drops the pages known stale now and prepares its

@@ -9,6 +9,7 @@ use crate::engine::PageRun;
 use crate::ram::BlockId;
 use crate::ram::Ram;
 use crate::transport::{ChannelRx, ChannelTx, TransportError};
+use crate::xbzrle::{PageCache, PageNumbering, delta_limit};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use migration_sys::PAGE_SIZE;
 use migration_wire::{
@@ -27,6 +28,14 @@ pub(super) struct Counters {
     pub(super) wire_bytes: AtomicU64,
     pub(super) zero_pages: AtomicU64,
     pub(super) plain_pages: AtomicU64,
+    /// Pages sent as XBZRLE deltas (unchanged ones included).
+    pub(super) delta_pages: AtomicU64,
+    /// Bytes of those deltas.
+    pub(super) delta_bytes: AtomicU64,
+    /// Pages looked up in the XBZRLE cache and not found (sent whole).
+    pub(super) cache_misses: AtomicU64,
+    /// Pages found in the cache whose delta was too long (sent whole).
+    pub(super) delta_overflows: AtomicU64,
 }
 
 /// Why the channel thread stopped.
@@ -100,7 +109,9 @@ pub(super) fn spawn_channel_thread(
                             let _ = done.send(());
                         }
                         // Best effort: at worst the stream competes as an equal.
+                        // Postcopy places whole pages: no more deltas.
                         Job::Background => {
+                            encoder.xbzrle = None;
                             let _ = migration_sys::thread::lower_priority(migration_sys::thread::BACKGROUND_NICE);
                         }
                     }
@@ -131,6 +142,32 @@ pub(super) struct PageEncoder {
     /// xxh3-64 of each plain page, taken while it is in cache: the frame
     /// checksum of a batch sent as is is built from them.
     hashes: Vec<u64>,
+    /// Deltas against the pages last sent, where agreed (precopy only).
+    pub(super) xbzrle: Option<Deltas>,
+}
+
+/// A channel's XBZRLE state: its cache and the buffers of a delta batch.
+pub(super) struct Deltas {
+    cache: PageCache,
+    numbering: PageNumbering,
+    channels: usize,
+    table: Vec<u8>,
+    bytes: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl Deltas {
+    /// A cache of `cache_bytes` for one of `channels` data channels.
+    pub(super) fn new(cache_bytes: u64, ram: &Ram, channels: usize) -> Self {
+        Self {
+            cache: PageCache::new(cache_bytes, PAGE_SIZE),
+            numbering: PageNumbering::new(ram),
+            channels,
+            table: Vec::new(),
+            bytes: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
 }
 
 impl PageEncoder {
@@ -142,6 +179,7 @@ impl PageEncoder {
             payload: Vec::new(),
             packed: Vec::new(),
             hashes: Vec::new(),
+            xbzrle: None,
         }
     }
 
@@ -165,8 +203,19 @@ impl PageEncoder {
         }
         let mut filled = 0;
         let mut zero = 0;
+        // Deltas start with the second pass: the bulk pass fills no cache.
+        let mut deltas = self.xbzrle.as_mut().filter(|_| run.epoch > 0);
+        if let Some(d) = deltas.as_deref_mut() {
+            d.table.clear();
+            d.bytes.clear();
+        }
+        let (mut delta_pages, mut misses, mut overflows) = (0u64, 0u64, 0u64);
         for page in run.first..run.first + run.count {
             let offset = page as usize * page_size;
+            let cache_key = deltas.as_deref().map(|d| {
+                let global = d.numbering.global(run.block, page);
+                (global, PageNumbering::local(global, d.channels))
+            });
             // A zero page is recognised where it lies (a read at several
             // times the speed of a copy) and never copied. A write racing
             // with the check is in the dirty log, so the page goes again.
@@ -177,10 +226,37 @@ impl PageEncoder {
                     .map_err(ChannelFailure::Memory)?;
             let encoding = if zero_in_place {
                 zero += 1;
+                if let (Some(d), Some((global, local))) = (deltas.as_deref_mut(), cache_key) {
+                    d.cache.remove(global, local);
+                }
                 PageEncoding::Zero
             } else {
                 let slot = &mut self.payload[filled..filled + page_size];
                 block.region().read(offset, slot).map_err(ChannelFailure::Memory)?;
+                // What the destination holds for the page, if cached: the
+                // page goes as a delta against it when that is short.
+                if let (Some(d), Some((global, local))) = (deltas.as_deref_mut(), cache_key) {
+                    match d.cache.get_mut(global, local, run.epoch) {
+                        Some(cached) => {
+                            if migration_wire::xbzrle::encode(cached, slot, delta_limit(page_size), &mut d.scratch) {
+                                if !d.scratch.is_empty() {
+                                    cached.copy_from_slice(slot);
+                                }
+                                migration_wire::push_delta_entry(&mut d.table, page, d.scratch.len());
+                                d.bytes.extend_from_slice(&d.scratch);
+                                delta_pages += 1;
+                                // The slot in `payload` is free for the next page.
+                                continue;
+                            }
+                            cached.copy_from_slice(slot);
+                            overflows += 1;
+                        }
+                        None => {
+                            d.cache.insert(global, local, run.epoch, slot);
+                            misses += 1;
+                        }
+                    }
+                }
                 if self.compression == Compression::None {
                     self.hashes.push(migration_wire::page::page_hash(slot));
                 }
@@ -189,6 +265,17 @@ impl PageEncoder {
             };
             PageEntry { page, encoding }.push_to(&mut self.entries);
         }
+        if let Some(d) = deltas.as_deref()
+            && delta_pages > 0
+        {
+            let batch = migration_wire::DeltaBatch::new(run.block.0, run.epoch, page_size as u32, &d.table, &d.bytes)
+                .expect("a delta batch built from the engine's runs is consistent");
+            tx.send(&Message::Deltas(batch))?;
+            counters.delta_pages.fetch_add(delta_pages, Ordering::Relaxed);
+            counters.delta_bytes.fetch_add(d.bytes.len() as u64, Ordering::Relaxed);
+        }
+        counters.cache_misses.fetch_add(misses, Ordering::Relaxed);
+        counters.delta_overflows.fetch_add(overflows, Ordering::Relaxed);
         let plain = &self.payload[..filled];
         let compressed = filled > 0 && self.compression.compress(plain, &mut self.packed);
         let batch = if compressed {
@@ -213,12 +300,16 @@ impl PageEncoder {
             })
         }
         .expect("a batch built from the engine's runs is consistent");
-        tx.send(&Message::Pages(batch))?;
+        if !batch.is_empty() {
+            tx.send(&Message::Pages(batch))?;
+        }
         counters
             .ram_bytes
             .fetch_add(run.count * page_size as u64, Ordering::Relaxed);
         counters.zero_pages.fetch_add(zero, Ordering::Relaxed);
-        counters.plain_pages.fetch_add(run.count - zero, Ordering::Relaxed);
+        counters
+            .plain_pages
+            .fetch_add(run.count - zero - delta_pages, Ordering::Relaxed);
         Ok(())
     }
 }
