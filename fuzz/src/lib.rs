@@ -16,6 +16,7 @@ use migration_core::source::pause_vm;
 use migration_core::{BlockId, Vm, VmError};
 use migration_wire::frame::decode_frame;
 use migration_wire::mapped_ram::{self, CommitRecord, FileHeader, Layout};
+use migration_wire::xbzrle;
 use migration_wire::{
     Block, BlockList, Complete, EndOfRam, Features, Hello, Message, MessageKind, PageBatch, PageEncoding, PageEntry,
     SessionId, SyncMarker,
@@ -34,6 +35,7 @@ pub const TARGETS: &[Target] = &[
     ("mapped-ram", mapped_ram_file),
     ("engine", engine),
     ("destination", destination),
+    ("xbzrle", xbzrle),
 ];
 
 /// Whole frames: decoding is total, and what decodes re-encodes to the same
@@ -107,6 +109,47 @@ fn mapped_ram_file(data: &[u8]) {
         if let Ok(stored) = mapped_ram::check_bitmap(block, data) {
             assert!(stored <= block.pages());
         }
+    }
+}
+
+/// The page the xbzrle target decodes deltas onto.
+fn xbzrle_page() -> Vec<u8> {
+    (0..4096u32).map(|i| (i.wrapping_mul(31) >> 3) as u8).collect()
+}
+
+/// XBZRLE deltas: decoding arbitrary bytes onto a 4096-byte page is total
+/// and leaves the page alone when it fails; what decodes re-encodes to a
+/// delta that gives the same page. Then the input's two halves, as old and
+/// new page, round-trip through encode and decode, and encoding within a
+/// limit succeeds exactly when the unlimited encoding fits.
+fn xbzrle(data: &[u8]) {
+    let old = xbzrle_page();
+    let mut page = old.clone();
+    match xbzrle::decode(data, &mut page) {
+        Ok(()) => {
+            assert_eq!(page.len(), old.len());
+            let mut delta = Vec::new();
+            assert!(xbzrle::encode(&old, &page, usize::MAX, &mut delta));
+            let mut again = old.clone();
+            xbzrle::decode(&delta, &mut again).expect("an encoding decodes");
+            assert_eq!(again, page, "a decoded page re-encodes to itself");
+        }
+        Err(_) => assert_eq!(page, old, "a failed decode leaves the page alone"),
+    }
+
+    let half = (data.len() / 2).min(xbzrle::MAX_PAGE_LEN);
+    let (old, new) = (&data[..half], &data[half..2 * half]);
+    let mut whole = Vec::new();
+    assert!(xbzrle::encode(old, new, usize::MAX, &mut whole));
+    assert_eq!(whole.is_empty(), old == new);
+    let mut page = old.to_vec();
+    xbzrle::decode(&whole, &mut page).expect("an encoding decodes");
+    assert_eq!(page, new, "encode then decode gives the new page");
+    let mut limited = Vec::new();
+    let fits = xbzrle::encode(old, new, half, &mut limited);
+    assert_eq!(fits, whole.len() <= half);
+    if fits {
+        assert_eq!(limited, whole);
     }
 }
 
@@ -245,12 +288,12 @@ pub fn engine_outcome(data: &[u8]) -> EngineOutcome {
                         assert!(b < blocks.len(), "run of block {b}");
                         assert!(run.count >= 1 && run.first + run.count <= blocks[b].0, "{run:?}");
                         assert_eq!(run.epoch, engine.epoch(), "{run:?}");
-                        for p in run.first..run.first + run.count {
+                        for p in run.pages() {
                             assert!(!sent_in_epoch[b][p as usize], "page {p} twice in epoch {}", run.epoch);
                             sent_in_epoch[b][p as usize] = true;
                             sent[b][p as usize] = Some(seq);
                         }
-                        ram_bytes += run.count * 4096;
+                        ram_bytes += run.len() * 4096;
                     }
                     Action::EndEpoch { epoch } => {
                         assert_eq!(epoch, engine.epoch());
@@ -542,6 +585,30 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 message.encode(&mut whole);
             }
             vec![whole]
+        }
+        "xbzrle" => {
+            // Deltas onto the target's page: one pair, then several with
+            // two- and three-byte lengths reaching the page's end.
+            let old = xbzrle_page();
+            let mut one = old.clone();
+            one[100..108].copy_from_slice(b"changed!");
+            let mut many = old.clone();
+            for at in [0, 1, 2, 200, 201, 1000, 3000, 4095] {
+                many[at] ^= 0xff;
+            }
+            many[2048..2048 + 300].fill(0);
+            let deltas = [one, many].map(|new| {
+                let mut delta = Vec::new();
+                xbzrle::encode(&old, &new, usize::MAX, &mut delta);
+                delta
+            });
+            // Old and new page as halves: a sparse change.
+            let old: Vec<u8> = (0..512u32).map(|i| (i * 7) as u8).collect();
+            let mut new = old.clone();
+            new[..16].fill(0xee);
+            new[300..364].iter_mut().for_each(|b| *b = !*b);
+            let [one, many] = deltas;
+            vec![one, many, [old, new].concat()]
         }
         "engine" => vec![
             vec![1, 50, 10, 3, 16, 1],

@@ -29,6 +29,9 @@ pub struct Report {
     pub setup_ms: Option<f64>,
     pub downtime_ms: Option<f64>,
     pub expected_downtime_ms: Option<f64>,
+    /// Source, precopy: where the downtime went.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_parts: Option<DowntimePartsReport>,
     pub transferred_bytes: Option<u64>,
     pub ram_bytes: Option<u64>,
     pub iterations: Option<u64>,
@@ -70,6 +73,17 @@ pub struct Report {
     /// Print the JSON object on stderr (stdout carries a stream).
     #[serde(skip)]
     pub json_to_stderr: bool,
+}
+
+/// The parts of a precopy downtime, in order (see
+/// [`migration_core::stats::DowntimeParts`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct DowntimePartsReport {
+    pub pause_ms: f64,
+    pub sync_ms: f64,
+    pub transfer_ms: f64,
+    pub handover_ms: f64,
+    pub final_bytes: u64,
 }
 
 /// How pages sent again fared against the XBZRLE cache; the destination
@@ -195,6 +209,7 @@ impl Report {
             setup_ms: None,
             downtime_ms: None,
             expected_downtime_ms: None,
+            downtime_parts: None,
             transferred_bytes: None,
             ram_bytes: None,
             iterations: None,
@@ -224,6 +239,13 @@ impl Report {
         self.total_ms = Some(ms(total));
         self.downtime_ms = stats.downtime.map(ms);
         self.expected_downtime_ms = stats.expected_downtime.map(ms);
+        self.downtime_parts = stats.downtime_parts.map(|p| DowntimePartsReport {
+            pause_ms: ms(p.pause),
+            sync_ms: ms(p.sync),
+            transfer_ms: ms(p.transfer),
+            handover_ms: ms(p.handover),
+            final_bytes: p.final_bytes,
+        });
         self.transferred_bytes = Some(stats.transferred_bytes);
         self.ram_bytes = Some(stats.ram_bytes);
         self.iterations = Some(stats.iterations);

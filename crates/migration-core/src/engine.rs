@@ -94,16 +94,99 @@ impl Default for PrecopyConfig {
 }
 
 /// A run of pages of one block to send; their dirty bits are already clear.
+/// It spans `count` pages from `first`; a sparse run (of dirty pages
+/// scattered within at most [`SPAN_PAGES`]) leaves out the pages its mask
+/// does not name, so scattered pages still travel in full batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageRun {
     /// The block.
     pub block: BlockId,
-    /// First page index in the block.
+    /// First page index in the block (always one of the run's pages).
     pub first: u64,
-    /// Number of pages.
+    /// Pages spanned, from `first`.
     pub count: u64,
     /// The epoch the pages belong to.
     pub epoch: u64,
+    /// `None`: every page of the span. `Some(mask)`: only page `first + i`
+    /// for each bit `i` set (the span is then at most [`SPAN_PAGES`]).
+    pub sparse: Option<[u64; 4]>,
+}
+
+/// The widest span a sparse run covers.
+pub const SPAN_PAGES: u64 = 256;
+
+impl PageRun {
+    /// Every page from `first` to `first + count - 1`.
+    pub fn contiguous(block: BlockId, first: u64, count: u64, epoch: u64) -> Self {
+        Self {
+            block,
+            first,
+            count,
+            epoch,
+            sparse: None,
+        }
+    }
+
+    /// Whether `page` is one of the run's pages.
+    pub fn includes(&self, page: u64) -> bool {
+        if page < self.first || page >= self.first + self.count {
+            return false;
+        }
+        match &self.sparse {
+            None => true,
+            Some(mask) => {
+                let i = page - self.first;
+                mask[(i / 64) as usize] & (1 << (i % 64)) != 0
+            }
+        }
+    }
+
+    /// Number of pages in the run.
+    pub fn len(&self) -> u64 {
+        match &self.sparse {
+            None => self.count,
+            Some(mask) => mask.iter().map(|w| u64::from(w.count_ones())).sum(),
+        }
+    }
+
+    /// Whether the run holds no page.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The run's pages, in order.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        (self.first..self.first + self.count).filter(|&page| self.includes(page))
+    }
+
+    /// The run's pages within `[from, to)`, if any, as a run.
+    pub fn slice(&self, from: u64, to: u64) -> Option<PageRun> {
+        let mut pages = self.pages().filter(|&p| p >= from && p < to);
+        let first = pages.next()?;
+        let mut last = first;
+        let mut mask = [0u64; 4];
+        let mut set = |page: u64| {
+            let i = page - first;
+            if i < SPAN_PAGES {
+                mask[(i / 64) as usize] |= 1 << (i % 64);
+            }
+        };
+        set(first);
+        for page in pages {
+            set(page);
+            last = page;
+        }
+        let count = last - first + 1;
+        Some(match self.sparse {
+            None => PageRun::contiguous(self.block, first, count, self.epoch),
+            Some(_) => PageRun {
+                first,
+                count,
+                sparse: Some(mask),
+                ..*self
+            },
+        })
+    }
 }
 
 /// Why precopy gave up.
@@ -258,6 +341,10 @@ pub struct Estimates {
     pub expected_downtime: Option<Duration>,
     /// Bytes of dirty pages left at the sync before the last one.
     pub remaining_before: Option<u64>,
+    /// What a switchover costs besides sending pages (the last dirty-log
+    /// sync, the round trips to READY and to the destination running), as
+    /// the runtime measured it ([`PrecopyEngine::handle_overhead`]).
+    pub overhead: Duration,
 }
 
 /// The precopy state machine.
@@ -378,6 +465,12 @@ impl PrecopyEngine {
         self.reported_wire = self.reported_wire.max(wire_bytes);
     }
 
+    /// What a switchover costs besides sending pages, as measured: it is
+    /// added to every expected downtime from the next sync on.
+    pub fn handle_overhead(&mut self, overhead: Duration) {
+        self.estimates.overhead = overhead;
+    }
+
     /// The dirty log was collected after a pass: estimate and decide.
     pub fn handle_sync_done(&mut self, now: Instant) {
         if self.phase != Phase::Syncing {
@@ -398,10 +491,11 @@ impl PrecopyEngine {
         let remaining = self.remaining_bytes();
         self.estimates.remaining_before = (self.estimates.iterations > 1).then_some(self.estimates.remaining_at_sync);
         self.estimates.remaining_at_sync = remaining;
+        let overhead = self.estimates.overhead;
         let expected = if remaining == 0 {
-            Some(Duration::ZERO)
+            Some(overhead)
         } else if self.estimates.bandwidth > 0.0 {
-            Some(Duration::from_secs_f64(remaining as f64 / self.estimates.bandwidth))
+            Some(overhead + Duration::from_secs_f64(remaining as f64 / self.estimates.bandwidth))
         } else {
             None
         };
@@ -550,7 +644,7 @@ impl PrecopyEngine {
                     return Action::Wait(Some(until));
                 }
                 if let Some(run) = self.next_run() {
-                    self.emitted_ram += run.count * self.page_sizes[run.block.0 as usize];
+                    self.emitted_ram += run.len() * self.page_sizes[run.block.0 as usize];
                     return Action::Send(run);
                 }
                 let epoch = self.epoch;
@@ -583,14 +677,35 @@ impl PrecopyEngine {
         let (mut block, mut page) = self.cursor;
         while block < self.dirty.len() {
             if let Some(first) = self.dirty[block].next_set(page) {
-                let count = self.dirty[block].take_run(first, self.config.batch_pages.max(1).into());
-                self.cursor = (block, first + count);
-                return Some(PageRun {
-                    block: BlockId(block as u32),
-                    first,
-                    count,
-                    epoch: self.epoch,
-                });
+                let max = u64::from(self.config.batch_pages.max(1));
+                let map = &mut self.dirty[block];
+                let count = map.take_run(first, max);
+                let mut run = PageRun::contiguous(BlockId(block as u32), first, count, self.epoch);
+                if count < max.min(SPAN_PAGES) {
+                    // Dirty pages scattered: gather those within the span
+                    // into the same run, so they share one batch.
+                    let mut mask = [0u64; 4];
+                    for i in 0..count {
+                        mask[(i / 64) as usize] |= 1 << (i % 64);
+                    }
+                    let (mut taken, mut last) = (count, first + count - 1);
+                    let end = (first + SPAN_PAGES).min(map.len());
+                    while taken < max
+                        && let Some(next) = map.next_set(last + 1).filter(|&p| p < end)
+                    {
+                        map.test_and_clear(next);
+                        let i = next - first;
+                        mask[(i / 64) as usize] |= 1 << (i % 64);
+                        taken += 1;
+                        last = next;
+                    }
+                    if taken > count {
+                        run.count = last - first + 1;
+                        run.sparse = Some(mask);
+                    }
+                }
+                self.cursor = (block, run.first + run.count);
+                return Some(run);
             }
             block += 1;
             page = 0;

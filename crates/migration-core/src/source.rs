@@ -163,8 +163,10 @@ pub struct SourceFailure {
 
 /// Pauses the VM and mints the proof the final pass requires.
 pub fn pause_vm(vm: &mut dyn Vm) -> Result<SourcePaused, VmError> {
+    // The downtime starts with the request: the vCPUs may take a while to stop.
+    let at = Instant::now();
     vm.pause()?;
-    Ok(SourcePaused { at: Instant::now() })
+    Ok(SourcePaused { at })
 }
 
 pub(super) enum Job {
@@ -238,6 +240,7 @@ pub fn run_source(
             ..Stats::default()
         },
         downtime: None,
+        downtime_parts: None,
         handover: None,
         early: std::collections::VecDeque::new(),
         acked: None,
@@ -346,6 +349,8 @@ struct SourceRun<'a> {
     source_resumed: bool,
     engine_stats: Stats,
     downtime: Option<Duration>,
+    /// The precopy downtime's parts, filled in as they pass.
+    downtime_parts: Option<crate::stats::DowntimeParts>,
     handover: Option<Duration>,
     /// Handover messages that arrived while waiting for something else.
     early: std::collections::VecDeque<Returned>,
@@ -394,6 +399,7 @@ impl SourceRun<'_> {
                 .collect(),
             elapsed: self.started.elapsed(),
             downtime: self.downtime,
+            downtime_parts: self.downtime_parts,
             postcopy: self.postcopy_stats(),
             xbzrle: self.options.xbzrle_cache.map(|cache_bytes| {
                 let (pages, overflows) = (self.sum(|c| &c.delta_pages), self.sum(|c| &c.delta_overflows));
@@ -735,6 +741,9 @@ impl SourceRun<'_> {
         let mut next_progress = Instant::now();
         // With deltas, each page keeps to the channel that caches it.
         let numbering = self.xbzrle.then(|| crate::xbzrle::PageNumbering::new(self.ram));
+        // The shortest wait for an epoch's acknowledgement once its pages
+        // left: the round trip, with as little transfer in it as seen.
+        let mut round_trip = Duration::MAX;
         loop {
             self.check_cancel()?;
             while let Ok(message) = link.returned.try_recv() {
@@ -774,10 +783,16 @@ impl SourceRun<'_> {
                     // Wait until the destination placed the whole epoch: the
                     // bandwidth measured is then end to end, and nothing sits in
                     // socket buffers to drain while the VM is paused.
+                    let flushed = Instant::now();
                     self.wait_acked(link, epoch)?;
+                    round_trip = round_trip.min(flushed.elapsed());
                 }
                 Action::SyncDirtyLog => {
+                    let syncing = Instant::now();
                     dirty_log.collect(&mut |block, first, count| engine.handle_dirty(block, first, count))?;
+                    // A switchover syncs once more, then waits for READY and
+                    // for the destination running: two round trips.
+                    engine.handle_overhead(syncing.elapsed() + round_trip.saturating_mul(2));
                     engine.handle_progress(self.sum(|c| &c.ram_bytes), self.sum(|c| &c.wire_bytes));
                     engine.handle_sync_done(Instant::now());
                     self.refresh(&engine);
@@ -797,8 +812,15 @@ impl SourceRun<'_> {
                     self.pause_attempted = true;
                     let paused = pause_vm(vm)?;
                     self.paused_at = Some(paused.at());
+                    let collecting = Instant::now();
                     observer(&Event::Paused);
                     dirty_log.collect(&mut |block, first, count| engine.handle_dirty(block, first, count))?;
+                    self.downtime_parts = Some(crate::stats::DowntimeParts {
+                        pause: collecting - paused.at(),
+                        sync: collecting.elapsed(),
+                        final_bytes: engine.remaining_bytes(),
+                        ..Default::default()
+                    });
                     engine.handle_paused(&paused, Instant::now());
                 }
                 Action::Postcopy { reason, remaining } => {
@@ -842,6 +864,9 @@ impl SourceRun<'_> {
             self.wait_local(link, wait)?;
         }
         self.wait_for(link, "ready", |m| matches!(m, Returned::Ready))?;
+        if let (Some(parts), Some(at)) = (&mut self.downtime_parts, self.paused_at) {
+            parts.transfer = at.elapsed().saturating_sub(parts.pause + parts.sync);
+        }
         observer(&Event::Ready);
         self.check_cancel()?;
         Ok(Switch::Stopped)
@@ -865,6 +890,9 @@ impl SourceRun<'_> {
             return Err(SourceError::HandoverUnconfirmed(ErrorChain(&err).to_string()));
         }
         self.downtime = self.paused_at.map(|at| at.elapsed());
+        if let (Some(parts), Some(downtime)) = (&mut self.downtime_parts, self.downtime) {
+            parts.handover = downtime.saturating_sub(parts.pause + parts.sync + parts.transfer);
+        }
         self.handover = Some(self.started.elapsed());
         observer(&Event::Resumed);
         Ok(())

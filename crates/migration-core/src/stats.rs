@@ -30,8 +30,11 @@ pub struct Stats {
     pub bandwidth: Option<f64>,
     /// Downtime expected when switching over (source).
     pub expected_downtime: Option<Duration>,
-    /// Downtime measured: source paused to destination running.
+    /// Downtime measured: from the source asking its VM to pause to the
+    /// destination's word that its VM runs.
     pub downtime: Option<Duration>,
+    /// Where the downtime went (source, precopy).
+    pub downtime_parts: Option<DowntimeParts>,
     /// Time since the first handshake byte.
     pub elapsed: Duration,
     /// Figures of the postcopy phase, once it started.
@@ -39,6 +42,22 @@ pub struct Stats {
     /// XBZRLE figures, where deltas were agreed (source) or arrived
     /// (destination).
     pub xbzrle: Option<XbzrleStats>,
+}
+
+/// The parts of a precopy downtime, in order; they add up to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DowntimeParts {
+    /// Pausing the VM (its vCPUs stopping).
+    pub pause: Duration,
+    /// Collecting the dirty log one last time.
+    pub sync: Duration,
+    /// Sending the last dirty pages and the device state until the
+    /// destination reports everything placed (READY).
+    pub transfer: Duration,
+    /// GO to the destination's word that its VM runs.
+    pub handover: Duration,
+    /// Guest bytes of the last pass.
+    pub final_bytes: u64,
 }
 
 /// How pages sent again fared against the XBZRLE cache.

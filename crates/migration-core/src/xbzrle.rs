@@ -150,10 +150,12 @@ pub fn route(numbering: &PageNumbering, run: PageRun, channels: usize) -> impl I
         let global = numbering.global(run.block, first);
         let chunk = global / CHUNK_PAGES;
         let count = ((chunk + 1) * CHUNK_PAGES - global).min(end - first);
-        let piece = PageRun { first, count, ..run };
+        let piece = run.slice(first, first + count);
         first += count;
-        Some(((chunk % channels as u64) as usize, piece))
+        // A sparse run may hold no page of this chunk.
+        Some(piece.map(|piece| ((chunk % channels as u64) as usize, piece)))
     })
+    .flatten()
 }
 
 #[cfg(test)]
@@ -181,24 +183,14 @@ mod tests {
     #[test]
     fn runs_are_cut_at_chunks_and_each_chunk_keeps_its_channel() {
         let numbering = PageNumbering { starts: vec![0, 512] };
-        let run = PageRun {
-            block: BlockId(0),
-            first: 200,
-            count: 300,
-            epoch: 3,
-        };
+        let run = PageRun::contiguous(BlockId(0), 200, 300, 3);
         let pieces: Vec<_> = route(&numbering, run, 2)
             .map(|(channel, piece)| (channel, piece.first, piece.count, piece.epoch))
             .collect();
         assert_eq!(pieces, [(0, 200, 56, 3), (1, 256, 244, 3)]);
         // Block 1 starts at chunk 2: channel 0 again.
         assert_eq!(numbering.global(BlockId(1), 5), 517);
-        let run = PageRun {
-            block: BlockId(1),
-            first: 0,
-            count: 1,
-            epoch: 0,
-        };
+        let run = PageRun::contiguous(BlockId(1), 0, 1, 0);
         let channels: Vec<_> = route(&numbering, run, 2).map(|(channel, _)| channel).collect();
         assert_eq!(channels, [0]);
         // Channel-local indices of a channel's chunks are back to back.

@@ -22,12 +22,13 @@
 //! [`MAX_PAGE_LEN`] bytes, so a length takes at most three bytes.
 //!
 //! The unchanged run after the last changed run is left out, so an
-//! unchanged page encodes to nothing. Every encoding is also kept in one
-//! shape a decoder checks: lengths in their shortest form and at most three
-//! bytes, no empty changed run, no empty unchanged run but at the very
-//! start (a page that differs from its first byte), no run past the end of
-//! the page, every literal byte present, and nothing after the pair that
-//! reaches the end of the page.
+//! unchanged page encodes to nothing. A decoder accepts a delta only in
+//! the shape the encoder gives it: lengths in their shortest form and of at
+//! most three bytes, no empty changed run, no empty unchanged run but at
+//! the very start (for a page that differs from its first byte), no run
+//! past the end of the page, every literal byte present, and nothing after
+//! a pair that reaches the end of the page. It checks the whole delta
+//! before it writes a byte, so a bad delta leaves the page as it was.
 //!
 //! The encoder merges changed runs that only a gap of one or two unchanged
 //! bytes separates: sending those bytes costs no more than the two lengths
@@ -50,9 +51,13 @@ const _: () = assert!(MAX_PAGE_LEN < 1 << (7 * MAX_LENGTH_BYTES));
 /// (cleared first). Returns false, with `out` unspecified, when the encoding would
 /// exceed `limit` bytes. An empty encoding means the page is unchanged.
 ///
+/// Pages longer than [`MAX_PAGE_LEN`] (huge pages) have no encoding: for them
+/// this returns false, as for an encoding over the limit, and the page goes
+/// whole.
+///
 /// # Panics
 ///
-/// If `old` and `new` differ in length or are longer than [`MAX_PAGE_LEN`].
+/// If `old` and `new` differ in length.
 ///
 /// # Examples
 ///
@@ -72,11 +77,10 @@ const _: () = assert!(MAX_PAGE_LEN < 1 << (7 * MAX_LENGTH_BYTES));
 /// ```
 pub fn encode(old: &[u8], new: &[u8], limit: usize, out: &mut Vec<u8>) -> bool {
     assert_eq!(old.len(), new.len(), "xbzrle encodes pages of equal length");
-    assert!(
-        new.len() <= MAX_PAGE_LEN,
-        "xbzrle encodes pages of at most {MAX_PAGE_LEN} bytes"
-    );
     out.clear();
+    if new.len() > MAX_PAGE_LEN {
+        return false;
+    }
     let mut pos = 0;
     loop {
         let start = first_change(old, new, pos);
@@ -163,9 +167,8 @@ fn first_change(old: &[u8], new: &[u8], from: usize) -> usize {
 }
 
 /// The end of the changed run that starts at `start` (where the pages
-/// differ): the first position followed by at least [`MIN_GAP`] unchanged
-/// bytes, or by unchanged bytes up to the end of the page, or the page's
-/// end. Scanning may stop at any position from `cap` on and return it: the
+/// differ): the first position that starts [`MIN_GAP`] unchanged bytes, or
+/// unchanged bytes up to the end of the page, or else the page's end. Scanning may stop at any position from `cap` on and return it: the
 /// run is then known to reach at least `cap`.
 fn change_end(old: &[u8], new: &[u8], start: usize, cap: usize) -> usize {
     let len = new.len();
@@ -483,6 +486,12 @@ mod tests {
         assert_eq!(out.len(), 12);
         assert!(!encode(&old, &new, 11, &mut out));
         assert!(!encode(&old, &new, 0, &mut out));
+    }
+
+    #[test]
+    fn huge_pages_have_no_encoding() {
+        let page = vec![0u8; MAX_PAGE_LEN + 1];
+        assert!(!encode(&page, &page, usize::MAX, &mut Vec::new()));
     }
 
     #[test]

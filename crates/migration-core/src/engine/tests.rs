@@ -20,8 +20,8 @@ fn drain(e: &mut PrecopyEngine, now: Instant, sent_ram: &mut u64) -> (Vec<(u32, 
     loop {
         match e.poll(now) {
             Action::Send(run) => {
-                pages.extend((run.first..run.first + run.count).map(|p| (run.block.0, p)));
-                *sent_ram += run.count * PAGE;
+                pages.extend(run.pages().map(|p| (run.block.0, p)));
+                *sent_ram += run.len() * PAGE;
                 e.handle_progress(*sent_ram, *sent_ram);
             }
             other => return (pages, other),
@@ -67,8 +67,97 @@ fn runs_respect_the_batch_size() {
     };
     let mut e = engine(&[100], config, t0);
     while let Action::Send(run) = e.poll(t0) {
-        assert!(run.count >= 1 && run.count <= 16, "{run:?}");
+        assert!(run.len() >= 1 && run.len() <= 16, "{run:?}");
     }
+}
+
+#[test]
+fn scattered_dirty_pages_share_runs_within_a_span() {
+    let t0 = Instant::now();
+    for batch_pages in [256, 16] {
+        let config = PrecopyConfig {
+            batch_pages,
+            downtime_limit: Duration::ZERO,
+            max_iterations: None,
+            ..PrecopyConfig::default()
+        };
+        let mut e = engine(&[1000], config, t0);
+        let mut ram = 0;
+        drain(&mut e, t0, &mut ram);
+        assert_eq!(e.poll(t0), Action::SyncDirtyLog);
+        // Every third page dirty, and a contiguous stretch.
+        let mut dirty: Vec<u64> = (0..600).step_by(3).collect();
+        dirty.extend(700..760);
+        for &p in &dirty {
+            e.handle_dirty(BlockId(0), p, 1);
+        }
+        e.handle_sync_done(t0 + Duration::from_secs(1));
+        let mut runs = Vec::new();
+        while let Action::Send(run) = e.poll(t0) {
+            runs.push(run);
+        }
+        let sent: Vec<u64> = runs.iter().flat_map(|r| r.pages().collect::<Vec<_>>()).collect();
+        assert_eq!(sent, dirty, "exactly the dirty pages, in order, once");
+        for run in &runs {
+            assert!(run.len() >= 1 && run.len() <= u64::from(batch_pages), "{run:?}");
+            assert!(
+                run.includes(run.first) && run.includes(run.first + run.count - 1),
+                "{run:?}"
+            );
+            if run.sparse.is_some() {
+                assert!(run.count <= SPAN_PAGES, "{run:?}");
+            }
+        }
+        // 200 scattered pages in spans of 256: a handful of runs, not 200.
+        let want = if batch_pages == 256 { 5 } else { 18 };
+        assert!(
+            runs.len() <= want,
+            "{} runs for batch {batch_pages}: {runs:?}",
+            runs.len()
+        );
+    }
+}
+
+#[test]
+fn a_run_slices_into_the_pages_it_holds() {
+    let mut mask = [0u64; 4];
+    for i in [0u64, 5, 64, 200] {
+        mask[(i / 64) as usize] |= 1 << (i % 64);
+    }
+    let run = PageRun {
+        sparse: Some(mask),
+        ..PageRun::contiguous(BlockId(0), 100, 201, 2)
+    };
+    assert_eq!(run.len(), 4);
+    assert_eq!(run.pages().collect::<Vec<_>>(), [100, 105, 164, 300]);
+    let tail = run.slice(106, 400).expect("pages left");
+    assert_eq!((tail.first, tail.count, tail.len()), (164, 137, 2));
+    assert_eq!(tail.pages().collect::<Vec<_>>(), [164, 300]);
+    assert!(run.slice(101, 105).is_none());
+    let whole = PageRun::contiguous(BlockId(0), 10, 20, 0)
+        .slice(15, 100)
+        .expect("pages");
+    assert_eq!((whole.first, whole.count, whole.sparse), (15, 15, None));
+}
+
+#[test]
+fn the_measured_switchover_overhead_adds_to_the_expected_downtime() {
+    let t0 = Instant::now();
+    let config = PrecopyConfig {
+        downtime_limit: Duration::from_millis(105),
+        max_iterations: None,
+        ..PrecopyConfig::default()
+    };
+    let mut e = engine(&[1000], config, t0);
+    let mut ram = 0;
+    drain(&mut e, t0, &mut ram);
+    assert_eq!(e.poll(t0), Action::SyncDirtyLog);
+    // 100 ms of pages fit the limit alone; with 10 ms of overhead they do not.
+    e.handle_dirty(BlockId(0), 0, 100);
+    e.handle_overhead(Duration::from_millis(10));
+    e.handle_sync_done(t0 + Duration::from_secs(1));
+    assert_eq!(e.estimates().expected_downtime, Some(Duration::from_millis(110)));
+    assert_eq!(e.phase(), Phase::Sending, "not switched over");
 }
 
 #[test]
@@ -178,7 +267,7 @@ fn bandwidth_cap_makes_the_engine_wait() {
     let mut waited = None;
     for _ in 0..5 {
         match e.poll(t0) {
-            Action::Send(run) => sent += run.count,
+            Action::Send(run) => sent += run.len(),
             Action::Wait(until) => {
                 waited = until;
                 break;
@@ -193,7 +282,7 @@ fn bandwidth_cap_makes_the_engine_wait() {
     let later = t0 + Duration::from_secs(1);
     let mut more = 0;
     while let Action::Send(run) = e.poll(later) {
-        more += run.count;
+        more += run.len();
     }
     assert!((90..=120).contains(&more), "{more}");
 }
@@ -213,7 +302,7 @@ fn final_pass_is_not_capped() {
     loop {
         match e.poll(now) {
             Action::Send(run) => {
-                ram += run.count * PAGE;
+                ram += run.len() * PAGE;
                 e.handle_progress(ram, ram);
             }
             Action::Wait(Some(until)) => now = until,
@@ -293,10 +382,10 @@ proptest! {
             }
             match e.poll(now) {
                 Action::Send(run) => {
-                    for p in run.first..run.first + run.count {
+                    for p in run.pages() {
                         last_sent.insert((u64::from(run.block.0), p), tick);
                     }
-                    ram += run.count * PAGE;
+                    ram += run.len() * PAGE;
                     e.handle_progress(ram, ram);
                 }
                 Action::SyncDirtyLog => {

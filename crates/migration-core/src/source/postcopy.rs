@@ -220,12 +220,7 @@ impl SourceRun<'_> {
             let mut page = 0;
             while let Some((first, count)) = map.take_run(page, batch) {
                 page = first + count;
-                let run = crate::engine::PageRun {
-                    block: crate::ram::BlockId(block as u32),
-                    first,
-                    count,
-                    epoch: epochs,
-                };
+                let run = crate::engine::PageRun::contiguous(crate::ram::BlockId(block as u32), first, count, epochs);
                 let channel = link.next_data();
                 self.submit(link, channel, Job::Pages(run)).map_err(classify)?;
                 if let Some(stats) = &mut self.postcopy {

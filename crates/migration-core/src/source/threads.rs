@@ -83,7 +83,7 @@ pub(super) fn spawn_channel_thread(
                         Job::Pages(_) | Job::EndEpoch { .. } if abandon.load(Ordering::Acquire) => {}
                         Job::Pages(run) => {
                             encoder.send_run(tx.as_mut(), &ram, run, &counters)?;
-                            pages_in_epoch += run.count;
+                            pages_in_epoch += run.len();
                         }
                         Job::EndEpoch { epoch, done } => {
                             tx.send(&Message::SyncMarker(SyncMarker {
@@ -197,7 +197,7 @@ impl PageEncoder {
         self.hashes.clear();
         // The buffer keeps its length between runs, so pages are read into
         // initialised memory without zeroing it again each time.
-        let need = run.count as usize * page_size;
+        let need = run.len() as usize * page_size;
         if self.payload.len() < need {
             self.payload.resize(need, 0);
         }
@@ -210,7 +210,7 @@ impl PageEncoder {
             d.bytes.clear();
         }
         let (mut delta_pages, mut misses, mut overflows) = (0u64, 0u64, 0u64);
-        for page in run.first..run.first + run.count {
+        for page in run.pages() {
             let offset = page as usize * page_size;
             let cache_key = deltas.as_deref().map(|d| {
                 let global = d.numbering.global(run.block, page);
@@ -305,11 +305,11 @@ impl PageEncoder {
         }
         counters
             .ram_bytes
-            .fetch_add(run.count * page_size as u64, Ordering::Relaxed);
+            .fetch_add(run.len() * page_size as u64, Ordering::Relaxed);
         counters.zero_pages.fetch_add(zero, Ordering::Relaxed);
         counters
             .plain_pages
-            .fetch_add(run.count - zero - delta_pages, Ordering::Relaxed);
+            .fetch_add(run.len() - zero - delta_pages, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -362,12 +362,12 @@ impl PendingPages {
             pending.test_and_clear(page);
         }
         self.requested.fetch_add(request.count.into(), Ordering::Relaxed);
-        Ok(PageRun {
-            block: BlockId(request.block),
-            first: request.page,
-            count: request.count.into(),
-            epoch: self.epoch.load(Ordering::Acquire),
-        })
+        Ok(PageRun::contiguous(
+            BlockId(request.block),
+            request.page,
+            request.count.into(),
+            self.epoch.load(Ordering::Acquire),
+        ))
     }
 }
 
