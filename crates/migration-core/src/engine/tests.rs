@@ -67,7 +67,7 @@ fn runs_respect_the_batch_size() {
     };
     let mut e = engine(&[100], config, t0);
     while let Action::Send(run) = e.poll(t0) {
-        assert!(run.len() >= 1 && run.len() <= 16, "{run:?}");
+        assert!(!run.is_empty() && run.len() <= 16, "{run:?}");
     }
 }
 
@@ -99,7 +99,7 @@ fn scattered_dirty_pages_share_runs_within_a_span() {
         let sent: Vec<u64> = runs.iter().flat_map(|r| r.pages().collect::<Vec<_>>()).collect();
         assert_eq!(sent, dirty, "exactly the dirty pages, in order, once");
         for run in &runs {
-            assert!(run.len() >= 1 && run.len() <= u64::from(batch_pages), "{run:?}");
+            assert!(!run.is_empty() && run.len() <= u64::from(batch_pages), "{run:?}");
             assert!(
                 run.includes(run.first) && run.includes(run.first + run.count - 1),
                 "{run:?}"
