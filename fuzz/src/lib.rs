@@ -11,7 +11,7 @@
 //! short deterministic run of each target.
 #![forbid(unsafe_code)]
 
-use migration_core::engine::{Action, PostcopyWhen, PrecopyConfig, PrecopyEngine};
+use migration_core::engine::{Action, AutoConverge, PostcopyWhen, PrecopyConfig, PrecopyEngine};
 use migration_core::source::pause_vm;
 use migration_core::{BlockId, Vm, VmError};
 use migration_wire::frame::decode_frame;
@@ -237,6 +237,10 @@ pub fn engine_outcome(data: &[u8]) -> EngineOutcome {
             1 => Some(PostcopyWhen::AfterPasses(u64::from(shape / 16 % 3))),
             _ => None,
         },
+        auto_converge: (shape & 0x40 != 0).then_some(AutoConverge {
+            tailslow: shape & 0x80 != 0,
+            ..AutoConverge::default()
+        }),
         ..PrecopyConfig::default()
     };
     let start = Instant::now();
@@ -335,6 +339,7 @@ pub fn engine_outcome(data: &[u8]) -> EngineOutcome {
                         }
                         return EngineOutcome::Postcopy;
                     }
+                    Action::Throttle { percent } => assert!((1..=99).contains(&percent), "throttle {percent}"),
                     Action::Fail(_) => return EngineOutcome::Failed,
                     Action::Wait(until) => {
                         now = match until {

@@ -387,6 +387,7 @@ pub fn assert_common_keys(json: &Value) {
         "iterations",
         "throughput_bytes_per_sec",
         "ram_bytes_per_sec",
+        "throttle_percent",
     ] {
         let value = field(json, key);
         assert!(
@@ -400,7 +401,12 @@ pub fn assert_common_keys(json: &Value) {
 pub fn assert_send_keys(json: &Value) {
     assert_common_keys(json);
     assert!(field(json, "source_resumed").is_boolean(), "source_resumed: {json:#}");
-    for key in ["writes_after_resume", "zero_pages", "plain_pages"] {
+    for key in [
+        "writes_after_resume",
+        "guest_write_rate_after",
+        "zero_pages",
+        "plain_pages",
+    ] {
         let value = field(json, key);
         assert!(value.is_null() || value.is_number(), "{key}: {json:#}");
     }

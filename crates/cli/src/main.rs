@@ -10,7 +10,7 @@ mod snapshot;
 mod tls;
 mod units;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
 /// Exit codes scripts rely on.
@@ -75,6 +75,17 @@ fn main() -> ExitCode {
             return ExitCode::from(if err.use_stderr() { exit::USAGE } else { exit::OK });
         }
     };
+    if let Some((name, problem)) = cli.command.problem() {
+        let mut command = Cli::command();
+        command.build();
+        let kind = clap::error::ErrorKind::ArgumentConflict;
+        let err = match command.find_subcommand_mut(name) {
+            Some(sub) => sub.error(kind, problem),
+            None => command.error(kind, problem),
+        };
+        let _ = err.print();
+        return ExitCode::from(exit::USAGE);
+    }
     let code = match cli.command {
         Command::Send(args) => send::run(args),
         Command::Recv(args) => recv::run(args),
@@ -86,6 +97,18 @@ fn main() -> ExitCode {
         Command::DirtyRate(args) => dirty_rate::run(args),
     };
     ExitCode::from(code)
+}
+
+impl Command {
+    /// What is wrong with flags that clap checks one by one: the
+    /// subcommand's name and the problem.
+    fn problem(&self) -> Option<(&'static str, String)> {
+        match self {
+            Command::Send(args) => Some(("send", args.source.throttle.problem()?)),
+            Command::Save(args) => Some(("save", args.source.throttle.problem()?)),
+            _ => None,
+        }
+    }
 }
 
 /// Prints an error chain on one line, the way every command reports it.

@@ -53,6 +53,13 @@ pub struct Report {
     /// Source: page writes the guest made after it resumed on the source.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub writes_after_resume: Option<Option<u64>>,
+    /// Source: the guest's write rate (bytes per second) measured over a
+    /// short window after it resumed on the source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_write_rate_after: Option<Option<f64>>,
+    /// Source: the highest CPU throttle auto-converge applied to the guest,
+    /// in percent (`null` without `--auto-converge`).
+    pub throttle_percent: Option<u8>,
     /// Destination: the guest's own check of its pages.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_check: Option<Option<&'static str>>,
@@ -223,6 +230,8 @@ impl Report {
             channel_bytes: None,
             source_resumed: None,
             writes_after_resume: None,
+            guest_write_rate_after: None,
+            throttle_percent: None,
             guest_check: None,
             mismatched_blocks: Vec::new(),
             lazy: None,
@@ -336,6 +345,9 @@ impl Report {
         if let Some(Some(check)) = self.guest_check {
             line += &format!(", guest check {check}");
         }
+        if let Some(throttle) = self.throttle_percent.filter(|&t| t > 0) {
+            line += &format!(", throttled to {throttle}%");
+        }
         if let Some(true) = self.source_resumed {
             line += ", source resumed";
         }
@@ -442,6 +454,11 @@ impl Progress {
                 expected_downtime.as_secs_f64() * 1e3
             )),
             Event::Paused => self.say("source paused"),
+            Event::Throttled { percent: 0 } => self.say("guest throttle lifted"),
+            Event::Throttled { percent } => self.say(&format!("guest throttled to {percent}%")),
+            Event::ThrottleFailed { percent, reason } => self.say(&format!(
+                "throttling the guest to {percent}% failed ({reason}); going on without it"
+            )),
             Event::Ready => self.say("destination ready"),
             Event::HandedOver => self.say("handed over (GO)"),
             Event::Resumed => self.say("guest running on the destination"),
@@ -477,6 +494,9 @@ impl Progress {
         if let Some(dirty) = stats.dirty_rate {
             fields += &format!(" dirty_rate={dirty:.0}");
         }
+        if let Some(throttle) = stats.throttle_percent {
+            fields += &format!(" throttle_percent={throttle}");
+        }
         if stats.channel_bytes.len() > 1 {
             let per: Vec<String> = stats.channel_bytes.iter().map(u64::to_string).collect();
             fields += &format!(" channel_bytes={}", per.join(","));
@@ -502,6 +522,9 @@ impl Progress {
             );
             if let Some(remaining) = stats.remaining_bytes {
                 msg += &format!("  {} dirty", human_bytes(remaining as f64));
+            }
+            if let Some(throttle) = stats.throttle_percent.filter(|&t| t > 0) {
+                msg += &format!("  throttled {throttle}%");
             }
             if let Some(postcopy) = &stats.postcopy {
                 msg += &format!(

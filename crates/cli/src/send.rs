@@ -6,10 +6,11 @@ use crate::report::{Progress, Report, Status};
 use crate::units::{parse_duration, parse_size};
 use anyhow::{Context, Result};
 use clap::ValueEnum;
+use migration_core::engine::AutoConverge;
 use migration_core::source::SourceError;
 use migration_core::source::{SourceOptions, run_source};
 use migration_core::{
-    Cancel, Channel, Compression, KernelDirtyLog, LimitAction, PostcopyWhen, PrecopyConfig, TransportError,
+    Cancel, Channel, Compression, Event, KernelDirtyLog, LimitAction, PostcopyWhen, PrecopyConfig, TransportError,
 };
 use migration_wire::SessionId;
 use reference_guest::{Content, GuestSpec, Pattern, SyntheticGuest};
@@ -143,6 +144,8 @@ pub struct SourceArgs {
     /// When a limit is reached first: switch over anyway, or fail.
     #[arg(long, value_enum, default_value = "switchover")]
     pub on_limit: OnLimit,
+    #[command(flatten)]
+    pub throttle: ThrottleArgs,
     /// Parallel channels (connections or file writers, each with a thread
     /// of its own) that carry pages; a destination's `--channels` is the
     /// limit.
@@ -154,6 +157,55 @@ pub struct SourceArgs {
     /// Print one JSON object with the outcome on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Auto-converge, shared by `send` and `save`.
+#[derive(Debug, clap::Args)]
+pub struct ThrottleArgs {
+    /// Slow the guest's vCPUs while it dirties memory faster than precopy
+    /// sends it: when the guest dirtied more than half of what was sent over
+    /// a second, twice, the throttle goes up (lifted when the migration ends).
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// The first throttle, in percent of the guest's CPU time (1-99).
+    #[arg(long, value_name = "N", default_value_t = 20, requires = "auto_converge",
+          value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub throttle_initial: u8,
+    /// What each later step adds, in percent (1-99).
+    #[arg(long, value_name = "N", default_value_t = 10, requires = "auto_converge",
+          value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub throttle_increment: u8,
+    /// The highest throttle, in percent (1-99, at least --throttle-initial).
+    #[arg(long, value_name = "N", default_value_t = 99, requires = "auto_converge",
+          value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub throttle_max: u8,
+    /// Step by less than --throttle-increment where less would bring the
+    /// guest's dirtying down to the trigger.
+    #[arg(long, requires = "auto_converge")]
+    pub throttle_tailslow: bool,
+}
+
+impl ThrottleArgs {
+    /// What is wrong with the flags together, for a usage error.
+    pub fn problem(&self) -> Option<String> {
+        (self.throttle_initial > self.throttle_max).then(|| {
+            format!(
+                "--throttle-initial {} is above --throttle-max {}",
+                self.throttle_initial, self.throttle_max
+            )
+        })
+    }
+
+    /// The engine's settings (`None`: no auto-converge).
+    pub fn config(&self) -> Option<AutoConverge> {
+        self.auto_converge.then(|| AutoConverge {
+            initial: self.throttle_initial,
+            increment: self.throttle_increment,
+            max: self.throttle_max,
+            tailslow: self.throttle_tailslow,
+            ..AutoConverge::default()
+        })
+    }
 }
 
 /// Where the source sends its guest.
@@ -176,6 +228,7 @@ pub fn run_to(role: &'static str, args: &SourceArgs, target: Target<'_>) -> u8 {
     // A stream to standard output owns stdout.
     report.json_to_stderr = matches!(target, Target::Stream(stream, _) if stream.to_stdout());
     report.writes_after_resume = Some(None);
+    report.guest_write_rate_after = Some(None);
     report.source_resumed = Some(false);
     let outcome = send(args, target, &mut report);
     crate::report::finish(report, args.json, outcome)
@@ -224,7 +277,7 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
     let channel = match connect(0, first_wait) {
         Ok(channel) => channel,
         Err(err) => {
-            report.writes_after_resume = Some(Some(writes_while_running(&guest, args.guest.dirty_rate)));
+            record_resumed(report, &guest, args.guest.dirty_rate);
             return Err(err).context("connecting to the destination");
         }
     };
@@ -252,6 +305,7 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
                 ),
                 _ => None,
             },
+            auto_converge: args.throttle.config(),
             ..PrecopyConfig::default()
         },
         resume_timeout: match target {
@@ -282,6 +336,7 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
     };
     let mut progress = Progress::new(report.role);
     let mut paused_at = None;
+    let mut highest_throttle = 0;
     let result = run_source(
         channel,
         &mut connect,
@@ -290,13 +345,16 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
         &mut dirty,
         &options,
         &mut |event| {
-            if matches!(event, migration_core::Event::Paused) {
-                paused_at = Some(Instant::now());
+            match event {
+                Event::Paused => paused_at = Some(Instant::now()),
+                Event::Throttled { percent } => highest_throttle = highest_throttle.max(*percent),
+                _ => {}
             }
             progress.event(event)
         },
     );
     progress.finish();
+    report.throttle_percent = options.precopy.auto_converge.map(|_| highest_throttle);
     let paused_unix_us = paused_at.and_then(crate::report::unix_us);
     let mark_pause = |report: &mut Report| {
         if let Some(postcopy) = &mut report.postcopy {
@@ -341,7 +399,7 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
             report.error = Some(format!("{:#}", anyhow::Error::new(failure.error)));
             report.source_resumed = Some(failure.source_resumed);
             if failure.source_resumed {
-                report.writes_after_resume = Some(Some(writes_while_running(&guest, args.guest.dirty_rate)));
+                record_resumed(report, &guest, args.guest.dirty_rate);
             }
             Ok(if failure.source_resumed {
                 exit::FAILED
@@ -354,6 +412,25 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
             })
         }
     }
+}
+
+/// Records how the guest runs after it resumed on the source: that it
+/// writes at all, then its write rate (unthrottled, it is near its
+/// `--dirty-rate`).
+fn record_resumed(report: &mut Report, guest: &SyntheticGuest, dirty_rate: u64) {
+    report.writes_after_resume = Some(Some(writes_while_running(guest, dirty_rate)));
+    report.guest_write_rate_after = Some(Some(write_rate(guest, RATE_WINDOW)));
+}
+
+/// How long the resumed guest's write rate is measured.
+const RATE_WINDOW: Duration = Duration::from_millis(200);
+
+/// The guest's page writes over `window`, in bytes per second.
+fn write_rate(guest: &SyntheticGuest, window: Duration) -> f64 {
+    let (before, start) = (guest.writes(), Instant::now());
+    std::thread::sleep(window);
+    let bytes = (guest.writes() - before) as f64 * migration_sys::PAGE_SIZE as f64;
+    (bytes / start.elapsed().as_secs_f64()).round()
 }
 
 /// Shows the resumed guest really runs: waits (bounded) for some writes of

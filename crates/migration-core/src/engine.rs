@@ -22,9 +22,18 @@
 //!                        Done <--Finish-- FinalSending(last epoch) <---+
 //!  decide --limits reached, policy fails--> Failed
 //! ```
+//!
+//! With [`PrecopyConfig::auto_converge`], a sync that starts another pass
+//! may also decide to slow the guest: [`Action::Throttle`] then comes before
+//! the pass's first page, and the phase stays `Sending` (see
+//! [`auto_converge`]).
+
+pub mod auto_converge;
 
 use crate::bitmap::Bitmap;
 use crate::ram::{BlockId, Ram};
+pub use auto_converge::AutoConverge;
+use auto_converge::Throttler;
 use std::time::{Duration, Instant};
 
 /// What to do when precopy has not converged within its limits.
@@ -54,6 +63,9 @@ pub struct PrecopyConfig {
     /// When precopy hands over to postcopy (`None`: never; precopy switches
     /// over or fails as [`PrecopyConfig::on_limit`] says).
     pub postcopy: Option<PostcopyWhen>,
+    /// Slow the guest's vCPUs while it dirties memory faster than precopy
+    /// sends it (`None`: never).
+    pub auto_converge: Option<AutoConverge>,
 }
 
 /// When the engine switches to postcopy, if it may.
@@ -89,6 +101,7 @@ impl Default for PrecopyConfig {
             max_bandwidth: None,
             batch_pages: 256,
             postcopy: None,
+            auto_converge: None,
         }
     }
 }
@@ -260,6 +273,14 @@ pub enum Action {
         /// Bytes of dirty pages left at the last sync (before the pause).
         remaining: u64,
     },
+    /// Auto-converge: set the VM's CPU throttle to `percent` (see
+    /// [`crate::vm::Vm::throttle`]), then poll again. Best effort: a VM
+    /// that cannot throttle migrates on unthrottled. The runtime lifts the
+    /// throttle when the migration ends, however it ends.
+    Throttle {
+        /// Percent of the vCPUs' time taken away, 1 to 99.
+        percent: u8,
+    },
     /// Precopy gave up; resume the VM and abort.
     Fail(ConvergenceError),
     /// Nothing to do until an input arrives, or until the given time.
@@ -345,6 +366,8 @@ pub struct Estimates {
     /// sync, the round trips to READY and to the destination running), as
     /// the runtime measured it ([`PrecopyEngine::handle_overhead`]).
     pub overhead: Duration,
+    /// The CPU throttle auto-converge decided last (0: none).
+    pub throttle_percent: u8,
 }
 
 /// The precopy state machine.
@@ -366,6 +389,7 @@ pub struct PrecopyEngine {
     emitted_ram: u64,
     estimates: Estimates,
     pending: Option<Action>,
+    throttler: Option<Throttler>,
 }
 
 impl PrecopyEngine {
@@ -387,6 +411,7 @@ impl PrecopyEngine {
         // A run becomes one page packet: keep it within what the wire carries.
         config.batch_pages = config.batch_pages.clamp(1, migration_wire::MAX_PAGES_PER_BATCH);
         let mut engine = Self {
+            throttler: config.auto_converge.map(Throttler::new),
             dirty: blocks.iter().map(|&(pages, _)| Bitmap::full(pages)).collect(),
             page_sizes: blocks.iter().map(|&(_, size)| size).collect(),
             config,
@@ -485,7 +510,7 @@ impl PrecopyEngine {
         if since_sync > 0.0 {
             self.estimates.dirty_rate = self.dirtied_since_sync as f64 / since_sync;
         }
-        self.dirtied_since_sync = 0;
+        let dirtied = std::mem::take(&mut self.dirtied_since_sync);
         self.last_sync = now;
         self.estimates.iterations += 1;
         let remaining = self.remaining_bytes();
@@ -557,6 +582,7 @@ impl PrecopyEngine {
             (None, _) => {
                 self.become_(Phase::Sending);
                 self.start_pass(now);
+                self.decide_throttle(now, dirtied, pass_ram);
             }
         }
     }
@@ -573,6 +599,15 @@ impl PrecopyEngine {
             .remaining_before
             .is_some_and(|before| e.remaining_at_sync as f64 >= before as f64 * 0.9);
         outpaced || stuck
+    }
+
+    /// Auto-converge, at a sync that starts another pass: the throttle goes
+    /// out before the pass's first page.
+    fn decide_throttle(&mut self, now: Instant, dirtied: u64, sent: u64) {
+        if let Some(percent) = self.throttler.as_mut().and_then(|t| t.handle_sync(now, dirtied, sent)) {
+            self.estimates.throttle_percent = percent;
+            self.pending = Some(Action::Throttle { percent });
+        }
     }
 
     fn start_postcopy(&mut self, reason: PostcopyReason, remaining: u64) {

@@ -213,6 +213,8 @@ pub(super) enum Returned {
 /// `dirty_log` must already be tracking writes. On success the VM stays
 /// paused (it lives on the destination now); on any failure before GO it is
 /// running again when this returns (see [`SourceFailure::source_resumed`]).
+/// A throttle auto-converge set is lifted in every case, before the VM
+/// resumes.
 pub fn run_source(
     channel: Box<dyn Channel>,
     connect: &mut dyn FnMut(u16, Duration) -> Result<Box<dyn Channel>, TransportError>,
@@ -237,6 +239,7 @@ pub fn run_source(
         source_resumed: false,
         engine_stats: Stats {
             ram_bytes: ram.total_bytes(),
+            throttle_percent: options.precopy.auto_converge.map(|_| 0),
             ..Stats::default()
         },
         downtime: None,
@@ -253,6 +256,7 @@ pub fn run_source(
         postcopy_pages: None,
         postcopy: None,
         pausing_sent: false,
+        throttle_asked: false,
     };
     let result = run.run(channel, connect, vm, dirty_log, observer);
     let stats = run.stats();
@@ -377,6 +381,8 @@ struct SourceRun<'a> {
     postcopy: Option<crate::stats::PostcopyStats>,
     /// The switch to postcopy asked the destination to prepare.
     pausing_sent: bool,
+    /// Auto-converge asked the VM for a throttle, which must be lifted.
+    throttle_asked: bool,
 }
 
 impl SourceRun<'_> {
@@ -453,6 +459,10 @@ impl SourceRun<'_> {
             Ok(Switch::Postcopy(engine)) => self.postcopy(&mut link, *engine, connect, vm, dirty_log, observer),
             Err(err) => Err(err),
         };
+        // Auto-converge ends with the migration: the guest runs on here
+        // unthrottled after a failure, and a VM handed over is left
+        // unthrottled too.
+        self.lift_throttle(vm, observer);
         if let Err(err) = &outcome
             && !self.handed_over
         {
@@ -486,6 +496,31 @@ impl SourceRun<'_> {
             return Err(SourceError::Protocol("a channel thread panicked".into()));
         }
         outcome
+    }
+
+    /// Applies auto-converge's throttle. Best effort: a VM that refuses it
+    /// migrates on as it is.
+    fn throttle(&mut self, vm: &mut dyn Vm, percent: u8, observer: &mut dyn FnMut(&Event)) {
+        self.throttle_asked = true;
+        match vm.throttle(percent) {
+            Ok(()) => {
+                self.engine_stats.throttle_percent = Some(percent);
+                observer(&Event::Throttled { percent });
+            }
+            Err(err) => observer(&Event::ThrottleFailed {
+                percent,
+                reason: ErrorChain(&err).to_string(),
+            }),
+        }
+    }
+
+    /// Lifts a throttle auto-converge asked for (applied or not: a VM that
+    /// failed may have half applied it).
+    fn lift_throttle(&mut self, vm: &mut dyn Vm, observer: &mut dyn FnMut(&Event)) {
+        if self.throttle_asked {
+            self.throttle(vm, 0, observer);
+            self.throttle_asked = false;
+        }
     }
 
     /// Spawns a thread per channel (the main one first, then the data
@@ -828,6 +863,7 @@ impl SourceRun<'_> {
                     self.refresh(&engine);
                     return Ok(Switch::Postcopy(Box::new(engine)));
                 }
+                Action::Throttle { percent } => self.throttle(vm, percent, observer),
                 Action::Finish => break,
                 Action::Fail(error) => return Err(error.into()),
                 Action::Wait(until) => {

@@ -30,6 +30,9 @@ pub struct Stats {
     pub bandwidth: Option<f64>,
     /// Downtime expected when switching over (source).
     pub expected_downtime: Option<Duration>,
+    /// The CPU throttle auto-converge applied to the guest, in percent, 0
+    /// once lifted (source; `None` without auto-converge).
+    pub throttle_percent: Option<u8>,
     /// Downtime measured: from the source asking its VM to pause to the
     /// destination's word that its VM runs.
     pub downtime: Option<Duration>,
@@ -152,6 +155,19 @@ pub enum Event {
         reason: SwitchoverReason,
         /// The downtime it expects.
         expected_downtime: Duration,
+    },
+    /// Auto-converge set the source guest's CPU throttle (0: lifted, as
+    /// it is when the migration ends).
+    Throttled {
+        /// Percent of the vCPUs' time taken away.
+        percent: u8,
+    },
+    /// The VM refused a throttle; the migration goes on without it.
+    ThrottleFailed {
+        /// The throttle asked for.
+        percent: u8,
+        /// Why it failed.
+        reason: String,
     },
     /// The source VM is paused.
     Paused,

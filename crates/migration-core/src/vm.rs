@@ -57,7 +57,9 @@ pub trait Vm: Send {
     fn load_device_state(&mut self, state: &[u8]) -> Result<(), VmError>;
 
     /// Slows the VM's vCPUs to `percent` of their time being throttled
-    /// (0 lifts the throttle). VMs that cannot throttle ignore it.
+    /// (0 lifts the throttle). VMs that cannot throttle ignore it. The
+    /// source runtime calls it for auto-converge, and lifts the throttle
+    /// when the migration ends: before [`Vm::resume`] after a failure.
     fn throttle(&mut self, percent: u8) -> Result<(), VmError> {
         let _ = percent;
         Ok(())

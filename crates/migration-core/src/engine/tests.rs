@@ -400,7 +400,7 @@ proptest! {
                     }
                     e.handle_paused(&paused(now), now);
                 }
-                Action::EndEpoch { .. } | Action::Wait(_) => {}
+                Action::EndEpoch { .. } | Action::Wait(_) | Action::Throttle { .. } => {}
                 Action::Postcopy { .. } => unreachable!("postcopy is not configured"),
                 Action::Finish => break,
                 Action::Fail(err) => panic!("{err}"),
@@ -504,4 +504,213 @@ fn postcopy_after_passes_waits_for_them_unless_precopy_converges_first() {
     assert_eq!(e.poll(t0), Action::SyncDirtyLog);
     e.handle_sync_done(t0 + Duration::from_secs(1));
     assert!(matches!(e.poll(t0), Action::Pause { .. }));
+}
+
+/// Runs `passes` passes over one block of `pages` pages, at one second of
+/// injected time each unless `secs(k)` says otherwise, where the guest
+/// dirties `dirtied(k)` pages (from page 0) during pass `k` (0: the bulk
+/// pass); each pass sends every page left. Returns the throttle the engine
+/// set before each pass, if any, and the engine after the last sync.
+fn throttle_passes(
+    config: PrecopyConfig,
+    pages: u64,
+    passes: usize,
+    secs: impl Fn(usize) -> f64,
+    dirtied: impl Fn(usize) -> u64,
+) -> (Vec<Option<u8>>, PrecopyEngine, Instant) {
+    let t0 = Instant::now();
+    let mut e = engine(&[pages], config, t0);
+    let mut ram = 0;
+    let mut now = t0;
+    let mut throttles = Vec::new();
+    for k in 0..passes {
+        let mut throttle = None;
+        let mut sent = 0;
+        let end = loop {
+            match e.poll(now) {
+                Action::Throttle { percent } => {
+                    assert!(throttle.is_none(), "two throttles before pass {k}");
+                    assert_eq!(sent, 0, "a throttle in the middle of pass {k}");
+                    throttle = Some(percent);
+                    assert_eq!(e.phase(), Phase::Sending, "a throttle does not change the phase");
+                }
+                Action::Send(run) => {
+                    sent += run.count;
+                    ram += run.count * PAGE;
+                    e.handle_progress(ram, ram);
+                }
+                other => break other,
+            }
+        };
+        assert!(matches!(end, Action::EndEpoch { .. }), "pass {k} ended with {end:?}");
+        assert_eq!(e.poll(now), Action::SyncDirtyLog);
+        e.handle_dirty(BlockId(0), 0, dirtied(k).min(pages));
+        now += Duration::from_secs_f64(secs(k));
+        e.handle_sync_done(now);
+        throttles.push(throttle);
+    }
+    (throttles, e, now)
+}
+
+/// A guest that never fits a 1 ms downtime limit, with auto-converge.
+fn auto_converging(auto: Option<AutoConverge>) -> PrecopyConfig {
+    PrecopyConfig {
+        downtime_limit: Duration::from_millis(1),
+        max_iterations: None,
+        auto_converge: auto,
+        ..PrecopyConfig::default()
+    }
+}
+
+#[test]
+fn no_throttle_while_sends_outpace_dirtying() {
+    // Each pass dirties 48% of what it sent (just under the 50% trigger),
+    // for a second each: the passes shrink, and none is throttled.
+    let mut left = vec![10_000u64];
+    for _ in 0..10 {
+        left.push(left.last().unwrap() * 48 / 100);
+    }
+    let (throttles, e, _) = throttle_passes(
+        auto_converging(Some(AutoConverge::default())),
+        10_000,
+        10,
+        |_| 1.0,
+        |k| left[k + 1],
+    );
+    assert_eq!(throttles, vec![None; 10]);
+    assert_eq!(e.estimates().throttle_percent, 0);
+}
+
+#[test]
+fn throttle_starts_at_initial_then_increments_every_second_hit_up_to_the_cap() {
+    let auto = AutoConverge {
+        initial: 30,
+        increment: 25,
+        max: 90,
+        ..AutoConverge::default()
+    };
+    // Every pass takes a second and the guest dirties all it sent. The sync
+    // after the bulk pass starts the first period; the syncs after passes
+    // 1, 2, ... are hits, and every second one raises the throttle before
+    // the next pass: 30, 55, 80, then the 90 cap, then nothing more.
+    let (throttles, e, now) = throttle_passes(auto_converging(Some(auto)), 100, 13, |_| 1.0, |_| 100);
+    let want = [
+        None,
+        None,
+        None,
+        Some(30),
+        None,
+        Some(55),
+        None,
+        Some(80),
+        None,
+        Some(90),
+        None,
+        None,
+        None,
+    ];
+    assert_eq!(throttles, want);
+    assert_eq!(e.estimates().throttle_percent, 90);
+    // The engine keeps sending: the throttle never ends precopy.
+    let mut e = e;
+    assert!(matches!(e.poll(now), Action::Send(_)));
+}
+
+#[test]
+fn a_period_lasts_at_least_a_second_of_engine_time() {
+    // Passes of half a second: a period spans two of them, so the throttle
+    // comes after four passes past the bulk one rather than two.
+    let (throttles, ..) = throttle_passes(
+        auto_converging(Some(AutoConverge::default())),
+        100,
+        10,
+        |_| 0.5,
+        |_| 100,
+    );
+    assert_eq!(
+        throttles,
+        [None, None, None, None, None, Some(20), None, None, None, Some(30)]
+    );
+    // A period below the trigger as a whole is no hit, even where one of
+    // its passes alone would be: pass 1 sends 100 pages and dirties 60,
+    // pass 2 sends those 60 and dirties 15 (75 of 160); pass 3 sends 15
+    // and dirties 9, pass 4 sends 9 and dirties 2 (11 of 24). Judged pass
+    // by pass, passes 1 and 3 would be two hits, and pass 4 throttled.
+    let dirtied = [100, 60, 15, 9, 2, 1];
+    let (throttles, ..) = throttle_passes(
+        auto_converging(Some(AutoConverge::default())),
+        100,
+        6,
+        |_| 0.5,
+        |k| dirtied[k],
+    );
+    assert_eq!(throttles, vec![None; 6]);
+}
+
+#[test]
+fn tailslow_steps_only_as_far_as_the_dirtying_needs() {
+    // A trigger of 90%, the guest dirtying all it sent: the ideal CPU share
+    // is 90% of the current one, a step smaller than the increment.
+    let auto = AutoConverge {
+        tailslow: true,
+        trigger_percent: 90,
+        ..AutoConverge::default()
+    };
+    let (throttles, e, _) = throttle_passes(auto_converging(Some(auto)), 100, 12, |_| 1.0, |_| 100);
+    // 20 (initial), then cpu 80 -> 72: 28; 72 -> 64: 36; 64 -> 57: 43; 57 -> 51: 49.
+    let applied: Vec<u8> = throttles.iter().flatten().copied().collect();
+    assert_eq!(applied, [20, 28, 36, 43, 49]);
+    assert_eq!(e.estimates().throttle_percent, 49);
+    // Without tailslow the same guest gets the full increment.
+    let plain = AutoConverge {
+        tailslow: false,
+        ..auto
+    };
+    let (throttles, ..) = throttle_passes(auto_converging(Some(plain)), 100, 12, |_| 1.0, |_| 100);
+    let applied: Vec<u8> = throttles.iter().flatten().copied().collect();
+    assert_eq!(applied, [20, 30, 40, 50, 60]);
+}
+
+#[test]
+fn the_bulk_pass_is_never_throttled_nor_judged() {
+    // A long bulk pass during which the guest dirties all of RAM: no
+    // throttle comes during or right after it, and it counts as no hit
+    // (else the sync after pass 1 would already act).
+    let (throttles, ..) = throttle_passes(
+        auto_converging(Some(AutoConverge::default())),
+        100,
+        4,
+        |k| if k == 0 { 30.0 } else { 1.0 },
+        |_| 100,
+    );
+    assert_eq!(throttles, [None, None, None, Some(20)]);
+    // A guest that converges after the bulk pass is never throttled.
+    let t0 = Instant::now();
+    let mut e = engine(&[100], auto_converging(Some(AutoConverge::default())), t0);
+    let mut ram = 0;
+    let (pages, end) = drain(&mut e, t0, &mut ram);
+    assert_eq!((pages.len(), end), (100, Action::EndEpoch { epoch: 0 }));
+    assert_eq!(e.poll(t0), Action::SyncDirtyLog);
+    e.handle_sync_done(t0 + Duration::from_secs(60));
+    assert!(matches!(e.poll(t0), Action::Pause { .. }));
+}
+
+#[test]
+fn a_sync_that_ends_precopy_sets_no_throttle() {
+    // Throttled, then a limit: the failure comes, not another throttle.
+    let config = PrecopyConfig {
+        max_iterations: Some(5),
+        on_limit: LimitAction::Fail,
+        ..auto_converging(Some(AutoConverge::default()))
+    };
+    let (throttles, mut e, now) = throttle_passes(config, 100, 5, |_| 1.0, |_| 100);
+    assert_eq!(throttles, [None, None, None, Some(20), None]);
+    assert!(matches!(e.poll(now), Action::Fail(ConvergenceError::Iterations { .. })));
+}
+
+#[test]
+fn no_throttle_action_without_auto_converge() {
+    let (throttles, e, _) = throttle_passes(auto_converging(None), 100, 13, |_| 1.0, |_| 100);
+    assert_eq!(throttles, vec![None; 13]);
+    assert_eq!(e.estimates().throttle_percent, 0);
 }
