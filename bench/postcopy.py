@@ -72,10 +72,9 @@ def main():
                    "passes": send["iterations"]}
             post = recv.get("postcopy")
             if post:
-                src = send.get("postcopy") or {}
                 blackout = None
-                if src.get("paused_unix_us") and post.get("first_access_unix_us"):
-                    blackout = (post["first_access_unix_us"] - src["paused_unix_us"]) / 1e3
+                if send.get("paused_unix_us") and recv.get("first_access_unix_us"):
+                    blackout = (recv["first_access_unix_us"] - send["paused_unix_us"]) / 1e3
                 row.update({
                     "verified": recv["verified"],
                     "guest_check": recv.get("guest_check"),

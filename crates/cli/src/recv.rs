@@ -227,9 +227,9 @@ pub fn receive(
         return Ok(exit::FAILED);
     }
     let code = run_resumed(&guest, verified, run_for, report);
+    report.first_access_unix_us = guest.first_access().and_then(crate::report::unix_us);
     if let Some(postcopy) = &mut report.postcopy {
         // The guest's own view of its waits for pages that had not arrived.
-        postcopy.first_access_unix_us = guest.first_access().and_then(crate::report::unix_us);
         let faults = guest.fault_stats();
         postcopy.faults = Some(faults.faults);
         postcopy.fault_p50_us = Some(faults.p50_us);

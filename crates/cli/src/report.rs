@@ -29,6 +29,15 @@ pub struct Report {
     pub setup_ms: Option<f64>,
     pub downtime_ms: Option<f64>,
     pub expected_downtime_ms: Option<f64>,
+    /// Source: wall-clock time (microseconds since the Unix epoch) the guest
+    /// was paused for the switchover (or the switch to postcopy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused_unix_us: Option<u64>,
+    /// Destination: wall-clock time of the guest's first completed access
+    /// to its memory after it resumed. On one host, minus the source's
+    /// `paused_unix_us`: the guest's own gap (its blackout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_access_unix_us: Option<u64>,
     /// Source, precopy: where the downtime went.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime_parts: Option<DowntimePartsReport>,
@@ -148,14 +157,6 @@ pub struct PostcopyReport {
     /// From the first handshake byte to the destination holding every page
     /// (`total_ms` is to the guest running there).
     pub completed_ms: Option<f64>,
-    /// Source: wall-clock time (microseconds since the Unix epoch) the guest
-    /// paused for the switch.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub paused_unix_us: Option<u64>,
-    /// Destination: wall-clock time of the guest's first completed access
-    /// to its memory after it resumed; with `paused_unix_us`, the blackout.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub first_access_unix_us: Option<u64>,
 }
 
 impl PostcopyReport {
@@ -217,6 +218,8 @@ impl Report {
             downtime_ms: None,
             expected_downtime_ms: None,
             downtime_parts: None,
+            paused_unix_us: None,
+            first_access_unix_us: None,
             transferred_bytes: None,
             ram_bytes: None,
             iterations: None,
@@ -275,8 +278,6 @@ impl Report {
                 fault_p99_us: keep.fault_p99_us,
                 fault_max_us: keep.fault_max_us,
                 blocked_ms: keep.blocked_ms,
-                paused_unix_us: keep.paused_unix_us,
-                first_access_unix_us: keep.first_access_unix_us,
                 ..PostcopyReport::new(postcopy, destination)
             });
         }

@@ -356,11 +356,7 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
     progress.finish();
     report.throttle_percent = options.precopy.auto_converge.map(|_| highest_throttle);
     let paused_unix_us = paused_at.and_then(crate::report::unix_us);
-    let mark_pause = |report: &mut Report| {
-        if let Some(postcopy) = &mut report.postcopy {
-            postcopy.paused_unix_us = paused_unix_us;
-        }
-    };
+    let mark_pause = |report: &mut Report| report.paused_unix_us = paused_unix_us;
     match result {
         Ok(done) => {
             report.fill(&done.stats, done.until_handover);
