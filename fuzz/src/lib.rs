@@ -496,6 +496,8 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
     .push_to(&mut entries);
     let payload = vec![0x5a; 4096];
     let batch = PageBatch::new(1, 2, 4096, &entries, &payload).expect("batch");
+    let mut delta_table = Vec::new();
+    migration_wire::push_delta_entry(&mut delta_table, 3, 6);
     let messages = [
         Message::Hello(Hello {
             min_version: 1,
@@ -512,6 +514,9 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             }],
         }),
         Message::Pages(batch.clone()),
+        Message::Deltas(
+            migration_wire::DeltaBatch::new(0, 2, 4096, &delta_table, b"\x10\x04abcd").expect("delta batch"),
+        ),
         Message::SyncMarker(SyncMarker { epoch: 2, pages: 2 }),
         Message::EndOfRam(EndOfRam { epochs: 3 }),
         Message::Complete(Complete { digests: vec![1, 2] }),
@@ -568,20 +573,27 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 }
                 .push_to(&mut entries);
             }
+            let mut delta_table = Vec::new();
+            migration_wire::push_delta_entry(&mut delta_table, 2, 6);
             let payload = vec![0x42; 4 * 4096];
             let stream = [
                 Message::Hello(Hello {
                     min_version: 1,
                     max_version: 1,
-                    features: Features::ZERO_PAGES,
+                    features: Features::ZERO_PAGES.union(Features::XBZRLE),
                     session: SessionId(3),
                     channels: 1,
                 }),
                 Message::BlockList(blocks),
                 Message::Pages(PageBatch::new(0, 0, 4096, &entries, &payload).expect("batch")),
                 Message::SyncMarker(SyncMarker { epoch: 0, pages: 8 }),
+                // Page 2 again, as a delta: 4 bytes changed at offset 16.
+                Message::Deltas(
+                    migration_wire::DeltaBatch::new(0, 1, 4096, &delta_table, b"\x10\x04abcd").expect("delta batch"),
+                ),
+                Message::SyncMarker(SyncMarker { epoch: 1, pages: 1 }),
                 Message::DeviceState(b"state"),
-                Message::EndOfRam(EndOfRam { epochs: 1 }),
+                Message::EndOfRam(EndOfRam { epochs: 2 }),
                 Message::Go,
                 Message::Complete(Complete { digests: vec![0] }),
             ];
