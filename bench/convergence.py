@@ -13,8 +13,11 @@ little; 2 writer threads):
 
 Modes: "plain" precopy, "xbzrle" (`--xbzrle-cache` as large as the hot
 set), "auto-converge" (`--auto-converge`, default steps), and "both".
-Every run uses `--on-limit fail` (30 passes): a run that does not converge
-fails and its guest stays on the source, rather than being forced over.
+Every run gives precopy 60 s and no pass limit (`--max-iterations 0
+--max-time 60s --on-limit fail`, as QEMU has no pass limit): a run that
+does not converge fails and its guest stays on the source, rather than
+being forced over. `--link RATE` caps the wire bytes per second
+(`--max-bandwidth`), to stand for a slower network than loopback.
 
 For each run: status, total time (first handshake byte to the handover),
 passes, the downtime the engine expected at the switchover, the downtime
@@ -57,7 +60,8 @@ def migrate(mem, extra_send):
     recv, addr = listen([CLI, "recv", "--listen", "127.0.0.1:0", "--json", "--quiet", "--run-for", "0s"])
     started = time.monotonic()
     send = subprocess.run(
-        [CLI, "send", "--to", addr, "--mem-size", mem, "--content", "sparse", "--on-limit", "fail", "--json"]
+        [CLI, "send", "--to", addr, "--mem-size", mem, "--content", "sparse", "--json",
+         "--max-iterations", "0", "--max-time", "60s", "--on-limit", "fail"]
         + extra_send,
         capture_output=True,
         text=True,
@@ -96,6 +100,7 @@ def main():
     parser.add_argument("--workloads", default=";".join(WORKLOADS))
     parser.add_argument("--modes", default=";".join(MODES))
     parser.add_argument("--limits", default="300;50")
+    parser.add_argument("--link", help="cap on wire bytes per second (e.g. 1250M for 10 Gbit/s)")
     args = parser.parse_args()
     workloads = [w.strip() for w in args.workloads.split(";")]
     modes = [m.strip() for m in args.modes.split(";")]
@@ -108,14 +113,16 @@ def main():
         print(f"rep {rep} tcp: {tcp[-1] / 1e9:.2f} GB/s", file=sys.stderr)
         for case in cases:
             workload, limit, mode = case
+            link = ["--max-bandwidth", args.link] if args.link else []
             send, recv, _ = migrate(
-                args.mem_size, WORKLOADS[workload] + ["--downtime-ms", str(limit)] + mode_args(mode, workload)
+                args.mem_size, WORKLOADS[workload] + ["--downtime-ms", str(limit)] + mode_args(mode, workload) + link
             )
             row = row_of(send, recv)
             print(f"rep {rep} {workload} / {limit} ms / {mode}: {row}", file=sys.stderr)
             results[case].append(row)
 
-    print(f"\n{args.mem_size} guest, sparse writes, median of {args.reps} "
+    link = f", link capped at {args.link}B/s" if args.link else ", loopback uncapped"
+    print(f"\n{args.mem_size} guest, sparse writes{link}, median of {args.reps} "
           f"(raw TCP {statistics.median(tcp) / 1e9:.2f} GB/s):")
     print("| workload | limit ms | mode | converged | total s | passes | expected ms | downtime ms "
           "| guest gap ms | throttle % | delta pages | encoding rate |")

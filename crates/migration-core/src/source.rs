@@ -188,6 +188,8 @@ pub(super) enum Job {
     /// From now on the thread carries postcopy's background stream: it
     /// yields the CPU to the threads that serve page requests.
     Background,
+    /// The VM is paused: the pages that follow are the last precopy sends.
+    LastPass,
 }
 
 /// What the reader thread forwards from the return path.
@@ -856,6 +858,11 @@ impl SourceRun<'_> {
                         final_bytes: engine.remaining_bytes(),
                         ..Default::default()
                     });
+                    if self.xbzrle {
+                        for channel in 0..link.data {
+                            self.submit(link, channel, Job::LastPass)?;
+                        }
+                    }
                     engine.handle_paused(&paused, Instant::now());
                 }
                 Action::Postcopy { reason, remaining } => {

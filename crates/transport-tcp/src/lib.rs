@@ -392,6 +392,10 @@ impl RxWire {
     }
 }
 
+/// The shortest average run of contiguous guest memory a batch's pages
+/// must form to be read straight into place (a read per run).
+const MIN_DIRECT_RUN: usize = 16 << 10;
+
 impl TcpRx {
     /// Reads body bytes `[from, to)` into the buffer.
     fn read_exact(&mut self, what: &str, at_frame_start: bool, from: usize, to: usize) -> Result<(), TransportError> {
@@ -410,6 +414,11 @@ impl TcpRx {
             return Ok(false);
         };
         if !direct.runs(&batch, &mut runs) || runs.iter().map(|r| r.len).sum::<usize>() != payload {
+            return Ok(false);
+        }
+        // Pages scattered in guest memory would cost a read each: one read
+        // into the buffer and a copy from there is cheaper.
+        if payload / runs.len().max(1) < MIN_DIRECT_RUN {
             return Ok(false);
         }
         self.wire
@@ -757,12 +766,17 @@ mod tests {
                 return false;
             }
             for entry in batch.entries().flatten() {
-                if entry.encoding == PageEncoding::Plain {
-                    runs.push(migration_core::GuestRun {
+                if entry.encoding != PageEncoding::Plain {
+                    continue;
+                }
+                let offset = entry.page as usize * 4096;
+                match runs.last_mut() {
+                    Some(run) if run.offset + run.len == offset => run.len += 4096,
+                    _ => runs.push(migration_core::GuestRun {
                         region: &self.0,
-                        offset: entry.page as usize * 4096,
+                        offset,
                         len: 4096,
-                    });
+                    }),
                 }
             }
             true
@@ -833,6 +847,31 @@ mod tests {
             }
             assert_eq!(a.bytes_sent(), b.bytes_received());
         }
+    }
+
+    #[test]
+    fn scattered_pages_arrive_whole_instead_of_a_read_each() {
+        let (mut a, mut b) = pair_with(true);
+        let target = Arc::new(OneRegion(
+            migration_sys::GuestRegion::anonymous(16 * 4096).expect("region"),
+        ));
+        assert!(b.place_directly(Arc::clone(&target) as _));
+        let mut entries = Vec::new();
+        plain_batch(&mut entries, &[(0, false), (2, false), (4, false), (6, false)]);
+        let payload: Vec<u8> = (0..4 * 4096).map(|i| (i % 253) as u8).collect();
+        let batch = PageBatch::new(0, 0, 4096, &entries, &payload).expect("batch");
+        a.send(&Message::Pages(batch.clone())).expect("send");
+        match b.recv().expect("recv") {
+            Message::Pages(got) => {
+                assert!(!got.is_placed(), "one-page runs are not read straight into place");
+                assert_eq!(got, batch);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            target.0.is_zero(0, 16 * 4096).expect("zero"),
+            "nothing placed by the transport"
+        );
     }
 
     #[test]

@@ -108,6 +108,11 @@ pub(super) fn spawn_channel_thread(
                         Job::Flush(done) => {
                             let _ = done.send(());
                         }
+                        Job::LastPass => {
+                            if let Some(deltas) = &mut encoder.xbzrle {
+                                deltas.last_pass = true;
+                            }
+                        }
                         // Best effort: at worst the stream competes as an equal.
                         // Postcopy places whole pages: no more deltas.
                         Job::Background => {
@@ -154,6 +159,9 @@ pub(super) struct Deltas {
     table: Vec<u8>,
     bytes: Vec<u8>,
     scratch: Vec<u8>,
+    /// The VM is paused and this is the last pass: no page goes again, so
+    /// the cache is no longer kept (a copy per page saved in the downtime).
+    pub(super) last_pass: bool,
 }
 
 impl Deltas {
@@ -166,6 +174,7 @@ impl Deltas {
             table: Vec::new(),
             bytes: Vec::new(),
             scratch: Vec::new(),
+            last_pass: false,
         }
     }
 }
@@ -239,7 +248,7 @@ impl PageEncoder {
                     match d.cache.get_mut(global, local, run.epoch) {
                         Some(cached) => {
                             if migration_wire::xbzrle::encode(cached, slot, delta_limit(page_size), &mut d.scratch) {
-                                if !d.scratch.is_empty() {
+                                if !d.scratch.is_empty() && !d.last_pass {
                                     cached.copy_from_slice(slot);
                                 }
                                 migration_wire::push_delta_entry(&mut d.table, page, d.scratch.len());
@@ -248,11 +257,15 @@ impl PageEncoder {
                                 // The slot in `payload` is free for the next page.
                                 continue;
                             }
-                            cached.copy_from_slice(slot);
+                            if !d.last_pass {
+                                cached.copy_from_slice(slot);
+                            }
                             overflows += 1;
                         }
                         None => {
-                            d.cache.insert(global, local, run.epoch, slot);
+                            if !d.last_pass {
+                                d.cache.insert(global, local, run.epoch, slot);
+                            }
                             misses += 1;
                         }
                     }
