@@ -13,8 +13,8 @@ little; 2 writer threads):
 
 Modes: "plain" precopy, "xbzrle" (`--xbzrle-cache` as large as the hot
 set), "auto-converge" (`--auto-converge`, default steps), and "both".
-Every run gives precopy 60 s and no pass limit (`--max-iterations 0
---max-time 60s --on-limit fail`, as QEMU has no pass limit): a run that
+Every run gives precopy 30 s and no pass limit (`--max-iterations 0
+--max-time 30s --on-limit fail`, as QEMU has no pass limit): a run that
 does not converge fails and its guest stays on the source, rather than
 being forced over. `--link RATE` caps the wire bytes per second
 (`--max-bandwidth`), to stand for a slower network than loopback.
@@ -31,12 +31,10 @@ in each repetition, interleaved, next to a raw single-stream TCP baseline
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from precopy import CLI, baseline, last_json, listen, size  # noqa: E402
+from precopy import baseline, migrate_pair, size  # noqa: E402
 
 WORKLOADS = {
     "hot 256M at 1G/s": ["--pattern", "hotset", "--hot-set", "256M", "--dirty-rate", "1G"],
@@ -57,19 +55,8 @@ def mode_args(mode, workload):
 
 def migrate(mem, extra_send):
     """One migration; returns (send report, recv report, seconds outside)."""
-    recv, addr = listen([CLI, "recv", "--listen", "127.0.0.1:0", "--json", "--quiet", "--run-for", "0s"])
-    started = time.monotonic()
-    send = subprocess.run(
-        [CLI, "send", "--to", addr, "--mem-size", mem, "--content", "sparse", "--json",
-         "--max-iterations", "0", "--max-time", "60s", "--on-limit", "fail"]
-        + extra_send,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    elapsed = time.monotonic() - started
-    out, _ = recv.communicate(timeout=300)
-    return last_json(send.stdout), last_json(out), elapsed
+    return migrate_pair(["--mem-size", mem, "--content", "sparse", "--max-iterations", "0", "--max-time", "30s",
+                         "--on-limit", "fail"] + extra_send)
 
 
 def row_of(send, recv):

@@ -25,27 +25,15 @@ this machine takes about 7 us. Figures are medians over the repetitions.
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from precopy import CLI, last_json, listen  # noqa: E402
+from precopy import migrate_pair  # noqa: E402
 
 
 def migrate(mem, dirty, extra_send):
     """One migration; returns (send report, recv report, seconds outside)."""
-    recv, addr = listen([CLI, "recv", "--listen", "127.0.0.1:0", "--json", "--quiet", "--run-for", "0s"])
-    started = time.monotonic()
-    send = subprocess.run(
-        [CLI, "send", "--to", addr, "--mem-size", mem, "--dirty-rate", dirty, "--json"] + extra_send,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    elapsed = time.monotonic() - started
-    out, _ = recv.communicate(timeout=300)
-    return last_json(send.stdout), last_json(out), elapsed
+    return migrate_pair(["--mem-size", mem, "--dirty-rate", dirty] + extra_send)
 
 
 def main():

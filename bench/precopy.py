@@ -50,6 +50,19 @@ def last_json(text):
     return json.loads(text.strip().splitlines()[-1])
 
 
+def migrate_pair(send_args):
+    """One migration between a `recv` (its guest run for no time after) and
+    a `send` with `send_args` (after `--to`); returns (send report, recv
+    report, seconds outside)."""
+    recv, addr = listen([CLI, "recv", "--listen", "127.0.0.1:0", "--json", "--quiet", "--run-for", "0s"])
+    started = time.monotonic()
+    send = subprocess.run([CLI, "send", "--to", addr, "--json"] + send_args, capture_output=True, text=True,
+                          timeout=900)
+    elapsed = time.monotonic() - started
+    out, _ = recv.communicate(timeout=300)
+    return last_json(send.stdout), last_json(out), elapsed
+
+
 def timed_sender(cmd, timeout):
     """Runs a sender to its exit; returns its JSON report and the seconds from
     its "handshake done" stderr line to its exit."""

@@ -35,6 +35,16 @@ const OUTPACING: &[&str] = &[
 /// defaults, 20 and 10, take four or five steps, some 10 s more).
 const STEPS: &[&str] = &["--throttle-initial", "80", "--throttle-increment", "20"];
 
+/// The outpacing guest with auto-converge in [`STEPS`].
+fn converging() -> Vec<&'static str> {
+    OUTPACING
+        .iter()
+        .chain(["--auto-converge"].iter())
+        .chain(STEPS)
+        .copied()
+        .collect()
+}
+
 #[test]
 fn without_auto_converge_a_guest_outpacing_the_link_fails_and_resumes() {
     let _lock = lock();
@@ -62,12 +72,7 @@ fn without_auto_converge_a_guest_outpacing_the_link_fails_and_resumes() {
 fn with_auto_converge_the_same_guest_converges_and_verifies() {
     let _lock = lock();
     let (recv, addr) = spawn_recv(&["--json"]);
-    let args: Vec<&str> = OUTPACING
-        .iter()
-        .chain(["--auto-converge"].iter())
-        .chain(STEPS)
-        .copied()
-        .collect();
+    let args = converging();
     let send = spawn_send(addr, &args);
     let (send_json, recv_json) = assert_pair_completed(send, recv);
     assert_eq!(field(&recv_json, "guest_check"), "passed", "{recv_json:#}");
@@ -131,12 +136,7 @@ fn a_migration_failing_after_the_pause_lifts_the_throttle_before_the_guest_resum
     // goes out: the source is paused and throttled when it fails.
     let (recv, addr) = spawn_recv(&["--json"]);
     let proxy = FaultProxy::start(addr, 0, Toward::Destination, MessageKind::DeviceState, 1, Fault::Cut);
-    let args: Vec<&str> = OUTPACING
-        .iter()
-        .chain(["--auto-converge"].iter())
-        .chain(STEPS)
-        .copied()
-        .collect();
+    let args = converging();
     let out = spawn_send(proxy.addr, &args).wait(MIGRATION_WAIT);
     let _ = recv.kill();
     assert!(

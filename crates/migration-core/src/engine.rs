@@ -48,7 +48,9 @@ pub enum LimitAction {
 /// Tunables of the precopy engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrecopyConfig {
-    /// Largest expected downtime at which the engine switches over.
+    /// The downtime not to exceed. The engine switches over once the
+    /// expected downtime is within half of it, or within
+    /// [`SWITCHOVER_MARGIN`] of it when passes stop shrinking the dirty set.
     pub downtime_limit: Duration,
     /// Passes after which [`PrecopyConfig::on_limit`] applies (`None`: no limit).
     pub max_iterations: Option<u64>,
@@ -124,6 +126,14 @@ pub struct PageRun {
     /// for each bit `i` set (the span is then at most [`SPAN_PAGES`]).
     pub sparse: Option<[u64; 4]>,
 }
+
+/// The share of the downtime limit an expected downtime may take when
+/// passes no longer shrink the dirty set (see [`PrecopyEngine::handle_sync_done`]).
+pub const SWITCHOVER_MARGIN: f64 = 0.8;
+
+/// A pass that leaves less than this share of what the one before left is
+/// still shrinking the dirty set.
+const SHRINKING: f64 = 0.8;
 
 /// The widest span a sparse run covers.
 pub const SPAN_PAGES: u64 = 256;
@@ -527,7 +537,7 @@ impl PrecopyEngine {
         self.estimates.expected_downtime = expected;
         let expected_or_max = expected.unwrap_or(Duration::MAX);
 
-        if expected_or_max <= self.config.downtime_limit {
+        if self.converged(expected_or_max, remaining) {
             return self.switch_over(expected_or_max, SwitchoverReason::Converged);
         }
         let limit_ms = self.config.downtime_limit.as_millis() as u64;
@@ -585,6 +595,25 @@ impl PrecopyEngine {
                 self.decide_throttle(now, dirtied, pass_ram);
             }
         }
+    }
+
+    /// Whether to switch over now. An estimate is only an estimate (the
+    /// last pages travel faster or slower than the pass before them), so
+    /// the engine aims below the limit: at once when the expected downtime
+    /// is within half of it; within [`SWITCHOVER_MARGIN`] of it only once
+    /// passes stop shrinking the dirty set (another pass would not buy a
+    /// shorter downtime).
+    fn converged(&self, expected: Duration, remaining: u64) -> bool {
+        let limit = self.config.downtime_limit;
+        if remaining == 0 || expected <= limit / 2 {
+            return true;
+        }
+        // After the bulk pass nothing says yet how passes shrink: try one.
+        let shrinking = self
+            .estimates
+            .remaining_before
+            .is_none_or(|before| (remaining as f64) < before as f64 * SHRINKING);
+        expected <= limit.mul_f64(SWITCHOVER_MARGIN) && !shrinking
     }
 
     /// Whether the last pass shows precopy cannot converge: the guest

@@ -29,6 +29,16 @@ fn drain(e: &mut PrecopyEngine, now: Instant, sent_ram: &mut u64) -> (Vec<(u32, 
     }
 }
 
+/// An engine over one block of `pages` that sent its bulk pass at `t0` and
+/// waits for the dirty-log sync; with the guest RAM it reported sent.
+fn after_bulk_pass(pages: u64, config: PrecopyConfig, t0: Instant) -> (PrecopyEngine, u64) {
+    let mut e = engine(&[pages], config, t0);
+    let mut ram = 0;
+    drain(&mut e, t0, &mut ram);
+    assert_eq!(e.poll(t0), Action::SyncDirtyLog);
+    (e, ram)
+}
+
 #[test]
 fn idle_guest_sends_every_page_once_then_switches_over() {
     let t0 = Instant::now();
@@ -81,10 +91,7 @@ fn scattered_dirty_pages_share_runs_within_a_span() {
             max_iterations: None,
             ..PrecopyConfig::default()
         };
-        let mut e = engine(&[1000], config, t0);
-        let mut ram = 0;
-        drain(&mut e, t0, &mut ram);
-        assert_eq!(e.poll(t0), Action::SyncDirtyLog);
+        let (mut e, _) = after_bulk_pass(1000, config, t0);
         // Every third page dirty, and a contiguous stretch.
         let mut dirty: Vec<u64> = (0..600).step_by(3).collect();
         dirty.extend(700..760);
@@ -148,16 +155,52 @@ fn the_measured_switchover_overhead_adds_to_the_expected_downtime() {
         max_iterations: None,
         ..PrecopyConfig::default()
     };
-    let mut e = engine(&[1000], config, t0);
-    let mut ram = 0;
-    drain(&mut e, t0, &mut ram);
-    assert_eq!(e.poll(t0), Action::SyncDirtyLog);
+    let (mut e, _) = after_bulk_pass(1000, config, t0);
     // 100 ms of pages fit the limit alone; with 10 ms of overhead they do not.
     e.handle_dirty(BlockId(0), 0, 100);
     e.handle_overhead(Duration::from_millis(10));
     e.handle_sync_done(t0 + Duration::from_secs(1));
     assert_eq!(e.estimates().expected_downtime, Some(Duration::from_millis(110)));
     assert_eq!(e.phase(), Phase::Sending, "not switched over");
+}
+
+/// After a bulk pass of 1000 pages in one second (bandwidth 1000 pages/s,
+/// so a page is 1 ms), a second pass leaves `second` pages dirty and a
+/// third `third`: the phase after each sync, with a 100 ms limit.
+fn phases_with_limit_100ms(second: u64, third: u64) -> (Phase, Phase) {
+    let t0 = Instant::now();
+    let config = PrecopyConfig {
+        downtime_limit: Duration::from_millis(100),
+        max_iterations: None,
+        ..PrecopyConfig::default()
+    };
+    let (mut e, mut ram) = after_bulk_pass(1000, config, t0);
+    e.handle_dirty(BlockId(0), 0, second);
+    e.handle_sync_done(t0 + Duration::from_secs(1));
+    let after_second = e.phase();
+    if after_second != Phase::Sending {
+        return (after_second, after_second);
+    }
+    // The next pass sends its pages at the same rate: `second` ms.
+    let t1 = t0 + Duration::from_secs(1);
+    drain(&mut e, t1, &mut ram);
+    assert_eq!(e.poll(t1), Action::SyncDirtyLog);
+    e.handle_dirty(BlockId(0), 0, third);
+    e.handle_sync_done(t1 + Duration::from_millis(second));
+    (after_second, e.phase())
+}
+
+#[test]
+fn the_switchover_aims_below_the_limit() {
+    // Within half the limit: at once.
+    assert_eq!(phases_with_limit_100ms(50, 0).0, Phase::PausePending);
+    // 70 ms, still shrinking (from 1000): another pass; 69 ms after it is
+    // no longer shrinking, and within the margin (80 ms): switch.
+    assert_eq!(phases_with_limit_100ms(70, 69), (Phase::Sending, Phase::PausePending));
+    // 70 ms, then 40: shrinking, but within half.
+    assert_eq!(phases_with_limit_100ms(70, 40), (Phase::Sending, Phase::PausePending));
+    // 90 ms fits the limit but not the margin: passes go on.
+    assert_eq!(phases_with_limit_100ms(90, 89), (Phase::Sending, Phase::Sending));
 }
 
 #[test]
@@ -168,10 +211,7 @@ fn expected_downtime_is_remaining_over_measured_bandwidth() {
         max_iterations: None,
         ..PrecopyConfig::default()
     };
-    let mut e = engine(&[1000], config, t0);
-    let mut ram = 0;
-    drain(&mut e, t0, &mut ram);
-    assert_eq!(e.poll(t0), Action::SyncDirtyLog);
+    let (mut e, mut ram) = after_bulk_pass(1000, config, t0);
     // 1000 pages in 1 s; 100 pages dirty -> expected 100 ms.
     e.handle_dirty(BlockId(0), 0, 100);
     e.handle_sync_done(t0 + Duration::from_secs(1));
