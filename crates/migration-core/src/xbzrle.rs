@@ -77,7 +77,7 @@ impl PageCache {
     }
 
     /// Caches `bytes` as page `global`'s copy, unless its slot holds another
-    /// page cached within the last [`LIFETIME`] epochs. Returns whether it
+    /// page cached within the last two epochs. Returns whether it
     /// was cached.
     pub fn insert(&mut self, global: u64, local: u64, epoch: u64, bytes: &[u8]) -> bool {
         let slot = self.slot(local);
