@@ -863,6 +863,10 @@ impl SourceRun<'_> {
                             self.submit(link, channel, Job::LastPass)?;
                         }
                     }
+                    // The device state is final now: it goes ahead of the
+                    // last pages, so saving and sending it overlaps with them.
+                    let state = device_state(vm)?;
+                    self.submit(link, 0, Job::DeviceState(state))?;
                     engine.handle_paused(&paused, Instant::now());
                 }
                 Action::Postcopy { reason, remaining } => {
@@ -889,9 +893,8 @@ impl SourceRun<'_> {
         // counts them.
         self.engine_stats.iterations = engine.epoch() + 1;
 
-        // Device state and the end of the stream, then wait for READY.
-        let state = device_state(vm)?;
-        self.submit(link, 0, Job::DeviceState(state))?;
+        // The end of the stream (the device state went out at the pause),
+        // then wait for READY.
         self.stream_ended = true;
         let mut waits = Vec::with_capacity(link.data);
         for channel in 0..link.data {

@@ -25,13 +25,14 @@
 //!    |    ChannelHello {session, i}  ->  ChannelAccepted |
 //!    |  Pages {block, epoch 0, zero|plain pages}*       |   (on every channel)
 //!    |  SyncMarker {epoch 0}                            |   bulk pass
-//!    |  Pages {epoch 1}* ... SyncMarker {epoch 1}       |   iterations
+//!    |  Pages|Deltas {epoch 1}* ... SyncMarker {epoch 1}|   iterations (Deltas:
+//!    |                                                  |   XBZRLE, if agreed)
 //!    | -----------------------------------------------> |
 //!    |                  Ack {epoch, pages, bytes}*      |
 //!    | <----------------------------------------------- |
 //!    |  -- source pauses the VM --                      |
-//!    |  Pages {epoch n}* SyncMarker {epoch n}           |   last dirty pages
 //!    |  DeviceState {blob}                              |
+//!    |  Pages {epoch n}* SyncMarker {epoch n}           |   last dirty pages
 //!    |  EndOfRam {epochs}                               |
 //!    | -----------------------------------------------> |
 //!    |                  Ready   (everything placed)     |
