@@ -10,7 +10,7 @@ use migration_wire::MessageKind;
 
 /// A 32 MiB guest rewriting random pages at 48 MiB/s over a 32 MiB/s link:
 /// unthrottled, each pass leaves more than half of RAM dirty (an expected
-/// downtime near 600 ms); throttled by 80%, it writes 10 MiB/s and the
+/// downtime near 600 ms, over a 200 ms limit); throttled by 80%, it writes 10 MiB/s and the
 /// passes shrink. Throttling starts after two periods of at least a second
 /// (two hits), about four passes after the bulk one.
 const OUTPACING: &[&str] = &[
@@ -23,7 +23,7 @@ const OUTPACING: &[&str] = &[
     "--max-bandwidth",
     "32M",
     "--downtime-ms",
-    "100",
+    "200",
     "--max-iterations",
     "16",
     "--on-limit",
