@@ -110,9 +110,9 @@ impl Default for PrecopyConfig {
 
 /// A run of pages of one block to send; their dirty bits are already clear.
 /// It spans `count` pages from `first`; a sparse run (of dirty pages
-/// scattered within at most [`SPAN_PAGES`]) leaves out the pages its mask
-/// does not name, so scattered pages still travel in full batches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// scattered in the block) holds only the pages its list names, so
+/// scattered pages still travel in full batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageRun {
     /// The block.
     pub block: BlockId,
@@ -122,9 +122,8 @@ pub struct PageRun {
     pub count: u64,
     /// The epoch the pages belong to.
     pub epoch: u64,
-    /// `None`: every page of the span. `Some(mask)`: only page `first + i`
-    /// for each bit `i` set (the span is then at most [`SPAN_PAGES`]).
-    pub sparse: Option<[u64; 4]>,
+    /// `None`: every page of the span. `Some(pages)`: only those.
+    pub sparse: Option<Box<SparsePages>>,
 }
 
 /// The share of the downtime limit an expected downtime may take when
@@ -135,8 +134,46 @@ pub const SWITCHOVER_MARGIN: f64 = 0.8;
 /// still shrinking the dirty set.
 const SHRINKING: f64 = 0.8;
 
-/// The widest span a sparse run covers.
-pub const SPAN_PAGES: u64 = 256;
+/// Most pages a sparse run names.
+pub const SPARSE_PAGES: usize = 256;
+
+/// The pages of a sparse run: offsets from its first page, increasing,
+/// the first of them 0.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SparsePages {
+    len: u16,
+    offsets: [u32; SPARSE_PAGES],
+}
+
+impl SparsePages {
+    fn new() -> Self {
+        Self {
+            len: 0,
+            offsets: [0; SPARSE_PAGES],
+        }
+    }
+
+    /// Adds an offset past the last one; false when full.
+    fn push(&mut self, offset: u32) -> bool {
+        if usize::from(self.len) == SPARSE_PAGES {
+            return false;
+        }
+        self.offsets[usize::from(self.len)] = offset;
+        self.len += 1;
+        true
+    }
+
+    /// The offsets, in order.
+    pub fn offsets(&self) -> &[u32] {
+        &self.offsets[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for SparsePages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} pages at {:?}", self.len, self.offsets())
+    }
+}
 
 impl PageRun {
     /// Every page from `first` to `first + count - 1`.
@@ -157,10 +194,7 @@ impl PageRun {
         }
         match &self.sparse {
             None => true,
-            Some(mask) => {
-                let i = page - self.first;
-                mask[(i / 64) as usize] & (1 << (i % 64)) != 0
-            }
+            Some(pages) => pages.offsets().binary_search(&((page - self.first) as u32)).is_ok(),
         }
     }
 
@@ -168,7 +202,7 @@ impl PageRun {
     pub fn len(&self) -> u64 {
         match &self.sparse {
             None => self.count,
-            Some(mask) => mask.iter().map(|w| u64::from(w.count_ones())).sum(),
+            Some(pages) => pages.len.into(),
         }
     }
 
@@ -179,35 +213,39 @@ impl PageRun {
 
     /// The run's pages, in order.
     pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
-        (self.first..self.first + self.count).filter(|&page| self.includes(page))
+        let (span, listed) = match &self.sparse {
+            None => (self.count, &[][..]),
+            Some(pages) => (0, pages.offsets()),
+        };
+        (self.first..self.first + span).chain(listed.iter().map(|&o| self.first + u64::from(o)))
     }
 
-    /// The run's pages within `[from, to)`, if any, as a run.
-    pub fn slice(&self, from: u64, to: u64) -> Option<PageRun> {
-        let mut pages = self.pages().filter(|&p| p >= from && p < to);
+    /// The run's pages that `keep` accepts, as a run, if any. `keep` must
+    /// accept a range of a contiguous run, or any pages of a sparse one (a
+    /// list holds at most [`SPARSE_PAGES`]).
+    pub fn filter(&self, keep: impl Fn(u64) -> bool) -> Option<PageRun> {
+        let mut pages = self.pages().filter(|&p| keep(p));
         let first = pages.next()?;
-        let mut last = first;
-        let mut mask = [0u64; 4];
-        let mut set = |page: u64| {
-            let i = page - first;
-            if i < SPAN_PAGES {
-                mask[(i / 64) as usize] |= 1 << (i % 64);
-            }
-        };
-        set(first);
+        let mut list = SparsePages::new();
+        list.push(0);
+        let (mut last, mut contiguous) = (first, true);
         for page in pages {
-            set(page);
+            contiguous &= page == last + 1;
             last = page;
+            let listed = list.push((page - first) as u32);
+            // Never drop a page: only a contiguous result may outgrow the list.
+            assert!(listed || contiguous, "a sparse run of more than {SPARSE_PAGES} pages");
         }
         let count = last - first + 1;
-        Some(match self.sparse {
-            None => PageRun::contiguous(self.block, first, count, self.epoch),
-            Some(_) => PageRun {
+        Some(if contiguous {
+            PageRun::contiguous(self.block, first, count, self.epoch)
+        } else {
+            PageRun {
                 first,
                 count,
-                sparse: Some(mask),
-                ..*self
-            },
+                sparse: Some(Box::new(list)),
+                ..self.clone()
+            }
         })
     }
 }
@@ -745,27 +783,26 @@ impl PrecopyEngine {
                 let map = &mut self.dirty[block];
                 let count = map.take_run(first, max);
                 let mut run = PageRun::contiguous(BlockId(block as u32), first, count, self.epoch);
-                if count < max.min(SPAN_PAGES) {
-                    // Dirty pages scattered: gather those within the span
-                    // into the same run, so they share one batch.
-                    let mut mask = [0u64; 4];
+                if count < max.min(SPARSE_PAGES as u64) {
+                    // Dirty pages scattered: gather the next ones of the
+                    // block into the same run, so they share one batch.
+                    let mut list = SparsePages::new();
                     for i in 0..count {
-                        mask[(i / 64) as usize] |= 1 << (i % 64);
+                        list.push(i as u32);
                     }
                     let (mut taken, mut last) = (count, first + count - 1);
-                    let end = (first + SPAN_PAGES).min(map.len());
-                    while taken < max
+                    let end = map.len().min(first + u64::from(u32::MAX));
+                    while taken < max.min(SPARSE_PAGES as u64)
                         && let Some(next) = map.next_set(last + 1).filter(|&p| p < end)
                     {
                         map.test_and_clear(next);
-                        let i = next - first;
-                        mask[(i / 64) as usize] |= 1 << (i % 64);
+                        list.push((next - first) as u32);
                         taken += 1;
                         last = next;
                     }
                     if taken > count {
                         run.count = last - first + 1;
-                        run.sparse = Some(mask);
+                        run.sparse = Some(Box::new(list));
                     }
                 }
                 self.cursor = (block, run.first + run.count);

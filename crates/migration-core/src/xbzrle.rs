@@ -138,24 +138,28 @@ impl PageNumbering {
     }
 }
 
-/// Cuts `run` at chunk boundaries: each piece with the channel that owns
-/// its chunk, of `channels`.
-pub fn route(numbering: &PageNumbering, run: PageRun, channels: usize) -> impl Iterator<Item = (usize, PageRun)> + '_ {
+/// Splits `run` among the channels that own its pages' chunks, of
+/// `channels`: each piece with its channel. A contiguous run is cut at chunk
+/// boundaries; a sparse one gives each channel one run of all its pages.
+pub fn route(numbering: &PageNumbering, run: PageRun, channels: usize) -> Vec<(usize, PageRun)> {
+    let owner = |page: u64| ((numbering.global(run.block, page) / CHUNK_PAGES) % channels as u64) as usize;
+    if run.sparse.is_some() {
+        return (0..channels)
+            .filter_map(|channel| run.filter(|page| owner(page) == channel).map(|piece| (channel, piece)))
+            .collect();
+    }
     let end = run.first + run.count;
+    let mut pieces = Vec::new();
     let mut first = run.first;
-    std::iter::from_fn(move || {
-        if first >= end {
-            return None;
-        }
+    while first < end {
         let global = numbering.global(run.block, first);
-        let chunk = global / CHUNK_PAGES;
-        let count = ((chunk + 1) * CHUNK_PAGES - global).min(end - first);
-        let piece = run.slice(first, first + count);
+        let count = ((global / CHUNK_PAGES + 1) * CHUNK_PAGES - global).min(end - first);
+        if let Some(piece) = run.filter(|page| page >= first && page < first + count) {
+            pieces.push((owner(first), piece));
+        }
         first += count;
-        // A sparse run may hold no page of this chunk.
-        Some(piece.map(|piece| ((chunk % channels as u64) as usize, piece)))
-    })
-    .flatten()
+    }
+    pieces
 }
 
 #[cfg(test)]
@@ -185,14 +189,31 @@ mod tests {
         let numbering = PageNumbering { starts: vec![0, 512] };
         let run = PageRun::contiguous(BlockId(0), 200, 300, 3);
         let pieces: Vec<_> = route(&numbering, run, 2)
+            .into_iter()
             .map(|(channel, piece)| (channel, piece.first, piece.count, piece.epoch))
             .collect();
         assert_eq!(pieces, [(0, 200, 56, 3), (1, 256, 244, 3)]);
         // Block 1 starts at chunk 2: channel 0 again.
         assert_eq!(numbering.global(BlockId(1), 5), 517);
         let run = PageRun::contiguous(BlockId(1), 0, 1, 0);
-        let channels: Vec<_> = route(&numbering, run, 2).map(|(channel, _)| channel).collect();
+        let channels: Vec<_> = route(&numbering, run, 2)
+            .into_iter()
+            .map(|(channel, _)| channel)
+            .collect();
         assert_eq!(channels, [0]);
+        // A sparse run: each channel gets one run of the pages it owns.
+        let mut list = Vec::new();
+        for page in [3u64, 300, 301, 600, 900] {
+            list.push(page);
+        }
+        let sparse = crate::engine::PageRun::contiguous(BlockId(0), 0, 1000, 4)
+            .filter(|p| list.contains(&p))
+            .expect("pages");
+        let pieces: Vec<(usize, Vec<u64>)> = route(&numbering, sparse, 2)
+            .into_iter()
+            .map(|(channel, piece)| (channel, piece.pages().collect()))
+            .collect();
+        assert_eq!(pieces, [(0, vec![3, 600]), (1, vec![300, 301, 900])]);
         // Channel-local indices of a channel's chunks are back to back.
         assert_eq!(PageNumbering::local(256 + 3, 2), 3);
         assert_eq!(PageNumbering::local(2 * 256 + 3, 2), 256 + 3);

@@ -82,7 +82,7 @@ pub(super) fn spawn_channel_thread(
                     match job {
                         Job::Pages(_) | Job::EndEpoch { .. } if abandon.load(Ordering::Acquire) => {}
                         Job::Pages(run) => {
-                            encoder.send_run(tx.as_mut(), &ram, run, &counters)?;
+                            encoder.send_run(tx.as_mut(), &ram, &run, &counters)?;
                             pages_in_epoch += run.len();
                         }
                         Job::EndEpoch { epoch, done } => {
@@ -196,7 +196,7 @@ impl PageEncoder {
         &mut self,
         tx: &mut dyn ChannelTx,
         ram: &Ram,
-        run: PageRun,
+        run: &PageRun,
         counters: &Counters,
     ) -> Result<(), ChannelFailure> {
         let block = ram.block(run.block).expect("the engine only names announced blocks");
@@ -406,7 +406,7 @@ impl UrgentSender {
 
     fn send_run(&mut self, ram: &Ram, run: PageRun) -> Result<(), ChannelFailure> {
         let before = self.tx.bytes_sent();
-        let result = self.encoder.send_run(self.tx.as_mut(), ram, run, &self.counters);
+        let result = self.encoder.send_run(self.tx.as_mut(), ram, &run, &self.counters);
         self.counters
             .wire_bytes
             .fetch_add(self.tx.bytes_sent() - before, Ordering::Relaxed);
