@@ -154,9 +154,7 @@ pub fn route(numbering: &PageNumbering, run: PageRun, channels: usize) -> Vec<(u
     while first < end {
         let global = numbering.global(run.block, first);
         let count = ((global / CHUNK_PAGES + 1) * CHUNK_PAGES - global).min(end - first);
-        if let Some(piece) = run.filter(|page| page >= first && page < first + count) {
-            pieces.push((owner(first), piece));
-        }
+        pieces.push((owner(first), PageRun::contiguous(run.block, first, count, run.epoch)));
         first += count;
     }
     pieces

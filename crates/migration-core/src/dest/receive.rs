@@ -138,6 +138,16 @@ pub(crate) fn receive(index: usize, channel: &mut dyn Channel, shared: &Shared) 
     let mut end = ChannelEnd::default();
     let mut epoch = 0u64;
     let mut pages_in_epoch = 0u64;
+    // Every page batch and marker belongs to the epoch being received.
+    let in_epoch = |what: &str, got: u64, epoch: u64| {
+        if got == epoch {
+            Ok(())
+        } else {
+            Err(DestError::Protocol(format!(
+                "channel {index}: {what} {got} while receiving epoch {epoch}"
+            )))
+        }
+    };
     loop {
         let mut placement = None;
         let mut ack = None;
@@ -146,12 +156,7 @@ pub(crate) fn receive(index: usize, channel: &mut dyn Channel, shared: &Shared) 
             .map_err(|source| DestError::OnChannel { index, source })?;
         match message {
             Message::Pages(batch) => {
-                if batch.epoch != epoch {
-                    return Err(DestError::Protocol(format!(
-                        "channel {index}: page batch of epoch {} while receiving epoch {epoch}",
-                        batch.epoch
-                    )));
-                }
+                in_epoch("page batch of epoch", batch.epoch, epoch)?;
                 if !shared.codecs.contains(batch.codec().feature()) {
                     return Err(DestError::Protocol(format!(
                         "channel {index}: a {:?} batch, a codec the handshake did not agree",
@@ -168,22 +173,12 @@ pub(crate) fn receive(index: usize, channel: &mut dyn Channel, shared: &Shared) 
                         "channel {index}: delta pages, which the handshake did not agree"
                     )));
                 }
-                if batch.epoch != epoch {
-                    return Err(DestError::Protocol(format!(
-                        "channel {index}: delta batch of epoch {} while receiving epoch {epoch}",
-                        batch.epoch
-                    )));
-                }
+                in_epoch("delta batch of epoch", batch.epoch, epoch)?;
                 placement = Some(shared.placer.plan_deltas(&batch)?);
                 pages_in_epoch += batch.len() as u64;
             }
             Message::SyncMarker(marker) => {
-                if marker.epoch != epoch {
-                    return Err(DestError::Protocol(format!(
-                        "channel {index}: sync marker for epoch {} while receiving epoch {epoch}",
-                        marker.epoch
-                    )));
-                }
+                in_epoch("sync marker for epoch", marker.epoch, epoch)?;
                 if marker.pages != pages_in_epoch {
                     return Err(DestError::Protocol(format!(
                         "channel {index}: sync marker of epoch {} counts {} pages, {pages_in_epoch} arrived",
