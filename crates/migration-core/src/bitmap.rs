@@ -284,29 +284,34 @@ impl AtomicBitmap {
     /// set bits to `sink(first, count)`. A bit set concurrently is either
     /// taken now or left for the next call: never lost.
     pub fn drain(&self, sink: &mut dyn FnMut(u64, u64)) -> u64 {
-        let mut total = 0;
-        let mut run: Option<(u64, u64)> = None;
-        for (index, word) in self.words.iter().enumerate() {
-            let mut bits = word.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                let bit = index as u64 * 64 + u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                total += 1;
-                run = match run {
-                    Some((first, count)) if first + count == bit => Some((first, count + 1)),
-                    Some((first, count)) => {
-                        sink(first, count);
-                        Some((bit, 1))
-                    }
-                    None => Some((bit, 1)),
-                };
-            }
-        }
-        if let Some((first, count)) = run {
-            sink(first, count);
-        }
-        total
+        word_runs(self.words.iter().map(|word| word.swap(0, Ordering::AcqRel)), sink)
     }
+}
+
+/// Hands each run of set bits of `words` (bit `i` of word `w` is bit
+/// `64 * w + i`) to `sink(first, count)`, in order; returns the bits set.
+pub(crate) fn word_runs(words: impl IntoIterator<Item = u64>, sink: &mut dyn FnMut(u64, u64)) -> u64 {
+    let mut total = 0;
+    let mut run: Option<(u64, u64)> = None;
+    for (index, mut bits) in words.into_iter().enumerate() {
+        while bits != 0 {
+            let bit = index as u64 * 64 + u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            total += 1;
+            run = match run {
+                Some((first, count)) if first + count == bit => Some((first, count + 1)),
+                Some((first, count)) => {
+                    sink(first, count);
+                    Some((bit, 1))
+                }
+                None => Some((bit, 1)),
+            };
+        }
+    }
+    if let Some((first, count)) = run {
+        sink(first, count);
+    }
+    total
 }
 
 #[cfg(test)]

@@ -7,11 +7,14 @@
 //!   `PAGEMAP_SCAN`); nobody has to cooperate;
 //! - [`SoftwareDirtyLog`]: a bitmap the VMM marks itself, for writes its
 //!   emulated devices make;
+//! - [`KvmDirtyLog`]: KVM's log of what its vCPUs wrote into guest RAM
+//!   slots (`KVM_GET_DIRTY_LOG`, with `KVM_CLEAR_DIRTY_LOG` where the kernel
+//!   offers manual protect);
 //! - [`CombinedDirtyLog`]: several logs ORed together.
 
-use crate::bitmap::AtomicBitmap;
+use crate::bitmap::{AtomicBitmap, word_runs};
 use crate::ram::{BlockId, Ram};
-use migration_sys::{SysError, WriteTracker};
+use migration_sys::{KvmVm, SysError, WriteTracker};
 use std::sync::Arc;
 
 /// Why a dirty log could not be read.
@@ -104,6 +107,94 @@ impl DirtyLog for SoftwareDirtyLog {
             total += map.drain(&mut |first, count| sink(id, first, count));
         }
         Ok(total)
+    }
+}
+
+/// What KVM's vCPUs wrote into the slots of a VM that are RAM blocks.
+///
+/// Starting it turns dirty logging on for every slot whose memory is a
+/// block of the RAM (the same [`migration_sys::GuestRegion`]), with the
+/// manual-protect protocol where the kernel offers it; dropping it turns
+/// logging off again, so a guest that stays on the source after a failed
+/// migration stops paying for write-protect faults.
+///
+/// A `collect` reads each slot's bitmap, reports it, and then clears those
+/// bits (write-protecting the pages again) before it returns. A vCPU write
+/// between the read and the clear lands before the page is read for
+/// sending, which happens after `collect` returns; a write after the clear
+/// faults and is logged for the next call. Writes the VMM makes itself
+/// (emulated devices) are not in KVM's log: combine this with a
+/// [`SoftwareDirtyLog`] for those.
+#[derive(Debug)]
+pub struct KvmDirtyLog {
+    vm: Arc<KvmVm>,
+    /// (slot id, block) of every logged slot.
+    slots: Vec<(u32, BlockId)>,
+    manual: bool,
+    bitmap: Vec<u64>,
+}
+
+impl KvmDirtyLog {
+    /// Starts logging the writes to every slot of `vm` that maps a block of
+    /// `ram`. A slot that is no block is refused: its pages could not be
+    /// named on the wire. Writes before this returns are not reported.
+    pub fn start(vm: Arc<KvmVm>, ram: &Ram) -> Result<Self, DirtyLogError> {
+        let mut slots = Vec::new();
+        for slot in vm.slot_list() {
+            let block = ram
+                .blocks()
+                .iter()
+                .position(|b| Arc::ptr_eq(b.region(), &slot.region))
+                .ok_or_else(|| {
+                    DirtyLogError::Backend(format!("KVM slot {} maps memory that is no RAM block", slot.id))
+                })?;
+            slots.push((slot.id, BlockId(block as u32)));
+        }
+        let manual = vm.enable_manual_protect()?;
+        let mut log = Self {
+            vm,
+            slots,
+            manual,
+            bitmap: Vec::new(),
+        };
+        for &(id, _) in &log.slots {
+            log.vm.set_dirty_logging(id, true)?;
+        }
+        // Turning logging on leaves the log empty and the slot write-protected;
+        // read it once anyway so that nothing from before counts.
+        log.collect(&mut |_, _, _| {})?;
+        Ok(log)
+    }
+
+    /// Whether the log uses the manual-protect protocol (`KVM_CLEAR_DIRTY_LOG`).
+    pub fn manual_protect(&self) -> bool {
+        self.manual
+    }
+}
+
+impl DirtyLog for KvmDirtyLog {
+    fn collect(&mut self, sink: &mut DirtySink<'_>) -> Result<u64, DirtyLogError> {
+        let mut total = 0;
+        for &(id, block) in &self.slots {
+            self.vm.dirty_log(id, &mut self.bitmap)?;
+            let found = word_runs(self.bitmap.iter().copied(), &mut |first, count| {
+                sink(block, first, count)
+            });
+            if self.manual && found > 0 {
+                self.vm.clear_dirty_log(id, &self.bitmap)?;
+            }
+            total += found;
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for KvmDirtyLog {
+    fn drop(&mut self) {
+        for &(id, _) in &self.slots {
+            // Best effort: a VM whose slot cannot change any more keeps logging.
+            let _ = self.vm.set_dirty_logging(id, false);
+        }
     }
 }
 

@@ -27,7 +27,7 @@ pub mod xbzrle;
 
 pub use cancel::Cancel;
 pub use compress::Compression;
-pub use dirty::{CombinedDirtyLog, DirtyLog, DirtyLogError, KernelDirtyLog, SoftwareDirtyLog};
+pub use dirty::{CombinedDirtyLog, DirtyLog, DirtyLogError, KernelDirtyLog, KvmDirtyLog, SoftwareDirtyLog};
 pub use engine::{
     Action, LimitAction, PageRun, PostcopyReason, PostcopyWhen, PrecopyConfig, PrecopyEngine, SourcePaused,
 };

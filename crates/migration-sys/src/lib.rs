@@ -8,11 +8,13 @@
 //!   asynchronous write-protect mode ([`uffd`]) and the `PAGEMAP_SCAN` ioctl ([`pagemap`]).
 //! - [`is_zero_buf`]: a fast zero check of a private buffer.
 //! - [`AlignedBuf`]: a private buffer aligned for `O_DIRECT` file I/O.
+//! - [`KvmVm`]: the memory slots of a KVM VM and their dirty logs.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment, and every ioctl number is checked at
 //! compile time against the `_IOC` computation it comes from.
 
 pub mod aligned;
+pub mod kvm;
 pub mod pagemap;
 pub mod region;
 pub mod thread;
@@ -22,6 +24,7 @@ pub mod uring;
 mod volatile;
 
 pub use aligned::{AlignedBuf, direct_io_alignment, zeroed_atomics};
+pub use kvm::{KvmSlot, KvmVm};
 pub use region::GuestRegion;
 pub use tracker::WriteTracker;
 

@@ -34,6 +34,7 @@
 mod content;
 mod faults;
 mod guest;
+pub mod kvm;
 mod memory;
 mod prng;
 mod spec;
