@@ -16,6 +16,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+// The embedding guide, `docs/embedding.md`, as this module's docs: its Rust
+// example (a whole migration between two threads) is then compiled and run as
+// a doctest by `cargo test`, so the guide cannot drift from the API it shows.
+#[doc = include_str!("../../docs/embedding.md")]
+pub mod embedding_guide {}
+
 /// Bound on every single wait for a child (a stderr line, an exit).
 pub const WAIT: Duration = Duration::from_secs(60);
 

@@ -8,6 +8,7 @@
 //! connection, prepares RAM for the announced blocks, and calls
 //! [`dest::run_destination`].
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod bitmap;
 pub mod cancel;
