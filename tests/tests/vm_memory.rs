@@ -295,7 +295,7 @@ fn migrate(memory: &Memory, with_kernel_log: bool) -> (SourceReport, DeviceVm, R
     };
     let channel = connect(0, WAIT).expect("connect");
     let options = SourceOptions {
-        session: SessionId(0x766d_6d65_6d),
+        session: SessionId(0x0076_6d6d_656d),
         reply_timeout: WAIT,
         channels: 2,
         ..SourceOptions::default()

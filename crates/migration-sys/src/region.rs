@@ -28,7 +28,8 @@ pub struct GuestRegion {
     ptr: NonNull<u8>,
     /// Length of the mapping in bytes; a non-zero multiple of [`PAGE_SIZE`].
     len: usize,
-    /// Whether the mapping is `MAP_SHARED` over a file (shmem or hugetlbfs), not anonymous.
+    /// Whether the mapping is `MAP_SHARED` over a file (shmem or hugetlbfs), not anonymous; for
+    /// a mapping made elsewhere, anything but private anonymous memory.
     shared: bool,
     /// The backing file and the offset the mapping starts at, for writes through the page
     /// cache ([`GuestRegion::place`]).
@@ -289,7 +290,8 @@ impl GuestRegion {
         self.len / PAGE_SIZE
     }
 
-    /// Whether the region is a `MAP_SHARED` file mapping (from [`GuestRegion::shared_file`]).
+    /// Whether the region is a `MAP_SHARED` file mapping (from [`GuestRegion::shared_file`]),
+    /// or, made over another library's mapping, anything but private anonymous memory.
     #[inline]
     pub fn is_shared(&self) -> bool {
         self.shared
