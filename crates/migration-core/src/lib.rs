@@ -24,6 +24,8 @@ pub mod stats;
 pub mod transport;
 pub mod verify;
 pub mod vm;
+#[cfg(feature = "vm-memory")]
+pub mod vm_memory;
 pub mod xbzrle;
 
 pub use cancel::Cancel;

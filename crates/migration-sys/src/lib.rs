@@ -9,6 +9,8 @@
 //! - [`is_zero_buf`]: a fast zero check of a private buffer.
 //! - [`AlignedBuf`]: a private buffer aligned for `O_DIRECT` file I/O.
 //! - [`KvmVm`]: the memory slots of a KVM VM and their dirty logs.
+//! - With feature `vm-memory`: `GuestRegion::from_vm_memory`, guest RAM that rust-vmm's
+//!   `vm-memory` mapped, shared without a copy (module `vm_memory`).
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment, and every ioctl number is checked at
 //! compile time against the `_IOC` computation it comes from.
@@ -21,6 +23,8 @@ pub mod thread;
 pub mod tracker;
 pub mod uffd;
 pub mod uring;
+#[cfg(feature = "vm-memory")]
+pub mod vm_memory;
 mod volatile;
 
 pub use aligned::{AlignedBuf, direct_io_alignment, zeroed_atomics};
@@ -56,6 +60,14 @@ pub enum SysError {
     /// The running kernel lacks a feature this crate needs.
     #[error("the kernel lacks {0}")]
     Unsupported(&'static str),
+    /// A mapping made elsewhere cannot serve as a region.
+    #[error("the mapping at {addr:#x} cannot be guest RAM: {reason}")]
+    InvalidMapping {
+        /// Start of the mapping in this process (0: none).
+        addr: usize,
+        /// Why it is refused.
+        reason: &'static str,
+    },
     /// A region was asked for with a length it cannot have.
     #[error("invalid region length {len}: {reason}")]
     InvalidLength {

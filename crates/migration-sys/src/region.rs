@@ -9,34 +9,41 @@
 //! write racing with the check is caught by dirty tracking, which sends the page again), and
 //! the kernel's own writes of received bytes ([`GuestRegion::recv_from`]).
 
+use std::any::Any;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use crate::{PAGE_SIZE, SysError, volatile};
 
 /// A mapping of guest RAM shared by many threads (vCPUs and writers, channel threads).
 ///
 /// It is `Send + Sync` and never hands out `&[u8]`/`&mut [u8]` of guest memory: every access
-/// is a volatile copy. Dropping it unmaps the memory.
+/// is a volatile copy. Dropping it unmaps the memory, unless the mapping belongs to something
+/// else it keeps alive (a part of a larger region, or a mapping another library made).
 #[derive(Debug)]
 pub struct GuestRegion {
     /// Start of the mapping; page aligned, never dangling while `self` lives.
     ptr: NonNull<u8>,
     /// Length of the mapping in bytes; a non-zero multiple of [`PAGE_SIZE`].
     len: usize,
-    /// Whether the mapping is `MAP_SHARED` over a file (shmem or hugetlbfs), not anonymous.
+    /// Whether the mapping is `MAP_SHARED` over a file (shmem or hugetlbfs), not anonymous; for
+    /// a mapping made elsewhere, anything but private anonymous memory.
     shared: bool,
     /// The backing file and the offset the mapping starts at, for writes through the page
     /// cache ([`GuestRegion::place`]).
     backing: Option<(File, u64)>,
-    /// For a part of a larger region ([`GuestRegion::part`]): the region that owns the
-    /// mapping, kept alive (and mapped) while this part lives.
-    owner: Option<std::sync::Arc<GuestRegion>>,
+    /// What owns the mapping when `self` does not: for a part of a larger region
+    /// ([`GuestRegion::part`]) the `Arc<GuestRegion>` of the whole, for a mapping another
+    /// library made (vm-memory's, with feature `vm-memory`) that library's handle of it. Kept
+    /// alive, and so mapped, while `self` lives; `None`: `self` owns the mapping and unmaps it
+    /// on drop.
+    owner: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 // SAFETY: `GuestRegion` owns its mapping (it is unmapped only in `drop`, which needs ownership),
-// or, as a part, holds the `Arc` of the region that owns it, and never gives out references to
+// or holds an `Arc` of what owns it (itself `Send + Sync`), and never gives out references to
 // the bytes: every access is a volatile copy that tolerates
 // concurrent access from other threads (the `VolatileSlice` contract). Moving the owner to
 // another thread changes none of this.
@@ -219,7 +226,49 @@ impl GuestRegion {
             len,
             shared: whole.shared,
             backing,
-            owner: Some(std::sync::Arc::clone(whole)),
+            owner: Some(Arc::clone(whole) as Arc<dyn Any + Send + Sync>),
+        })
+    }
+
+    /// A region over `len` bytes at `ptr` of a mapping `owner` keeps alive: never unmapped by
+    /// the region, which holds `owner` until it is dropped. `ptr` must be page aligned and
+    /// non-null, and `len` a non-zero multiple of [`PAGE_SIZE`]; `shared` and `backing` as for
+    /// the region's own mappings (`shared`: not private anonymous memory; `backing`: the file
+    /// and offset of a `MAP_SHARED` file mapping, for [`GuestRegion::place`]).
+    ///
+    /// # Safety
+    ///
+    /// `ptr..ptr + len` must be mapped readable and writable in this process, and stay mapped
+    /// (neither unmapped nor replaced) for as long as `owner` lives. Whoever else reaches the
+    /// memory must not hold Rust references to it either: only volatile or atomic accesses,
+    /// and the kernel's, as every access of this type is a volatile copy.
+    #[cfg(feature = "vm-memory")]
+    pub(crate) unsafe fn borrowed(
+        ptr: *mut u8,
+        len: usize,
+        shared: bool,
+        backing: Option<(File, u64)>,
+        owner: Arc<dyn Any + Send + Sync>,
+    ) -> Result<Self, SysError> {
+        check_len(len)?;
+        let Some(ptr) = NonNull::new(ptr) else {
+            return Err(SysError::InvalidMapping {
+                addr: 0,
+                reason: "it has no address in this process",
+            });
+        };
+        if ptr.as_ptr() as usize % PAGE_SIZE != 0 {
+            return Err(SysError::InvalidMapping {
+                addr: ptr.as_ptr() as usize,
+                reason: "it does not start on a page boundary",
+            });
+        }
+        Ok(Self {
+            ptr,
+            len,
+            shared,
+            backing,
+            owner: Some(owner),
         })
     }
 
@@ -241,7 +290,8 @@ impl GuestRegion {
         self.len / PAGE_SIZE
     }
 
-    /// Whether the region is a `MAP_SHARED` file mapping (from [`GuestRegion::shared_file`]).
+    /// Whether the region is a `MAP_SHARED` file mapping (from [`GuestRegion::shared_file`]),
+    /// or, made over another library's mapping, anything but private anonymous memory.
     #[inline]
     pub fn is_shared(&self) -> bool {
         self.shared
@@ -527,7 +577,8 @@ impl GuestRegion {
 impl Drop for GuestRegion {
     fn drop(&mut self) {
         if self.owner.is_some() {
-            // A part: the owner unmaps the whole when its last part is gone.
+            // Not ours: the owner unmaps the mapping (if it is its to unmap) when the last
+            // region over it is gone.
             return;
         }
         // SAFETY: we own the mapping `ptr..ptr + len` and nothing else can use it: every
