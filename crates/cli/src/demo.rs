@@ -3,6 +3,7 @@
 use crate::exit;
 use crate::units::{human_bytes, parse_size};
 use anyhow::{Context, Result, anyhow, bail};
+use clap::ValueEnum;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +18,9 @@ pub struct DemoArgs {
     /// Bytes of page writes per second the guest makes while it migrates.
     #[arg(long, value_parser = parse_size, default_value = "32M")]
     pub dirty_rate: u64,
+    /// Which guest migrates: the synthetic guest or a KVM micro-VM (needs /dev/kvm).
+    #[arg(long = "guest", value_enum, default_value = "synthetic")]
+    pub kind: crate::guest::GuestKind,
 }
 
 pub fn run(args: DemoArgs) -> u8 {
@@ -70,8 +74,12 @@ fn demo(args: &DemoArgs) -> Result<u8> {
         eprintln!("{line}");
     };
     eprintln!(
-        "demo: receiver listening on {addr}; sending a {} guest that writes {}/s",
+        "demo: receiver listening on {addr}; sending a {} {} guest that writes {}/s",
         human_bytes(args.mem_size as f64),
+        match args.kind {
+            crate::guest::GuestKind::Synthetic => "synthetic",
+            crate::guest::GuestKind::Kvm => "KVM",
+        },
         human_bytes(args.dirty_rate as f64)
     );
     std::thread::spawn(move || {
@@ -83,6 +91,10 @@ fn demo(args: &DemoArgs) -> Result<u8> {
         .args(["send", "--to", &addr, "--json"])
         .args(["--mem-size", &args.mem_size.to_string()])
         .args(["--dirty-rate", &args.dirty_rate.to_string()])
+        .args([
+            "--guest",
+            args.kind.to_possible_value().expect("no skipped variant").get_name(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

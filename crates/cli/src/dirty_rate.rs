@@ -5,7 +5,6 @@
 use crate::send::GuestArgs;
 use crate::units::human_bytes;
 use anyhow::{Context, Result};
-use migration_core::KernelDirtyLog;
 use migration_core::dirty_rate::measure_dirty_rate;
 use serde::Serialize;
 use std::time::Duration;
@@ -61,12 +60,12 @@ fn probe(args: &DirtyRateArgs) -> Result<()> {
     );
     let (memory, mut guest) = args.guest.build()?;
     // Track writes before the guest runs, so none goes unseen.
-    let mut log = KernelDirtyLog::start(&memory.ram).context("starting kernel dirty tracking")?;
-    guest.start().context("starting the synthetic guest")?;
+    let mut log = guest.dirty_log(&memory.ram)?;
+    guest.start()?;
     let writes_before = guest.writes();
     let rate = measure_dirty_rate(
         &memory.ram,
-        &mut log,
+        log.as_mut(),
         Duration::from_secs_f64(args.seconds),
         Duration::from_millis(args.interval_ms),
     )

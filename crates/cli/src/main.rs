@@ -2,6 +2,7 @@
 
 mod demo;
 mod dirty_rate;
+mod guest;
 mod memory;
 mod recv;
 mod report;
@@ -51,7 +52,7 @@ enum Command {
     Send(send::SendArgs),
     /// Receive one migration (the destination side).
     Recv(recv::RecvArgs),
-    /// Run a receiver and a sender on loopback with a synthetic guest.
+    /// Run a receiver and a sender on loopback with a synthetic (or KVM) guest.
     Demo(demo::DemoArgs),
     /// Save a running guest to a snapshot file (live: pages dirtied meanwhile are rewritten in place).
     Save(snapshot::SaveArgs),

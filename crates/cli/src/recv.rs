@@ -1,6 +1,7 @@
 //! `migrate-cli recv`: the destination side.
 
 use crate::exit;
+use crate::guest::{DestGuest, Verdict};
 use crate::memory;
 use crate::report::{Progress, Report, Status};
 use crate::units::{parse_duration, parse_size};
@@ -8,7 +9,6 @@ use anyhow::{Context, Result};
 use migration_core::dest::{self, DestOptions, run_destination};
 use migration_core::{Channel, Event, TransportError};
 use migration_wire::{ErrorCode, Features};
-use reference_guest::SyntheticGuest;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use transport_tcp::{TcpListener, TcpOptions};
@@ -171,7 +171,7 @@ pub fn receive(
     report: &mut Report,
 ) -> Result<u8> {
     report.ram_bytes = Some(memory.ram.total_bytes());
-    let mut guest = SyntheticGuest::destination(memory.regions());
+    let mut guest = DestGuest::new(memory.regions());
     let mut progress = Progress::new(report.role);
     let result = run_destination(
         incoming,
@@ -226,43 +226,46 @@ pub fn receive(
         // Never ran: the source keeps the VM; discard.
         return Ok(exit::FAILED);
     }
-    let code = run_resumed(&guest, verified, run_for, report);
-    report.first_access_unix_us = guest.first_access().and_then(crate::report::unix_us);
-    if let Some(postcopy) = &mut report.postcopy {
-        // The guest's own view of its waits for pages that had not arrived.
-        let faults = guest.fault_stats();
-        postcopy.faults = Some(faults.faults);
-        postcopy.fault_p50_us = Some(faults.p50_us);
-        postcopy.fault_p99_us = Some(faults.p99_us);
-        postcopy.fault_max_us = Some(faults.max_us);
-        postcopy.blocked_ms = Some(
-            faults
-                .blocked
-                .iter()
-                .map(|(thread, blocked)| (thread.clone(), blocked.as_secs_f64() * 1e3))
-                .collect(),
-        );
+    report.guest = guest.kind();
+    let code = run_resumed(guest.verdict(), verified, run_for, report);
+    if let Some(guest) = guest.synthetic() {
+        report.first_access_unix_us = guest.first_access().and_then(crate::report::unix_us);
+        if let Some(postcopy) = &mut report.postcopy {
+            // The guest's own view of its waits for pages that had not arrived.
+            let faults = guest.fault_stats();
+            postcopy.faults = Some(faults.faults);
+            postcopy.fault_p50_us = Some(faults.p50_us);
+            postcopy.fault_p99_us = Some(faults.p99_us);
+            postcopy.fault_max_us = Some(faults.max_us);
+            postcopy.blocked_ms = Some(
+                faults
+                    .blocked
+                    .iter()
+                    .map(|(thread, blocked)| (thread.clone(), blocked.as_secs_f64() * 1e3))
+                    .collect(),
+            );
+        }
     }
     Ok(code)
 }
 
-/// The guest runs here now: waits for its check of its own pages, lets it
-/// run for `run_for`, and returns the exit code.
-pub fn run_resumed(guest: &SyntheticGuest, verified: bool, run_for: Duration, report: &mut Report) -> u8 {
-    let check = guest.wait_check(Duration::from_secs(600));
-    report.guest_check = Some(Some(match check {
-        Some(check) if check.is_ok() => "passed",
-        Some(_) => "failed",
-        None => "skipped",
-    }));
-    if let Some(check) = check.filter(|c| !c.is_ok()) {
-        let text = format!("guest self-check failed: {check}");
+/// The guest runs here now: records its own verdict, lets it run for
+/// `run_for`, and returns the exit code.
+pub fn run_resumed(verdict: Verdict, verified: bool, run_for: Duration, report: &mut Report) -> u8 {
+    report.guest_check = Some(Some(verdict.word()));
+    if let Verdict::Kvm(Ok(kvm)) = &verdict {
+        report.guest_pages_checked = Some(kvm.pages_checked);
+    }
+    if let Some(text) = verdict.problem() {
         report.error = Some(report.error.take().map_or(text.clone(), |e| format!("{e}; {text}")));
     }
     // Let the guest run for a moment, as a VMM would keep it running.
     std::thread::sleep(run_for);
-    let guest_ok = check.is_some_and(|c| c.is_ok());
-    if verified && guest_ok { exit::OK } else { exit::MISMATCH }
+    if verified && verdict.word() == "passed" {
+        exit::OK
+    } else {
+        exit::MISMATCH
+    }
 }
 
 /// Physical memory of this host (`MemTotal`), the default limit on what a

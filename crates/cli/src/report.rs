@@ -72,6 +72,12 @@ pub struct Report {
     /// Destination: the guest's own check of its pages.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_check: Option<Option<&'static str>>,
+    /// Destination: which guest arrived ("synthetic" or "kvm").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<&'static str>,
+    /// Destination, KVM guest: the data pages its own check compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_pages_checked: Option<u64>,
     /// Blocks whose digests differ.
     pub mismatched_blocks: Vec<u32>,
     /// Lazy restore: pages loaded on first touch and in the background.
@@ -236,6 +242,8 @@ impl Report {
             guest_write_rate_after: None,
             throttle_percent: None,
             guest_check: None,
+            guest: None,
+            guest_pages_checked: None,
             mismatched_blocks: Vec::new(),
             lazy: None,
             postcopy: None,

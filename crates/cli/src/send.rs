@@ -1,6 +1,7 @@
 //! `migrate-cli send`: the source side.
 
 use crate::exit;
+use crate::guest::{GuestKind, SourceGuest};
 use crate::memory::{self, GuestMemory};
 use crate::report::{Progress, Report, Status};
 use crate::units::{parse_duration, parse_size};
@@ -9,10 +10,9 @@ use clap::ValueEnum;
 use migration_core::engine::AutoConverge;
 use migration_core::source::SourceError;
 use migration_core::source::{SourceOptions, run_source};
-use migration_core::{
-    Cancel, Channel, Compression, Event, KernelDirtyLog, LimitAction, PostcopyWhen, PrecopyConfig, TransportError,
-};
+use migration_core::{Cancel, Channel, Compression, Event, LimitAction, PostcopyWhen, PrecopyConfig, TransportError};
 use migration_wire::SessionId;
+use reference_guest::kvm::KvmGuest;
 use reference_guest::{Content, GuestSpec, Pattern, SyntheticGuest};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -73,9 +73,18 @@ pub struct SendArgs {
     pub source: SourceArgs,
 }
 
-/// The synthetic guest, shared by `send`, `save` and `dirty-rate`.
+/// The guest, shared by `send`, `save` and `dirty-rate`.
 #[derive(Debug, clap::Args)]
 pub struct GuestArgs {
+    /// Which guest runs: the synthetic guest (writer threads over guest RAM)
+    /// or a KVM micro-VM (vCPUs running a 32-bit program that rewrites and
+    /// checks its own pages; needs /dev/kvm, at most 3 GiB). --pattern,
+    /// --hot-set, --content and --writers are the synthetic guest's.
+    #[arg(long = "guest", value_enum, default_value = "synthetic")]
+    pub kind: GuestKind,
+    /// vCPUs of the KVM guest (1-64).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub vcpus: u16,
     /// Back guest RAM with this existing file (MAP_SHARED), keeping its content.
     #[arg(long, conflicts_with = "mem_size")]
     pub mem_file: Option<PathBuf>,
@@ -104,12 +113,22 @@ pub struct GuestArgs {
 }
 
 impl GuestArgs {
-    /// Guest RAM and the guest over it, not yet running.
-    pub fn build(&self) -> Result<(GuestMemory, SyntheticGuest)> {
+    /// Guest RAM and the guest over it, not yet running (a KVM guest has
+    /// booted: each of its pages written once).
+    pub fn build(&self) -> Result<(GuestMemory, SourceGuest)> {
         let memory: GuestMemory = match &self.mem_file {
             Some(path) => memory::source_file(path)?,
             None => memory::anonymous(&memory::source_layout(self.mem_size.unwrap_or(256 << 20))?)?,
         };
+        if self.kind == GuestKind::Kvm {
+            anyhow::ensure!(
+                self.hot_set.is_none() && self.pattern == Pattern::Uniform && self.content == Content::Random,
+                "--pattern, --hot-set and --content are the synthetic guest's; the KVM guest rewrites its pages in order"
+            );
+            let guest = KvmGuest::new(memory.regions(), usize::from(self.vcpus), self.dirty_rate)
+                .context("booting the KVM guest")?;
+            return Ok((memory, SourceGuest::Kvm(guest)));
+        }
         let spec = GuestSpec {
             dirty_rate: self.dirty_rate,
             pattern: self.pattern,
@@ -120,7 +139,7 @@ impl GuestArgs {
         };
         let guest = SyntheticGuest::new(memory.regions(), spec, self.mem_file.is_none())
             .context("starting the synthetic guest")?;
-        Ok((memory, guest))
+        Ok((memory, SourceGuest::Synthetic(guest)))
     }
 }
 
@@ -246,8 +265,8 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
     let (memory, mut guest) = args.guest.build()?;
     report.ram_bytes = Some(memory.ram.total_bytes());
     // Track writes before the guest runs, so none goes unseen.
-    let mut dirty = KernelDirtyLog::start(&memory.ram).context("starting kernel dirty tracking")?;
-    guest.start().context("starting the synthetic guest")?;
+    let mut dirty = guest.dirty_log(&memory.ram)?;
+    guest.start()?;
     report.source_resumed = Some(true);
 
     let tcp = match target {
@@ -342,7 +361,7 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
         &mut connect,
         &memory.ram,
         &mut guest,
-        &mut dirty,
+        dirty.as_mut(),
         &options,
         &mut |event| {
             match event {
@@ -413,7 +432,7 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
 /// Records how the guest runs after it resumed on the source: that it
 /// writes at all, then its write rate (unthrottled, it is near its
 /// `--dirty-rate`).
-fn record_resumed(report: &mut Report, guest: &SyntheticGuest, dirty_rate: u64) {
+fn record_resumed(report: &mut Report, guest: &SourceGuest, dirty_rate: u64) {
     report.writes_after_resume = Some(Some(writes_while_running(guest, dirty_rate)));
     report.guest_write_rate_after = Some(Some(write_rate(guest, RATE_WINDOW)));
 }
@@ -422,7 +441,7 @@ fn record_resumed(report: &mut Report, guest: &SyntheticGuest, dirty_rate: u64) 
 const RATE_WINDOW: Duration = Duration::from_millis(200);
 
 /// The guest's page writes over `window`, in bytes per second.
-fn write_rate(guest: &SyntheticGuest, window: Duration) -> f64 {
+fn write_rate(guest: &SourceGuest, window: Duration) -> f64 {
     let (before, start) = (guest.writes(), Instant::now());
     std::thread::sleep(window);
     let bytes = (guest.writes() - before) as f64 * migration_sys::PAGE_SIZE as f64;
@@ -431,7 +450,7 @@ fn write_rate(guest: &SyntheticGuest, window: Duration) -> f64 {
 
 /// Shows the resumed guest really runs: waits (bounded) for some writes of
 /// a guest that writes at all, and returns how many it made.
-fn writes_while_running(guest: &SyntheticGuest, dirty_rate: u64) -> u64 {
+fn writes_while_running(guest: &SourceGuest, dirty_rate: u64) -> u64 {
     let before = guest.writes();
     if dirty_rate > 0 {
         guest.wait_writes(before + 16, Duration::from_secs(5));

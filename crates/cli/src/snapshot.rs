@@ -160,7 +160,8 @@ fn restore_lazily(args: &RestoreArgs, started: Instant, report: &mut Report) -> 
             loaded.mismatched_blocks
         ));
     }
-    let code = run_resumed(&guest, loaded.mismatched_blocks.is_empty(), args.run_for, report);
+    let verdict = crate::guest::Verdict::Synthetic(guest.wait_check(Duration::from_secs(600)));
+    let code = run_resumed(verdict, loaded.mismatched_blocks.is_empty(), args.run_for, report);
     report.lazy = Some(LazyStats {
         faults: loaded.faulted_pages,
         prefetched_pages: loaded.prefetched_pages,
