@@ -237,8 +237,8 @@ impl fmt::Debug for KvmGuest {
 
 impl KvmGuest {
     /// Builds the source's micro-VM over `regions` with `vcpus` vCPUs and
-    /// boots it: every vCPU writes each of its pages once, at full speed, so
-    /// all of guest RAM holds data. The guest is paused when this returns;
+    /// boots it: every data page holds its first generation, so all of guest
+    /// RAM holds data. The guest is paused when this returns;
     /// [`KvmGuest::start`] runs it at `dirty_rate` bytes of page writes per
     /// second (0: it idles between self-checks).
     pub fn new(regions: Vec<Arc<GuestRegion>>, vcpus: usize, dirty_rate: u64) -> Result<Self, KvmError> {
@@ -253,12 +253,13 @@ impl KvmGuest {
             vcpu.set_regs(&layout.boot_regs(index))
                 .map_err(kvm_err("KVM_SET_REGS"))?;
         }
+        // Boot: the host loads every data page with generation 1, as a VMM loads a guest
+        // image; the vCPUs start at pass 1 (running the first pass in the guest would take
+        // a millisecond a page here, see `flat_protected_mode`).
+        layout.populate(&regions, vcpus)?;
         let mut guest = Self::with_machine(regions, machine, dirty_rate);
+        guest.control.lock().passes.iter_mut().for_each(|p| *p = 1);
         guest.spawn()?;
-        // Boot: run until every vCPU completed its first pass, then pause.
-        guest.control.lock().run = true;
-        guest.control.changed.notify_all();
-        guest.control.wait_until("boot", |s| s.passes.iter().all(|&p| p >= 1))?;
         guest.pause_vcpus()?;
         Ok(guest)
     }
@@ -524,23 +525,65 @@ impl Layout {
         Ok(Self { share })
     }
 
-    /// The registers vCPU `index` boots with: its status page and data pages, at pass 0.
+    fn status_page(&self, index: usize) -> u64 {
+        (1 + index as u64 * self.share) * PAGE_SIZE as u64
+    }
+
+    /// Writes generation 1 into every data page of every vCPU, the content the program
+    /// gives it (word 0 the generation, the others generation * (address | 1)).
+    fn populate(&self, regions: &[Arc<GuestRegion>], vcpus: usize) -> Result<(), KvmError> {
+        let mut page = vec![0u8; PAGE_SIZE];
+        for index in 0..vcpus {
+            for data in 1..self.share {
+                let addr = self.status_page(index) + data * PAGE_SIZE as u64;
+                let word = (addr as u32) | 1;
+                for (i, chunk) in page.chunks_exact_mut(4).enumerate() {
+                    chunk.copy_from_slice(&(if i == 0 { 1 } else { word }).to_le_bytes());
+                }
+                let (region, offset) = locate(regions, addr)
+                    .ok_or_else(|| KvmError::Invalid(format!("guest address {addr:#x} is outside guest RAM")))?;
+                region.write(offset, &page)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The registers vCPU `index` boots with: its status page and data pages, at pass 1.
     fn boot_regs(&self, index: usize) -> kvm_regs {
-        let status = (1 + index as u64 * self.share) * PAGE_SIZE as u64;
+        let status = self.status_page(index);
         kvm_regs {
             rip: 0,
             rflags: 2,
             rbx: status,
             rbp: self.share - 1,
             rsi: 0,
-            rdx: 0,
+            rdx: 1,
             rsp: status + PAGE_SIZE as u64,
             ..Default::default()
         }
     }
 }
 
+/// The region holding guest-physical address `addr` (regions lie back to back from 0), and the
+/// offset in it.
+fn locate(regions: &[Arc<GuestRegion>], addr: u64) -> Option<(&GuestRegion, usize)> {
+    let mut start = 0u64;
+    for region in regions {
+        let end = start + region.len() as u64;
+        if addr < end {
+            return Some((region, (addr - start) as usize));
+        }
+        start = end;
+    }
+    None
+}
+
 /// 32-bit protected mode with flat 4 GiB code and data segments, paging off.
+///
+/// On this machine's KVM (PVM) a guest with paging off is emulated by the host, instruction
+/// by instruction: the program rewrites a page in about a millisecond (its string
+/// instructions are emulated whole, which is why it uses them). Paging on (PAE, or long mode
+/// in compatibility mode with 2 MiB pages) was tried and ran slower still or did not run.
 fn flat_protected_mode(sregs: &mut kvm_sregs) {
     let data = kvm_segment {
         base: 0,
