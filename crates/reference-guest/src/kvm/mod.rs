@@ -3,7 +3,7 @@
 //!
 //! Guest RAM is the given regions back to back in guest-physical memory,
 //! one KVM memory slot each (through [`migration_sys::KvmVm`], which also
-//! owns their dirty logs). Page 0 holds the program ([`program`]); the rest
+//! owns their dirty logs). Page 0 holds the program (`program.S`); the rest
 //! is shared out among the vCPUs, each owning a status page and the data
 //! pages after it. Every vCPU rewrites its data pages in order, forever, and
 //! checks each page holds what it left there before it rewrites it. Asked to,
