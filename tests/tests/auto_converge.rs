@@ -32,8 +32,10 @@ const OUTPACING: &[&str] = &[
 ];
 
 /// The throttle steps the converging tests ask for: one step does it (the
-/// defaults, 20 and 10, take four or five steps, some 10 s more).
-const STEPS: &[&str] = &["--throttle-initial", "80", "--throttle-increment", "20"];
+/// defaults, 20 and 10, take four or five steps, some 10 s more). At 90% the
+/// guest writes under 5 MiB/s; at 80% a loaded machine left it short of
+/// converging within the 16 passes once.
+const STEPS: &[&str] = &["--throttle-initial", "90", "--throttle-increment", "9"];
 
 /// The outpacing guest with auto-converge in [`STEPS`].
 fn converging() -> Vec<&'static str> {
@@ -78,8 +80,8 @@ fn with_auto_converge_the_same_guest_converges_and_verifies() {
     assert_eq!(field(&recv_json, "guest_check"), "passed", "{recv_json:#}");
     let throttle = num(&send_json, "throttle_percent");
     assert!(
-        (80..=99).contains(&throttle),
-        "the guest was throttled, from the initial 80%: {send_json:#}"
+        (90..=99).contains(&throttle),
+        "the guest was throttled, from the initial 90%: {send_json:#}"
     );
     assert!(
         num(&send_json, "iterations") <= 17,
@@ -145,9 +147,9 @@ fn a_migration_failing_after_the_pause_lifts_the_throttle_before_the_guest_resum
         out.describe()
     );
     let json = assert_send_failed_resumed(&out);
-    assert!(num(&json, "throttle_percent") >= 80, "{json:#}");
+    assert!(num(&json, "throttle_percent") >= 90, "{json:#}");
     assert!(out.stderr_has("send: source paused"), "{}", out.describe());
-    // Still throttled, it would write at most 19 MiB/s.
+    // Still throttled, it would write at most 4.8 MiB/s.
     assert_unthrottled_after_resume(&out, &json);
 }
 
