@@ -736,6 +736,29 @@ impl FaultProxy {
     }
 }
 
+/// A `send` with `args` (after `--to`) whose link is cut when its device
+/// state goes out, after the source paused; checks the cut came and returns
+/// the sender's output.
+pub fn send_cut_at_device_state(args: &[&str]) -> Output {
+    let (recv, addr) = spawn_recv(&["--json"]);
+    let proxy = FaultProxy::start(
+        addr,
+        0,
+        Toward::Destination,
+        migration_wire::MessageKind::DeviceState,
+        1,
+        Fault::Cut,
+    );
+    let out = spawn_send(proxy.addr, args).wait(MIGRATION_WAIT);
+    let _ = recv.kill();
+    assert!(
+        proxy.fired.load(std::sync::atomic::Ordering::SeqCst),
+        "the cut never came\n{}",
+        out.describe()
+    );
+    out
+}
+
 /// Forwards frames from `from` to `to`, applying `rule` (kind, nth, fault).
 fn pump_frames(
     mut from: std::net::TcpStream,

@@ -3,10 +3,9 @@
 //! back when the migration fails.
 
 use migration_tests::{
-    Fault, FaultProxy, MIGRATION_WAIT, Output, Toward, WAIT, assert_pair_completed, assert_send_failed_resumed,
-    error_text, field, lock, num, run, spawn_recv, spawn_send,
+    MIGRATION_WAIT, Output, WAIT, assert_pair_completed, assert_send_failed_resumed, error_text, field, lock, num, run,
+    send_cut_at_device_state, spawn_recv, spawn_send,
 };
-use migration_wire::MessageKind;
 
 /// A 32 MiB guest rewriting random pages at 48 MiB/s over a 32 MiB/s link:
 /// unthrottled, each pass leaves more than half of RAM dirty (an expected
@@ -136,16 +135,7 @@ fn a_migration_failing_after_the_pause_lifts_the_throttle_before_the_guest_resum
     let _lock = lock();
     // The converging migration above, its link cut when the device state
     // goes out: the source is paused and throttled when it fails.
-    let (recv, addr) = spawn_recv(&["--json"]);
-    let proxy = FaultProxy::start(addr, 0, Toward::Destination, MessageKind::DeviceState, 1, Fault::Cut);
-    let args = converging();
-    let out = spawn_send(proxy.addr, &args).wait(MIGRATION_WAIT);
-    let _ = recv.kill();
-    assert!(
-        proxy.fired.load(std::sync::atomic::Ordering::SeqCst),
-        "the cut never came\n{}",
-        out.describe()
-    );
+    let out = send_cut_at_device_state(&converging());
     let json = assert_send_failed_resumed(&out);
     assert!(num(&json, "throttle_percent") >= 90, "{json:#}");
     assert!(out.stderr_has("send: source paused"), "{}", out.describe());

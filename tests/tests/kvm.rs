@@ -7,10 +7,9 @@
 //! `MIGRATE_REQUIRE_KVM=1` (which CI sets) makes that a failure.
 
 use migration_tests::{
-    Fault, FaultProxy, MIGRATION_WAIT, Toward, assert_pair_completed, assert_send_failed_resumed, field, lock, num,
-    spawn_recv, spawn_send,
+    assert_pair_completed, assert_send_failed_resumed, field, lock, num, send_cut_at_device_state, spawn_recv,
+    spawn_send,
 };
-use migration_wire::MessageKind;
 
 fn kvm() -> bool {
     reference_guest::kvm::kvm_for_tests().expect("MIGRATE_REQUIRE_KVM=1, but KVM is not usable")
@@ -83,15 +82,7 @@ fn a_kvm_guest_keeps_running_on_the_source_when_the_migration_fails_after_the_pa
     }
     let _lock = lock();
     // The link is cut when the vCPU state goes out: the vCPUs were paused.
-    let (recv, addr) = spawn_recv(&["--json"]);
-    let proxy = FaultProxy::start(addr, 0, Toward::Destination, MessageKind::DeviceState, 1, Fault::Cut);
-    let out = spawn_send(proxy.addr, &kvm_guest(&[])).wait(MIGRATION_WAIT);
-    let _ = recv.kill();
-    assert!(
-        proxy.fired.load(std::sync::atomic::Ordering::SeqCst),
-        "the cut never came\n{}",
-        out.describe()
-    );
+    let out = send_cut_at_device_state(&kvm_guest(&[]));
     let json = assert_send_failed_resumed(&out);
     assert!(out.stderr_has("send: source paused"), "{}", out.describe());
     assert!(
