@@ -107,11 +107,18 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// Whether the guest checked itself and passed.
+    pub fn passed(&self) -> bool {
+        match self {
+            Self::Synthetic(check) => check.is_some_and(|c| c.is_ok()),
+            Self::Kvm(verdict) => verdict.as_ref().is_ok_and(|v| v.passed),
+        }
+    }
+
     /// "passed", "failed" or "skipped" (no verdict came).
     pub fn word(&self) -> &'static str {
         match self {
-            Self::Synthetic(Some(check)) if check.is_ok() => "passed",
-            Self::Kvm(Ok(verdict)) if verdict.passed => "passed",
+            _ if self.passed() => "passed",
             Self::Synthetic(None) | Self::Kvm(Err(_)) => "skipped",
             _ => "failed",
         }

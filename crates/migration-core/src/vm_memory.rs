@@ -42,6 +42,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use crate::bitmap::word_runs;
 use crate::dirty::{DirtyLog, DirtyLogError, DirtySink};
 use crate::ram::{BlockId, Ram, RamBlock};
 use ::vm_memory::bitmap::{AtomicBitmap, Bitmap};
@@ -192,35 +193,33 @@ impl TrackedRegion {
     fn drain(&self, sink: &mut dyn FnMut(u64, u64)) -> u64 {
         let words = self.mapping.bitmap().get_and_reset();
         let mut total = 0;
+        // Pages `[first, end)` not yet handed on: runs of bits may share a page.
         let mut run: Option<(u64, u64)> = None;
-        let mut flush = |first: u64, end: u64, total: &mut u64| {
+        let mut flush = |(first, end): (u64, u64)| {
             sink(first, end - first);
-            *total += end - first;
+            total += end - first;
         };
-        for (index, &word) in words.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let bit = index * 64 + bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                let start = bit.saturating_mul(self.bit_bytes);
-                if start >= self.len {
-                    // Past the region: never marked by its writes.
-                    break;
-                }
-                let end = start.saturating_add(self.bit_bytes).min(self.len);
-                let (first, last) = ((start / PAGE_SIZE) as u64, end.div_ceil(PAGE_SIZE) as u64);
-                match &mut run {
-                    Some((_, run_end)) if first <= *run_end => *run_end = (*run_end).max(last),
-                    _ => {
-                        if let Some((f, e)) = run.replace((first, last)) {
-                            flush(f, e, &mut total);
-                        }
+        word_runs(words, &mut |first_bit, bits| {
+            let start = (first_bit as usize).saturating_mul(self.bit_bytes);
+            if start >= self.len {
+                // Past the region: never marked by its writes.
+                return;
+            }
+            let end = ((first_bit + bits) as usize)
+                .saturating_mul(self.bit_bytes)
+                .min(self.len);
+            let (first, last) = ((start / PAGE_SIZE) as u64, end.div_ceil(PAGE_SIZE) as u64);
+            match &mut run {
+                Some((_, run_end)) if first <= *run_end => *run_end = (*run_end).max(last),
+                _ => {
+                    if let Some(done) = run.replace((first, last)) {
+                        flush(done);
                     }
                 }
             }
-        }
-        if let Some((f, e)) = run {
-            flush(f, e, &mut total);
+        });
+        if let Some(done) = run {
+            flush(done);
         }
         total
     }
