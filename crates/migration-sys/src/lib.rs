@@ -9,6 +9,7 @@
 //! - [`is_zero_buf`]: a fast zero check of a private buffer.
 //! - [`AlignedBuf`]: a private buffer aligned for `O_DIRECT` file I/O.
 //! - [`KvmVm`]: the memory slots of a KVM VM and their dirty logs.
+//! - [`fdpass`]: file descriptors sent over a unix socket (`SCM_RIGHTS`).
 //! - With feature `vm-memory`: `GuestRegion::from_vm_memory`, guest RAM that rust-vmm's
 //!   `vm-memory` mapped, shared without a copy (module `vm_memory`).
 //!
@@ -16,6 +17,7 @@
 //! compile time against the `_IOC` computation it comes from.
 
 pub mod aligned;
+pub mod fdpass;
 pub mod kvm;
 pub mod pagemap;
 pub mod region;

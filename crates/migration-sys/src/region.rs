@@ -297,6 +297,12 @@ impl GuestRegion {
         self.shared
     }
 
+    /// The file a `MAP_SHARED` file mapping maps (a memfd, say) and the file offset the
+    /// region starts at: what another process maps to share the same memory.
+    pub fn backing(&self) -> Option<(&File, u64)> {
+        self.backing.as_ref().map(|(file, offset)| (file, *offset))
+    }
+
     /// Base address as an integer, for diagnostics and kernel registration inside this crate.
     #[inline]
     pub fn addr(&self) -> usize {

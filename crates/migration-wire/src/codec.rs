@@ -46,6 +46,11 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    /// Takes every byte left.
+    pub(crate) fn take_rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.bytes)
+    }
+
     /// Takes a UTF-8 string of `len` bytes.
     pub(crate) fn take_str(&mut self, len: usize, what: &'static str) -> Result<&'a str, WireError> {
         std::str::from_utf8(self.take(len)?).map_err(|_| WireError::Utf8 { what })

@@ -72,6 +72,9 @@ pub enum MessageKind {
     Pausing = 17,
     /// Source → destination: pages sent as XBZRLE deltas.
     Deltas = 18,
+    /// Either way: a record of the transport's own (the simulated RDMA
+    /// transport's keys and placed-batch notices), never seen by the engine.
+    Transport = 19,
     /// Destination → source: progress acknowledgement.
     Ack = 32,
     /// Destination → source: everything is placed; waiting for GO.
@@ -117,6 +120,7 @@ impl MessageKind {
             16 => Resume,
             17 => Pausing,
             18 => Deltas,
+            19 => Transport,
             32 => Ack,
             33 => Ready,
             34 => Resumed,
@@ -161,6 +165,7 @@ impl MessageKind {
             Pausing => "pausing",
             Prepared => "prepared",
             Deltas => "deltas",
+            Transport => "transport-record",
         }
     }
 }
@@ -298,6 +303,10 @@ pub enum Message<'a> {
     Pausing,
     /// The destination is ready for the switch to postcopy.
     Prepared,
+    /// A record of the transport's own, opaque here (see
+    /// [`MessageKind::Transport`]): a transport that sends one takes it out
+    /// of the stream again on the other side.
+    Transport(&'a [u8]),
 }
 
 impl<'a> Message<'a> {
@@ -331,6 +340,7 @@ impl<'a> Message<'a> {
             Message::ResumeAccepted => MessageKind::ResumeAccepted,
             Message::Pausing => MessageKind::Pausing,
             Message::Prepared => MessageKind::Prepared,
+            Message::Transport(_) => MessageKind::Transport,
         }
     }
 
@@ -346,7 +356,7 @@ impl<'a> Message<'a> {
             }
             Message::Deltas(m) => m.encode(out),
             Message::SyncMarker(m) => m.encode(out),
-            Message::DeviceState(blob) => out.extend_from_slice(blob),
+            Message::DeviceState(blob) | Message::Transport(blob) => out.extend_from_slice(blob),
             Message::EndOfRam(m) => m.encode(out),
             Message::Complete(m) => m.encode(out),
             Message::Abort(reason) => crate::return_path::encode_text(reason, out),
@@ -418,6 +428,7 @@ impl<'a> Message<'a> {
             MessageKind::Deltas => Message::Deltas(DeltaBatch::decode(body)?),
             MessageKind::SyncMarker => Message::SyncMarker(SyncMarker::decode(body)?),
             MessageKind::DeviceState => Message::DeviceState(body),
+            MessageKind::Transport => Message::Transport(body),
             MessageKind::EndOfRam => Message::EndOfRam(EndOfRam::decode(body)?),
             MessageKind::Go => {
                 empty("go")?;

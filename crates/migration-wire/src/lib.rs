@@ -70,6 +70,7 @@ pub mod handshake;
 pub mod mapped_ram;
 pub mod page;
 pub mod postcopy;
+pub mod rdma;
 pub mod return_path;
 pub mod xbzrle;
 

@@ -159,9 +159,13 @@ fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
             }
             out
         });
-    let blob = proptest::collection::vec(any::<u8>(), 0..64).prop_map(|blob| {
+    let blob = (proptest::collection::vec(any::<u8>(), 0..64), any::<bool>()).prop_map(|(blob, transport)| {
         let mut out = Vec::new();
-        Message::DeviceState(&blob).encode(&mut out);
+        if transport {
+            Message::Transport(&blob).encode(&mut out);
+        } else {
+            Message::DeviceState(&blob).encode(&mut out);
+        }
         out
     });
     let pages = (batch(), any::<bool>()).prop_map(|(b, squeeze)| {
@@ -238,10 +242,10 @@ proptest! {
     fn every_body_truncation_is_an_error(frame in encoded_message()) {
         // Cut the body and fix up the header, so the truncation reaches the
         // message decoder itself rather than the frame layer. Device-state
-        // blobs are opaque and may be any length.
+        // blobs and transport records are opaque and may be any length.
         let (message, _) = decode_frame(&frame).expect("valid");
         let kind = message.kind();
-        prop_assume!(kind != MessageKind::DeviceState);
+        prop_assume!(kind != MessageKind::DeviceState && kind != MessageKind::Transport);
         let body = &frame[FRAME_HEADER_LEN..];
         for cut in 0..body.len() {
             prop_assert!(Message::decode_body(kind, &body[..cut]).is_err(), "{:?} body cut at {}", kind, cut);

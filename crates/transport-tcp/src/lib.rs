@@ -254,6 +254,8 @@ pub struct TcpRx {
     direct: Option<Arc<dyn DirectPlacement>>,
     /// One page read back from guest memory, to hash it.
     scratch: Vec<u8>,
+    /// Takes records of the transport's own out of the stream.
+    records: Option<RecordHandler>,
 }
 
 impl std::fmt::Debug for TcpRx {
@@ -436,6 +438,52 @@ impl TcpRx {
     }
 }
 
+impl TcpRx {
+    /// For the frame whose header is in the buffer: when it is a record of
+    /// the transport's own and a handler takes them, reads and checks the
+    /// body, hands it to the handler and returns true. Returns false,
+    /// having read nothing more, for any other frame.
+    fn take_record(&mut self) -> Result<bool, TransportError> {
+        let mut raw = [0u8; FRAME_HEADER_LEN];
+        raw.copy_from_slice(&self.body[..FRAME_HEADER_LEN]);
+        let Some(handler) = &mut self.records else {
+            return Ok(false);
+        };
+        let Ok(header) = FrameHeader::decode(&raw, MAX_FRAME_BODY) else {
+            return Ok(false);
+        };
+        if header.kind != MessageKind::Transport {
+            return Ok(false);
+        }
+        let len = header.len as usize;
+        if self.body.len() < FRAME_HEADER_LEN + len {
+            self.body.resize(FRAME_HEADER_LEN + len, 0);
+        }
+        self.wire.read_exact(
+            header.kind.name(),
+            false,
+            &mut self.body[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len],
+        )?;
+        let body = &self.body[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len];
+        header.verify(body)?;
+        handler(body)?;
+        Ok(true)
+    }
+
+    /// Hands every record of the transport's own
+    /// ([`Message::Transport`]) to `handler` instead of returning it from
+    /// [`ChannelRx::recv`], which goes on to the next message: how a
+    /// transport built on this one takes its in-band records out of the
+    /// stream. An error from the handler is the receive's error.
+    pub fn set_record_handler(&mut self, handler: RecordHandler) {
+        self.records = Some(handler);
+    }
+}
+
+/// Takes the records of a transport built on TCP out of the stream (see
+/// [`TcpRx::set_record_handler`]).
+pub type RecordHandler = Box<dyn FnMut(&[u8]) -> Result<(), TransportError> + Send>;
+
 impl ChannelRx for TcpRx {
     /// See [`TcpTx::prefer_latency`].
     fn prefer_latency(&mut self) {
@@ -443,10 +491,15 @@ impl ChannelRx for TcpRx {
     }
 
     fn recv(&mut self) -> Result<Message<'_>, TransportError> {
-        if self.body.len() < FRAME_HEADER_LEN {
-            self.body.resize(FRAME_HEADER_LEN, 0);
+        loop {
+            if self.body.len() < FRAME_HEADER_LEN {
+                self.body.resize(FRAME_HEADER_LEN, 0);
+            }
+            self.read_exact("a frame header", true, 0, FRAME_HEADER_LEN)?;
+            if !self.take_record()? {
+                break;
+            }
         }
-        self.read_exact("a frame header", true, 0, FRAME_HEADER_LEN)?;
         let mut raw = [0u8; FRAME_HEADER_LEN];
         raw.copy_from_slice(&self.body[..FRAME_HEADER_LEN]);
         let header = match FrameHeader::decode(&raw, MAX_FRAME_BODY) {
@@ -594,6 +647,7 @@ impl TcpChannel {
                 body: Vec::new(),
                 direct: None,
                 scratch: Vec::new(),
+                records: None,
             },
             peer,
         })
@@ -602,6 +656,19 @@ impl TcpChannel {
     /// Whether the connection runs TLS.
     pub fn is_tls(&self) -> bool {
         self.tx.tls.is_some()
+    }
+
+    /// See [`TcpRx::set_record_handler`].
+    pub fn set_record_handler(&mut self, handler: RecordHandler) {
+        self.rx.set_record_handler(handler);
+    }
+
+    /// The local address of the connection.
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.tx
+            .stream
+            .local_addr()
+            .map_err(|e| TransportError::io("reading the local address", e))
     }
 
     /// `io_uring` or `plain`: how this channel moves bytes.
@@ -714,6 +781,32 @@ mod tests {
         assert_eq!(a.backend(), "plain");
         // One half of `b` keeps its ring: the two move bytes independently.
         exchange_frames(a, b);
+    }
+
+    #[test]
+    fn records_go_to_the_handler_and_recv_returns_the_next_message() {
+        let (mut a, mut b) = pair();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        b.set_record_handler(Box::new(move |bytes| {
+            if bytes == b"bad" {
+                return Err(TransportError::invalid_data("taking a record", "refused"));
+            }
+            sink.lock().expect("lock").push(bytes.to_vec());
+            Ok(())
+        }));
+        let marker = SyncMarker { epoch: 3, pages: 4 };
+        a.send(&Message::Transport(b"one")).expect("send");
+        a.send(&Message::Transport(b"")).expect("send");
+        a.send(&Message::SyncMarker(marker)).expect("send");
+        a.send(&Message::Transport(b"bad")).expect("send");
+        assert!(matches!(b.recv().expect("recv"), Message::SyncMarker(m) if m == marker));
+        assert_eq!(*seen.lock().expect("lock"), vec![b"one".to_vec(), Vec::new()]);
+        assert!(b.recv().is_err(), "the handler's error is the receive's");
+        // Without a handler a record is a message like any other.
+        let (mut c, mut d) = pair();
+        c.send(&Message::Transport(b"two")).expect("send");
+        assert!(matches!(d.recv().expect("recv"), Message::Transport(b"two")));
     }
 
     #[test]

@@ -1,0 +1,537 @@
+//! The transport's channels. The migration's own TCP connection carries
+//! every message (two-sided, as verbs SENDs would) and the transport's
+//! small control exchange; a page batch sent as it is goes as one-sided
+//! writes into the destination's registered memory, followed, once every
+//! write completed, by a notice with the batch's head and checksum.
+
+use crate::dest::DestNic;
+use crate::faults::Hit;
+use crate::source::SourceNic;
+use crate::verbs::{QueuePair, RdmaError, RemoteAddr, Writes};
+use migration_core::transport::{ChannelHalves, Closer};
+use migration_core::{Channel, ChannelRx, ChannelTx, DirectPlacement, TransportError};
+use migration_wire::rdma::RdmaRecord;
+use migration_wire::{Codec, Message, PageBatch, PageEncoding, WireError};
+use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use transport_tcp::TcpChannel;
+
+type SharedCloser = Arc<dyn Fn() + Send + Sync>;
+
+/// An RDMA error as the channel reports it.
+fn transport_error(context: &str, err: RdmaError) -> TransportError {
+    match err {
+        RdmaError::TimedOut { timeout, .. } => TransportError::TimedOut(timeout),
+        RdmaError::Io { context: inner, source } => TransportError::io(format!("{context}: {inner}"), source),
+        RdmaError::Wire(err) => TransportError::Malformed(err),
+        RdmaError::LinkDown(_) => TransportError::io(context, io::Error::new(io::ErrorKind::ConnectionReset, err)),
+        other => TransportError::io(context, io::Error::other(other)),
+    }
+}
+
+/// A queue pair and the remote keys of the blocks, in block order.
+#[derive(Debug)]
+struct Remote {
+    qp: Box<dyn QueuePair>,
+    rkeys: Vec<u32>,
+}
+
+/// The source's side of a channel.
+pub struct SourceChannel {
+    tx: SourceTx,
+    rx: Box<dyn ChannelRx>,
+    peer: String,
+    closer: SharedCloser,
+}
+
+impl std::fmt::Debug for SourceChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceChannel")
+            .field("peer", &self.peer)
+            .field("tx", &self.tx)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SourceChannel {
+    /// Channel `index` of a migration over `inner`, its one-sided writes
+    /// through `nic`. The destination announces its registered memory in
+    /// band; the queue pair is connected when it does.
+    pub fn new(mut inner: TcpChannel, index: u16, nic: Arc<SourceNic>) -> Result<Self, TransportError> {
+        let slot: Arc<Mutex<Option<Remote>>> = Arc::new(Mutex::new(None));
+        let (announced, setup) = (Arc::clone(&slot), Arc::clone(&nic));
+        inner.set_record_handler(Box::new(move |bytes| match RdmaRecord::decode(bytes)? {
+            RdmaRecord::Regions(table) => {
+                let qp = setup
+                    .queue_pair(index, &table)
+                    .map_err(|e| transport_error("connecting the simulated RDMA NIC", e))?;
+                let rkeys = table.regions.iter().map(|r| r.rkey).collect();
+                *announced.lock().unwrap_or_else(|e| e.into_inner()) = Some(Remote { qp, rkeys });
+                Ok(())
+            }
+            RdmaRecord::Placed { .. } => Err(TransportError::invalid_data(
+                "receiving from the destination",
+                "a placed-batch notice, which only a source sends",
+            )),
+        }));
+        let peer = inner.peer();
+        let closer: SharedCloser = Arc::from(inner.closer()?);
+        let (tx, rx) = Box::new(inner).split()?;
+        Ok(Self {
+            tx: SourceTx {
+                inner: tx,
+                index,
+                nic,
+                slot,
+                remote: None,
+                ops: 0,
+                next_wr: 0,
+                head: Vec::new(),
+                record: Vec::new(),
+                written: 0,
+                closer: Arc::clone(&closer),
+            },
+            rx,
+            peer,
+            closer,
+        })
+    }
+}
+
+/// The sending half of a source channel.
+pub struct SourceTx {
+    inner: Box<dyn ChannelTx>,
+    index: u16,
+    nic: Arc<SourceNic>,
+    /// Where the receiving half puts the queue pair once announced.
+    slot: Arc<Mutex<Option<Remote>>>,
+    remote: Option<Remote>,
+    /// Operations (messages and batches) so far, for injected faults.
+    ops: u64,
+    next_wr: u64,
+    head: Vec<u8>,
+    record: Vec<u8>,
+    /// Bytes written one-sided on this channel.
+    written: u64,
+    closer: SharedCloser,
+}
+
+impl std::fmt::Debug for SourceTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceTx")
+            .field("index", &self.index)
+            .field("remote", &self.remote)
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SourceTx {
+    /// Whether `batch` goes as one-sided writes: pages sent as they are,
+    /// with their hashes, while precopy runs. Fails when the destination
+    /// announced no registered memory.
+    fn one_sided(&mut self, batch: &PageBatch<'_>) -> Result<bool, TransportError> {
+        if batch.codec() != Codec::None
+            || batch.is_placed()
+            || batch.page_hashes().is_none()
+            || batch.payload().is_empty()
+            || self.nic.precopy_over.load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Ok(false);
+        }
+        if self.remote.is_none() {
+            self.remote = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+        if self.remote.is_none() {
+            return Err(TransportError::io(
+                "sending pages over the simulated RDMA transport",
+                io::Error::other(
+                    "the destination announced no registered memory (is it `migrate-cli recv --transport rdma-sim`?)",
+                ),
+            ));
+        }
+        Ok(true)
+    }
+
+    /// Writes the plain pages of `batch` into the destination's memory, a
+    /// write per run of consecutive pages, waits for every completion, then
+    /// sends the notice.
+    fn send_one_sided(&mut self, batch: &PageBatch<'_>) -> Result<(), TransportError> {
+        let context = "writing pages over the simulated RDMA NIC";
+        let remote = self.remote.as_mut().expect("checked by one_sided");
+        let rkey = *remote.rkeys.get(batch.block as usize).ok_or_else(|| {
+            TransportError::io(
+                context,
+                io::Error::other(format!("no region for block {}", batch.block)),
+            )
+        })?;
+        let page_size = batch.page_size as usize;
+        let payload = batch.payload();
+        // Runs of consecutive plain pages: (first page, payload offset, bytes).
+        let mut runs: Vec<(u64, usize, usize)> = Vec::new();
+        let mut at = 0;
+        for entry in batch.entries().flatten() {
+            if entry.encoding != PageEncoding::Plain {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((first, start, len))
+                    if *first + (*len / page_size) as u64 == entry.page && *start + *len == at =>
+                {
+                    *len += page_size;
+                }
+                _ => runs.push((entry.page, at, page_size)),
+            }
+            at += page_size;
+        }
+        let mut writes = Writes::new(remote.qp.as_mut(), self.next_wr);
+        for &(first, start, len) in &runs {
+            let offset = first
+                .checked_mul(page_size as u64)
+                .ok_or_else(|| TransportError::invalid_data(context, "page index overflows"))?;
+            writes
+                .post(&payload[start..start + len], RemoteAddr { rkey, offset })
+                .map_err(|e| transport_error(context, e))?;
+        }
+        self.next_wr = writes
+            .complete(self.nic.io_timeout())
+            .map_err(|e| transport_error(context, e))?;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.nic.bytes.fetch_add(payload.len() as u64, Relaxed);
+        self.nic.writes.fetch_add(runs.len() as u64, Relaxed);
+        self.nic.batches.fetch_add(1, Relaxed);
+        self.written += payload.len() as u64;
+        self.head.clear();
+        batch.encode_head(&mut self.head);
+        self.record.clear();
+        RdmaRecord::Placed {
+            checksum: batch.checksum_with_head(&self.head),
+            head: &self.head,
+        }
+        .encode(&mut self.record);
+        self.inner.send(&Message::Transport(&self.record))
+    }
+
+    /// Drops the link, as a pulled cable would: the queue pair and the
+    /// connection both ways.
+    fn drop_link(&mut self) {
+        if let Some(remote) = &mut self.remote {
+            remote.qp.drop_link();
+        }
+        (self.closer)();
+    }
+}
+
+impl ChannelTx for SourceTx {
+    fn send(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
+        self.ops += 1;
+        if let Some(Hit::DropLink) = self.nic.faults().and_then(|f| f.on_operation(self.index, self.ops)) {
+            self.drop_link();
+            return Err(TransportError::io(
+                "sending over the simulated RDMA link",
+                io::Error::new(io::ErrorKind::ConnectionReset, "injected fault: the link dropped"),
+            ));
+        }
+        match message {
+            Message::Pages(batch) if self.one_sided(batch)? => return self.send_one_sided(batch),
+            // From here the guest may run on the destination: pages are
+            // placed whole by its receiver, never written into its memory.
+            Message::PostcopyStart(_) | Message::Resume(_) => {
+                self.nic.precopy_over.store(true, std::sync::atomic::Ordering::Release);
+            }
+            _ => {}
+        }
+        self.inner.send(message)
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.inner.bytes_sent() + self.written
+    }
+
+    fn shutdown(&mut self) {
+        self.inner.shutdown();
+    }
+
+    fn prefer_latency(&mut self) {
+        self.inner.prefer_latency();
+    }
+}
+
+/// The destination's side of a channel.
+pub struct DestChannel {
+    tx: DestTx,
+    rx: DestRx,
+    peer: String,
+    closer: SharedCloser,
+}
+
+impl std::fmt::Debug for DestChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestChannel")
+            .field("peer", &self.peer)
+            .field("qp", &self.rx.qp.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DestChannel {
+    /// A destination channel over `inner`, announcing `nic`'s registered
+    /// memory before its first message once there is some.
+    pub fn new(inner: TcpChannel, nic: Arc<DestNic>) -> Result<Self, TransportError> {
+        let peer = inner.peer();
+        let closer: SharedCloser = Arc::from(inner.closer()?);
+        let (tx, rx) = Box::new(inner).split()?;
+        let qp = Arc::new(OnceLock::new());
+        Ok(Self {
+            tx: DestTx {
+                inner: tx,
+                nic: Arc::clone(&nic),
+                qp: Arc::clone(&qp),
+                record: Vec::new(),
+            },
+            rx: DestRx {
+                inner: rx,
+                nic,
+                qp,
+                hashes: Vec::new(),
+                scratch: Vec::new(),
+                placed: 0,
+            },
+            peer,
+            closer,
+        })
+    }
+}
+
+/// The sending half of a destination channel.
+pub struct DestTx {
+    inner: Box<dyn ChannelTx>,
+    nic: Arc<DestNic>,
+    /// This channel's queue pair, once announced.
+    qp: Arc<OnceLock<u32>>,
+    record: Vec<u8>,
+}
+
+impl std::fmt::Debug for DestTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestTx")
+            .field("qp", &self.qp.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChannelTx for DestTx {
+    fn send(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
+        // Announced before the first message once memory is registered,
+        // never to a peer being refused.
+        if self.qp.get().is_none()
+            && !matches!(message, Message::Error(_))
+            && let Some(table) = self.nic.announce()
+        {
+            let _ = self.qp.set(table.qp);
+            self.record.clear();
+            RdmaRecord::Regions(table).encode(&mut self.record);
+            self.inner.send(&Message::Transport(&self.record))?;
+        }
+        self.inner.send(message)
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.inner.bytes_sent()
+    }
+
+    fn shutdown(&mut self) {
+        self.inner.shutdown();
+    }
+
+    fn prefer_latency(&mut self) {
+        self.inner.prefer_latency();
+    }
+}
+
+/// The receiving half of a destination channel.
+pub struct DestRx {
+    inner: Box<dyn ChannelRx>,
+    nic: Arc<DestNic>,
+    qp: Arc<OnceLock<u32>>,
+    hashes: Vec<u64>,
+    scratch: Vec<u8>,
+    /// Bytes the source wrote one-sided, as its notices said.
+    placed: u64,
+}
+
+impl std::fmt::Debug for DestRx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestRx")
+            .field("qp", &self.qp.get())
+            .field("placed", &self.placed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DestRx {
+    /// Checks a placed-batch notice against the memory its pages landed
+    /// in: hashes each plain page where it is and compares the batch's
+    /// checksum. Leaves the hashes in `hashes`.
+    fn check_placed(
+        nic: &DestNic,
+        qp: Option<u32>,
+        batch: &PageBatch<'_>,
+        checksum: u64,
+        head: &[u8],
+        hashes: &mut Vec<u64>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<u64, TransportError> {
+        let context = "receiving a placed batch";
+        let qp = qp.ok_or_else(|| TransportError::invalid_data(context, "no memory was announced on this channel"))?;
+        if !nic.may_write(qp) {
+            return Err(TransportError::invalid_data(
+                context,
+                "a batch written after this channel's precopy ended",
+            ));
+        }
+        let region = nic
+            .region(batch.block)
+            .ok_or_else(|| TransportError::invalid_data(context, format!("no block {}", batch.block)))?;
+        let page_size = batch.page_size as usize;
+        hashes.clear();
+        scratch.resize(page_size, 0);
+        for entry in batch.entries().flatten() {
+            if entry.encoding != PageEncoding::Plain {
+                continue;
+            }
+            let offset = usize::try_from(entry.page)
+                .ok()
+                .and_then(|p| p.checked_mul(page_size))
+                .ok_or_else(|| TransportError::invalid_data(context, "page index overflows"))?;
+            region
+                .read(offset, scratch)
+                .map_err(|e| TransportError::invalid_data(context, e.to_string()))?;
+            hashes.push(migration_wire::page::page_hash(scratch));
+        }
+        let actual = migration_wire::page::pages_checksum(head, hashes);
+        if actual != checksum {
+            hashes.clear();
+            return Err(TransportError::Malformed(WireError::Checksum {
+                kind: "placed pages",
+                expected: checksum,
+                actual,
+            }));
+        }
+        Ok((hashes.len() * page_size) as u64)
+    }
+}
+
+impl ChannelRx for DestRx {
+    fn recv(&mut self) -> Result<Message<'_>, TransportError> {
+        let message = self.inner.recv()?;
+        match message {
+            Message::Transport(bytes) => match RdmaRecord::decode(bytes)? {
+                RdmaRecord::Placed { checksum, head } => {
+                    let batch = PageBatch::decode_head(head)?;
+                    self.placed += Self::check_placed(
+                        &self.nic,
+                        self.qp.get().copied(),
+                        &batch,
+                        checksum,
+                        head,
+                        &mut self.hashes,
+                        &mut self.scratch,
+                    )?;
+                    Ok(Message::Pages(batch.with_hashes(&self.hashes)))
+                }
+                RdmaRecord::Regions(_) => Err(TransportError::invalid_data(
+                    "receiving from the source",
+                    "a region table, which only a destination sends",
+                )),
+            },
+            // This channel's precopy is over: no more writes through its
+            // queue pair, and no new queue pairs.
+            Message::EndOfRam(_) | Message::PostcopyStart(_) => {
+                if let Some(&qp) = self.qp.get() {
+                    self.nic.revoke(qp);
+                }
+                Ok(message)
+            }
+            other => Ok(other),
+        }
+    }
+
+    fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
+        self.inner.take_body(replacement)
+    }
+
+    fn place_directly(&mut self, target: Arc<dyn DirectPlacement>) -> bool {
+        self.inner.place_directly(target)
+    }
+
+    fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        self.inner.set_timeout(timeout)
+    }
+
+    fn bytes_received(&self) -> u64 {
+        self.inner.bytes_received() + self.placed
+    }
+
+    fn prefer_latency(&mut self) {
+        self.inner.prefer_latency();
+    }
+}
+
+/// Both channel types forward to their halves.
+macro_rules! forward_channel {
+    ($channel:ty, $boxed_rx:expr) => {
+        impl ChannelTx for $channel {
+            fn send(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
+                self.tx.send(message)
+            }
+            fn bytes_sent(&self) -> u64 {
+                self.tx.bytes_sent()
+            }
+            fn shutdown(&mut self) {
+                self.tx.shutdown();
+            }
+            fn prefer_latency(&mut self) {
+                self.tx.prefer_latency();
+            }
+        }
+
+        impl ChannelRx for $channel {
+            fn recv(&mut self) -> Result<Message<'_>, TransportError> {
+                self.rx.recv()
+            }
+            fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
+                self.rx.take_body(replacement)
+            }
+            fn place_directly(&mut self, target: Arc<dyn DirectPlacement>) -> bool {
+                self.rx.place_directly(target)
+            }
+            fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
+                self.rx.set_timeout(timeout)
+            }
+            fn bytes_received(&self) -> u64 {
+                self.rx.bytes_received()
+            }
+            fn prefer_latency(&mut self) {
+                self.rx.prefer_latency();
+            }
+        }
+
+        impl Channel for $channel {
+            fn split(self: Box<Self>) -> Result<ChannelHalves, TransportError> {
+                Ok((Box::new(self.tx), $boxed_rx(self.rx)))
+            }
+            fn peer(&self) -> String {
+                self.peer.clone()
+            }
+            fn closer(&self) -> Result<Closer, TransportError> {
+                let closer = Arc::clone(&self.closer);
+                Ok(Box::new(move || closer()))
+            }
+        }
+    };
+}
+
+forward_channel!(SourceChannel, |rx| rx);
+forward_channel!(DestChannel, |rx| Box::new(rx) as Box<dyn ChannelRx>);
