@@ -466,6 +466,33 @@ pub fn assert_send_failed_resumed(out: &Output) -> Value {
     json
 }
 
+/// Asserts a destination that was part of a failed migration did not claim
+/// success (it exited non-zero or had to be killed, and printed no
+/// completed report).
+pub fn assert_recv_not_completed(out: &Output) {
+    assert_ne!(
+        out.code,
+        Some(0),
+        "recv exited 0 after a failed migration\n{}",
+        out.describe()
+    );
+    let text = out.stdout.trim();
+    if !text.is_empty() {
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(json) => assert_ne!(
+                field(&json, "status"),
+                "completed",
+                "recv reported completed after a failed migration: {json:#}"
+            ),
+            Err(_) => assert!(
+                !text.contains("\"completed\""),
+                "recv printed a completed status\n{}",
+                out.describe()
+            ),
+        }
+    }
+}
+
 /// The error string of a JSON report, lower-cased.
 pub fn error_text(json: &Value) -> String {
     field(json, "error").as_str().unwrap_or_default().to_lowercase()

@@ -4,6 +4,7 @@ mod demo;
 mod dirty_rate;
 mod guest;
 mod memory;
+mod rdma;
 mod recv;
 mod report;
 mod send;
@@ -105,7 +106,8 @@ impl Command {
     /// subcommand's name and the problem.
     fn problem(&self) -> Option<(&'static str, String)> {
         match self {
-            Command::Send(args) => Some(("send", args.source.throttle.problem()?)),
+            Command::Send(args) => Some(("send", args.problem()?)),
+            Command::Recv(args) => Some(("recv", args.problem()?)),
             Command::Save(args) => Some(("save", args.source.throttle.problem()?)),
             _ => None,
         }

@@ -123,9 +123,16 @@ pub struct Preallocated {
 }
 
 impl Preallocated {
-    pub fn new(size: u64) -> Result<Self> {
+    /// Preallocates `size` bytes: anonymous memory, or a memfd when the
+    /// memory is to be `shared` with another process.
+    pub fn new(size: u64, shared: bool) -> Result<Self> {
         let len = usize::try_from(size)?;
-        let whole = GuestRegion::anonymous(len).context("mapping preallocated memory")?;
+        let whole = if shared {
+            GuestRegion::memfd("guest-ram", len)
+        } else {
+            GuestRegion::anonymous(len)
+        }
+        .context("mapping preallocated memory")?;
         let half = (len / 2).next_multiple_of(PAGE_SIZE).min(len);
         std::thread::scope(|scope| -> Result<()> {
             let second = scope.spawn(|| whole.populate_write(half, len - half));

@@ -9,9 +9,12 @@ use anyhow::{Context, Result};
 use migration_core::dest::{self, DestOptions, run_destination};
 use migration_core::{Channel, Event, TransportError};
 use migration_wire::{ErrorCode, Features};
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use transport_tcp::{TcpListener, TcpOptions};
+use transport_rdma_sim::{DestChannel, DestNic, DestNicSlot};
+use transport_tcp::{TcpChannel, TcpListener, TcpOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct RecvArgs {
@@ -62,12 +65,28 @@ pub struct RecvArgs {
     /// before the migration (and the VM's state) is given up.
     #[arg(long, value_parser = parse_duration, default_value = "5m")]
     pub resume_timeout: Duration,
+    #[command(flatten)]
+    pub transport: crate::rdma::TransportArgs,
     /// Print no progress lines (errors and the result still print).
     #[arg(long)]
     pub quiet: bool,
     /// Print one JSON object with the outcome on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+impl RecvArgs {
+    /// What is wrong with the flags together, for a usage error.
+    pub fn problem(&self) -> Option<String> {
+        let rdma = self.transport.rdma();
+        if !rdma && self.transport.rdma_nic != crate::rdma::NicChoice::Auto {
+            return Some("--rdma-nic goes with --transport rdma-sim".into());
+        }
+        if rdma && self.tls.tls_cert.is_some() {
+            return Some("--transport rdma-sim has no TLS (RDMA traffic is not encrypted either)".into());
+        }
+        None
+    }
 }
 
 pub fn run(args: RecvArgs) -> u8 {
@@ -86,7 +105,8 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
     };
     let prealloc = args
         .prealloc
-        .map(memory::Preallocated::new)
+        // The memfd NIC shares guest RAM by file descriptor.
+        .map(|size| memory::Preallocated::new(size, args.transport.rdma()))
         .transpose()
         .context("preallocating guest RAM (--prealloc)")?;
     let options = DestOptions {
@@ -110,19 +130,33 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
     let listener = TcpListener::bind(&args.listen, tcp).with_context(|| format!("listening on {}", args.listen))?;
     eprintln!("listening on {}", listener.local_addr()?);
 
+    // The simulated RDMA NIC, once chosen: every channel announces its
+    // registered memory.
+    let rdma = args.transport.rdma().then(|| Arc::new(DestNicSlot::new()));
+    let wrap = |channel: TcpChannel| -> Result<Box<dyn Channel>, TransportError> {
+        Ok(match &rdma {
+            Some(slot) => Box::new(DestChannel::new(channel, Arc::clone(slot))?),
+            None => Box::new(channel),
+        })
+    };
+
     // Serve one migration: a connection that fails the handshake is
     // refused and reported, and the wait goes on.
-    let incoming = loop {
-        let channel = match listener.accept() {
-            Ok(channel) => channel,
+    let (incoming, addrs) = loop {
+        let accepted = listener.accept().and_then(|channel| {
+            let peer = migration_core::Channel::peer(&channel);
+            let addrs = (peer.parse::<SocketAddr>().ok(), channel.local_addr().ok());
+            Ok((wrap(channel)?, peer, addrs))
+        });
+        let (channel, peer, addrs) = match accepted {
+            Ok(accepted) => accepted,
             Err(err) => {
                 eprintln!("accept failed: {}", crate::chain(&err.into()));
                 continue;
             }
         };
-        let peer = migration_core::Channel::peer(&channel);
-        match dest::accept(Box::new(channel), &options) {
-            Ok(incoming) => break incoming,
+        match dest::accept(channel, &options) {
+            Ok(incoming) => break (incoming, addrs),
             Err(err) => eprintln!("refused connection from {peer}: {}", crate::chain(&err.into())),
         }
     };
@@ -144,11 +178,23 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
             return Err(err.context("preparing guest RAM"));
         }
     };
-    report.setup(setup_start.elapsed());
-    let mut accept = |wait: Duration| -> Result<Box<dyn Channel>, TransportError> {
-        Ok(Box::new(listener.accept_within(Some(wait))?))
+    let nic = match &rdma {
+        Some(slot) => match start_nic(args, &memory, addrs, incoming.postcopy()) {
+            Ok(nic) => {
+                let _ = slot.set(Arc::clone(&nic));
+                Some(nic)
+            }
+            Err(err) => {
+                incoming.refuse(ErrorCode::Internal, &format!("{err:#}"));
+                return Err(err.context("setting up the simulated RDMA NIC"));
+            }
+        },
+        None => None,
     };
-    receive(
+    report.setup(setup_start.elapsed());
+    let mut accept =
+        |wait: Duration| -> Result<Box<dyn Channel>, TransportError> { wrap(listener.accept_within(Some(wait))?) };
+    let outcome = receive(
         incoming,
         &mut accept,
         memory,
@@ -156,7 +202,25 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
         args.quiet,
         args.run_for,
         report,
-    )
+    );
+    if let Some(nic) = nic {
+        report.rdma = Some(crate::rdma::RdmaReport::destination(nic.kind(), &nic.stats()));
+    }
+    outcome
+}
+
+/// Chooses the simulated NIC for a source at `addrs` (its address, and the
+/// one it reached), starts it and registers guest RAM with it.
+fn start_nic(
+    args: &RecvArgs,
+    memory: &memory::GuestMemory,
+    (peer, local): (Option<SocketAddr>, Option<SocketAddr>),
+    postcopy: bool,
+) -> Result<Arc<DestNic>> {
+    let kind = crate::rdma::choose_nic(args.transport.rdma_nic, peer, local, postcopy)?;
+    let nic = DestNic::start(kind, crate::rdma::nic_ip(local))?;
+    nic.register(&memory.regions())?;
+    Ok(Arc::new(nic))
 }
 
 /// Receives an accepted migration into `memory`, runs the guest for

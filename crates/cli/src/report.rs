@@ -90,6 +90,9 @@ pub struct Report {
     /// (destination).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub xbzrle: Option<XbzrleReport>,
+    /// `--transport rdma-sim`: what the simulated NIC did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rdma: Option<crate::rdma::RdmaReport>,
     /// The most memory this process had resident at any time (`VmHWM`).
     pub peak_resident_bytes: Option<u64>,
     /// Print the JSON object on stderr (stdout carries a stream).
@@ -248,6 +251,7 @@ impl Report {
             lazy: None,
             postcopy: None,
             xbzrle: None,
+            rdma: None,
             peak_resident_bytes: None,
             json_to_stderr: false,
         }

@@ -16,6 +16,7 @@ use reference_guest::kvm::KvmGuest;
 use reference_guest::{Content, GuestSpec, Pattern, SyntheticGuest};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use transport_rdma_sim::{Faults, SourceChannel, SourceNic};
 use transport_tcp::TcpOptions;
 
 /// What to do when precopy does not converge within its limits.
@@ -70,7 +71,38 @@ pub struct SendArgs {
     #[arg(long, value_parser = parse_size)]
     pub xbzrle_cache: Option<u64>,
     #[command(flatten)]
+    pub transport: crate::rdma::TransportArgs,
+    /// For testing --transport rdma-sim: faults the simulated NIC injects,
+    /// as seed=N,delay=P,reorder=P,qp-error=CHANNEL@N,drop-link=CHANNEL@N
+    /// (P: probability per completion or poll; CHANNEL@N: that channel's
+    /// N-th write, or N-th operation for drop-link, once).
+    #[arg(long, value_name = "SPEC")]
+    pub rdma_faults: Option<transport_rdma_sim::FaultPlan>,
+    #[command(flatten)]
     pub source: SourceArgs,
+}
+
+impl SendArgs {
+    /// What is wrong with the flags together, for a usage error.
+    pub fn problem(&self) -> Option<String> {
+        if let Some(problem) = self.source.throttle.problem() {
+            return Some(problem);
+        }
+        let rdma = self.transport.rdma();
+        if !rdma && (self.rdma_faults.is_some() || self.transport.rdma_nic != crate::rdma::NicChoice::Auto) {
+            return Some("--rdma-nic and --rdma-faults go with --transport rdma-sim".into());
+        }
+        if rdma && self.tls.tls_cert.is_some() {
+            return Some("--transport rdma-sim has no TLS (RDMA traffic is not encrypted either)".into());
+        }
+        if rdma && self.postcopy && self.transport.rdma_nic == crate::rdma::NicChoice::Memfd {
+            return Some(
+                "--rdma-nic memfd cannot carry postcopy (it writes into memory the guest runs on); use --rdma-nic tcp"
+                    .into(),
+            );
+        }
+        None
+    }
 }
 
 /// The guest, shared by `send`, `save` and `dirty-rate`.
@@ -228,6 +260,7 @@ impl ThrottleArgs {
 }
 
 /// Where the source sends its guest.
+#[derive(Clone, Copy)]
 pub enum Target<'a> {
     /// A `migrate-cli recv` over TCP.
     Tcp(&'a SendArgs),
@@ -279,6 +312,17 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
         },
         Target::File(_) | Target::Stream(..) => TcpOptions::default(),
     };
+    let rdma = match target {
+        Target::Tcp(send) if send.transport.rdma() => Some(std::sync::Arc::new(SourceNic::new(
+            send.transport.rdma_nic.kind(),
+            memory.ram.blocks().iter().map(|b| b.region().len() as u64).collect(),
+            args.io_timeout,
+            send.rdma_faults
+                .clone()
+                .map(|plan| std::sync::Arc::new(Faults::new(plan))),
+        ))),
+        _ => None,
+    };
     let mut connect = |index: u16, wait: Duration| -> Result<Box<dyn Channel>, TransportError> {
         Ok(match target {
             Target::Tcp(send) => {
@@ -286,7 +330,11 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
                     connect_timeout: tcp.connect_timeout.min(wait),
                     ..tcp.clone()
                 };
-                Box::new(transport_tcp::connect(&send.to, &tcp)?)
+                let channel = transport_tcp::connect(&send.to, &tcp)?;
+                match &rdma {
+                    Some(nic) => Box::new(SourceChannel::new(channel, index, std::sync::Arc::clone(nic))?),
+                    None => Box::new(channel),
+                }
             }
             Target::File(file) => Box::new(file.channel(index)),
             Target::Stream(stream, _) => Box::new(stream.channel()),
@@ -373,6 +421,7 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
         },
     );
     progress.finish();
+    report.rdma = rdma.map(|nic| crate::rdma::RdmaReport::source(&nic.stats(), nic_faults(target)));
     report.throttle_percent = options.precopy.auto_converge.map(|_| highest_throttle);
     let paused_unix_us = paused_at.and_then(crate::report::unix_us);
     let mark_pause = |report: &mut Report| report.paused_unix_us = paused_unix_us;
@@ -427,6 +476,11 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
             })
         }
     }
+}
+
+/// Whether faults were injected into the simulated NIC.
+fn nic_faults(target: Target<'_>) -> bool {
+    matches!(target, Target::Tcp(send) if send.rdma_faults.is_some())
 }
 
 /// Records how the guest runs after it resumed on the source: that it

@@ -270,7 +270,7 @@ fn restore_from(
         .context("reading the snapshot's handshake")?;
     let prealloc = args
         .prealloc
-        .then(|| memory::Preallocated::new(incoming.blocks().total_bytes()))
+        .then(|| memory::Preallocated::new(incoming.blocks().total_bytes(), false))
         .transpose()
         .context("preallocating guest RAM (--prealloc)")?;
     let memory = restore_memory(args, incoming.blocks(), prealloc.as_ref())?;

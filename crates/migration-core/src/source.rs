@@ -728,18 +728,28 @@ impl SourceRun<'_> {
     /// Why the channel thread stopped: what the destination said if it said
     /// anything (its error explains a reset connection), else the local error.
     fn channel_failure(&mut self, link: &Link) -> SourceError {
-        let deadline = Instant::now() + Duration::from_millis(200);
-        while let Ok(message) = link.returned.recv_deadline(deadline) {
-            match message {
-                Returned::Error(err) => return SourceError::Peer(err),
-                Returned::Failed(_) => break,
-                _ => {}
-            }
-        }
         let failure = link
             .channel_error
             .iter()
             .find_map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).take());
+        // A link that broke under the channel is best explained by the
+        // destination, if it says why; a failure of this side's own (its
+        // memory, its transport refusing what it was given) explains itself.
+        let broke = match &failure {
+            Some(ChannelFailure::Transport(err)) => err.is_broken_link(),
+            Some(ChannelFailure::Memory(_)) => false,
+            None => true,
+        };
+        if broke {
+            let deadline = Instant::now() + Duration::from_millis(200);
+            while let Ok(message) = link.returned.recv_deadline(deadline) {
+                match message {
+                    Returned::Error(err) => return SourceError::Peer(err),
+                    Returned::Failed(_) => break,
+                    _ => {}
+                }
+            }
+        }
         match failure {
             Some(ChannelFailure::Transport(err)) => SourceError::Transport(err),
             Some(ChannelFailure::Memory(err)) => SourceError::Memory(err),

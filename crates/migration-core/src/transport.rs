@@ -43,6 +43,21 @@ impl TransportError {
         }
     }
 
+    /// Whether the error is the link breaking under the channel (closed,
+    /// reset, silent), which the peer may explain better, rather than a
+    /// failure of this side's own.
+    pub fn is_broken_link(&self) -> bool {
+        use std::io::ErrorKind::*;
+        match self {
+            TransportError::Closed | TransportError::TimedOut(_) => true,
+            TransportError::Io { source, .. } => matches!(
+                source.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | NotConnected | TimedOut | WouldBlock
+            ),
+            TransportError::Malformed(_) => false,
+        }
+    }
+
     /// Bad data (a peer's or a file's), described by `what`, met while
     /// doing `context`.
     pub fn invalid_data(context: impl Into<String>, what: impl Into<String>) -> Self {

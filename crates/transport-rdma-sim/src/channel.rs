@@ -40,7 +40,7 @@ struct Remote {
 /// The source's side of a channel.
 pub struct SourceChannel {
     tx: SourceTx,
-    rx: Box<dyn ChannelRx>,
+    rx: SourceRx,
     peer: String,
     closer: SharedCloser,
 }
@@ -79,6 +79,11 @@ impl SourceChannel {
         let closer: SharedCloser = Arc::from(inner.closer()?);
         let (tx, rx) = Box::new(inner).split()?;
         Ok(Self {
+            rx: SourceRx {
+                inner: rx,
+                nic: Arc::clone(&nic),
+                slot: Arc::clone(&slot),
+            },
             tx: SourceTx {
                 inner: tx,
                 index,
@@ -92,12 +97,66 @@ impl SourceChannel {
                 written: 0,
                 closer: Arc::clone(&closer),
             },
-            rx,
             peer,
             closer,
         })
     }
 }
+
+/// The receiving half of a source channel: the migration's messages, the
+/// transport's records taken out by the connection's record handler.
+pub struct SourceRx {
+    inner: Box<dyn ChannelRx>,
+    nic: Arc<SourceNic>,
+    slot: Arc<Mutex<Option<Remote>>>,
+}
+
+impl std::fmt::Debug for SourceRx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceRx").finish_non_exhaustive()
+    }
+}
+
+impl ChannelRx for SourceRx {
+    fn recv(&mut self) -> Result<Message<'_>, TransportError> {
+        let message = self.inner.recv()?;
+        // A destination accepts a channel only after announcing its memory
+        // on it, while precopy runs: one that did not is not on rdma-sim.
+        if matches!(message, Message::BlocksAccepted | Message::ChannelAccepted)
+            && !self.nic.precopy_over.load(std::sync::atomic::Ordering::Acquire)
+            && self.slot.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+        {
+            return Err(TransportError::io(
+                "opening a channel of the simulated RDMA transport",
+                io::Error::other(NOT_ANNOUNCED),
+            ));
+        }
+        Ok(message)
+    }
+
+    fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
+        self.inner.take_body(replacement)
+    }
+
+    fn place_directly(&mut self, target: Arc<dyn DirectPlacement>) -> bool {
+        self.inner.place_directly(target)
+    }
+
+    fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        self.inner.set_timeout(timeout)
+    }
+
+    fn bytes_received(&self) -> u64 {
+        self.inner.bytes_received()
+    }
+
+    fn prefer_latency(&mut self) {
+        self.inner.prefer_latency();
+    }
+}
+
+const NOT_ANNOUNCED: &str =
+    "the destination announced no registered memory (is it `migrate-cli recv --transport rdma-sim`?)";
 
 /// The sending half of a source channel.
 pub struct SourceTx {
@@ -146,9 +205,7 @@ impl SourceTx {
         if self.remote.is_none() {
             return Err(TransportError::io(
                 "sending pages over the simulated RDMA transport",
-                io::Error::other(
-                    "the destination announced no registered memory (is it `migrate-cli recv --transport rdma-sim`?)",
-                ),
+                io::Error::other(NOT_ANNOUNCED),
             ));
         }
         Ok(true)
@@ -275,10 +332,15 @@ impl std::fmt::Debug for DestChannel {
     }
 }
 
+/// The destination's NIC, set once it is chosen: a destination accepts
+/// its first channel before it knows the guest, so the channels hold the
+/// slot and the NIC comes later.
+pub type DestNicSlot = OnceLock<Arc<DestNic>>;
+
 impl DestChannel {
-    /// A destination channel over `inner`, announcing `nic`'s registered
-    /// memory before its first message once there is some.
-    pub fn new(inner: TcpChannel, nic: Arc<DestNic>) -> Result<Self, TransportError> {
+    /// A destination channel over `inner`, announcing the registered memory
+    /// of the NIC in `nic` before its first message once there is some.
+    pub fn new(inner: TcpChannel, nic: Arc<DestNicSlot>) -> Result<Self, TransportError> {
         let peer = inner.peer();
         let closer: SharedCloser = Arc::from(inner.closer()?);
         let (tx, rx) = Box::new(inner).split()?;
@@ -307,7 +369,7 @@ impl DestChannel {
 /// The sending half of a destination channel.
 pub struct DestTx {
     inner: Box<dyn ChannelTx>,
-    nic: Arc<DestNic>,
+    nic: Arc<DestNicSlot>,
     /// This channel's queue pair, once announced.
     qp: Arc<OnceLock<u32>>,
     record: Vec<u8>,
@@ -327,7 +389,7 @@ impl ChannelTx for DestTx {
         // never to a peer being refused.
         if self.qp.get().is_none()
             && !matches!(message, Message::Error(_))
-            && let Some(table) = self.nic.announce()
+            && let Some(table) = self.nic.get().and_then(|nic| nic.announce())
         {
             let _ = self.qp.set(table.qp);
             self.record.clear();
@@ -353,7 +415,7 @@ impl ChannelTx for DestTx {
 /// The receiving half of a destination channel.
 pub struct DestRx {
     inner: Box<dyn ChannelRx>,
-    nic: Arc<DestNic>,
+    nic: Arc<DestNicSlot>,
     qp: Arc<OnceLock<u32>>,
     hashes: Vec<u64>,
     scratch: Vec<u8>,
@@ -375,7 +437,7 @@ impl DestRx {
     /// in: hashes each plain page where it is and compares the batch's
     /// checksum. Leaves the hashes in `hashes`.
     fn check_placed(
-        nic: &DestNic,
+        nic: Option<&Arc<DestNic>>,
         qp: Option<u32>,
         batch: &PageBatch<'_>,
         checksum: u64,
@@ -384,7 +446,12 @@ impl DestRx {
         scratch: &mut Vec<u8>,
     ) -> Result<u64, TransportError> {
         let context = "receiving a placed batch";
-        let qp = qp.ok_or_else(|| TransportError::invalid_data(context, "no memory was announced on this channel"))?;
+        let (Some(nic), Some(qp)) = (nic, qp) else {
+            return Err(TransportError::invalid_data(
+                context,
+                "no memory was announced on this channel",
+            ));
+        };
         if !nic.may_write(qp) {
             return Err(TransportError::invalid_data(
                 context,
@@ -430,8 +497,8 @@ impl ChannelRx for DestRx {
             Message::Transport(bytes) => match RdmaRecord::decode(bytes)? {
                 RdmaRecord::Placed { checksum, head } => {
                     let batch = PageBatch::decode_head(head)?;
-                    self.placed += Self::check_placed(
-                        &self.nic,
+                    let placed = Self::check_placed(
+                        self.nic.get(),
                         self.qp.get().copied(),
                         &batch,
                         checksum,
@@ -439,6 +506,10 @@ impl ChannelRx for DestRx {
                         &mut self.hashes,
                         &mut self.scratch,
                     )?;
+                    self.placed += placed;
+                    if let Some(nic) = self.nic.get() {
+                        nic.count_placed(placed);
+                    }
                     Ok(Message::Pages(batch.with_hashes(&self.hashes)))
                 }
                 RdmaRecord::Regions(_) => Err(TransportError::invalid_data(
@@ -449,8 +520,8 @@ impl ChannelRx for DestRx {
             // This channel's precopy is over: no more writes through its
             // queue pair, and no new queue pairs.
             Message::EndOfRam(_) | Message::PostcopyStart(_) => {
-                if let Some(&qp) = self.qp.get() {
-                    self.nic.revoke(qp);
+                if let (Some(nic), Some(&qp)) = (self.nic.get(), self.qp.get()) {
+                    nic.revoke(qp);
                 }
                 Ok(message)
             }
@@ -533,5 +604,5 @@ macro_rules! forward_channel {
     };
 }
 
-forward_channel!(SourceChannel, |rx| rx);
+forward_channel!(SourceChannel, |rx| Box::new(rx) as Box<dyn ChannelRx>);
 forward_channel!(DestChannel, |rx| Box::new(rx) as Box<dyn ChannelRx>);

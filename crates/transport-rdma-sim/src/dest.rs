@@ -56,6 +56,8 @@ struct Shared {
     bytes_written: AtomicU64,
     /// Writes it refused.
     refused: AtomicU64,
+    /// Bytes of pages the source's notices reported placed, checked.
+    placed: AtomicU64,
 }
 
 impl Shared {
@@ -104,6 +106,9 @@ pub struct DestStats {
     pub nic_bytes_written: u64,
     /// Writes the NIC refused.
     pub refused_writes: u64,
+    /// Bytes of pages that arrived by one-sided writes, checked where they
+    /// landed.
+    pub placed_bytes: u64,
 }
 
 impl DestNic {
@@ -120,6 +125,7 @@ impl DestNic {
             stopping: AtomicBool::new(false),
             bytes_written: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            placed: AtomicU64::new(0),
         });
         let (link, socket_dir) = match kind {
             NicKind::Memfd => {
@@ -265,7 +271,13 @@ impl DestNic {
                 .unwrap_or_default(),
             nic_bytes_written: self.shared.bytes_written.load(Ordering::Relaxed),
             refused_writes: self.shared.refused.load(Ordering::Relaxed),
+            placed_bytes: self.shared.placed.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts `bytes` of pages placed by one-sided writes and checked.
+    pub(crate) fn count_placed(&self, bytes: u64) {
+        self.shared.placed.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 

@@ -69,7 +69,7 @@ mod faults;
 mod source;
 mod verbs;
 
-pub use channel::{DestChannel, DestRx, DestTx, SourceChannel, SourceTx};
+pub use channel::{DestChannel, DestNicSlot, DestRx, DestTx, SourceChannel, SourceRx, SourceTx};
 pub use dest::{DestNic, DestStats};
 pub use faults::{FaultCounts, FaultPlan, FaultPlanError, Faults};
 pub use migration_wire::rdma::NicKind;

@@ -242,7 +242,8 @@ fn chain(err: &dyn std::error::Error) -> String {
 /// A source and a destination channel over loopback TCP, memory registered.
 fn channel_pair(kind: NicKind, faults: Option<FaultPlan>) -> (SourceChannel, DestChannel, Vec<Arc<GuestRegion>>) {
     let (nic, blocks) = registered(kind);
-    let nic = Arc::new(nic);
+    let slot = Arc::new(transport_rdma_sim::DestNicSlot::new());
+    slot.set(Arc::new(nic)).expect("empty slot");
     let listener = transport_tcp::TcpListener::bind("127.0.0.1:0", transport_tcp::TcpOptions::default()).expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let client = std::thread::spawn(move || transport_tcp::connect(&addr, &transport_tcp::TcpOptions::default()));
@@ -254,7 +255,7 @@ fn channel_pair(kind: NicKind, faults: Option<FaultPlan>) -> (SourceChannel, Des
         faults.map(|p| Arc::new(Faults::new(p))),
     ));
     let src = SourceChannel::new(client.join().expect("join").expect("connect"), 0, source).expect("source");
-    let dst = DestChannel::new(server, nic).expect("destination");
+    let dst = DestChannel::new(server, slot).expect("destination");
     (src, dst, blocks)
 }
 
