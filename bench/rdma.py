@@ -8,11 +8,14 @@ in the same repetition.
     python3 bench/rdma.py [--mem-size 2G] [--channels 2] [--reps 3]
 
 Cases, interleaved per repetition so drift hits them alike (medians):
-- rdma-memfd: the destination allocates, registers (pins: every page
-  populated) and announces its RAM after the handshake; registering and the
-  source's mapping and prefaulting of that memory count in the time;
+- rdma-memfd: the destination allocates and registers its RAM after the
+  handshake, and the NIC's writes allocate its pages as they reach them
+  (on-demand registration); registering and connecting count in the time;
+- rdma-memfd pin-all: registration populates every page first
+  (`recv --rdma-pin-all`), counted in the time;
 - rdma-memfd prealloc: the destination's RAM is a memfd preallocated before
   it listens (`recv --prealloc`, as a VMM allocates guest RAM at start);
+  registering still walks it;
 - rdma-tcp: the TCP NIC (NIC threads writing into registered memory);
 - tcp: plain TCP multifd, the same channels, fresh destination RAM;
 - tcp prealloc: the same into preallocated RAM.
@@ -33,8 +36,8 @@ from precopy import CLI, ROOT, last_json, listen, size  # noqa: E402
 MEMCPY = os.path.join(ROOT, "target", "release", "memcpy-baseline")
 
 
-def migrate(mem, channels, transport, prealloc):
-    recv_extra = ["--prealloc", str(mem)] if prealloc else []
+def migrate(mem, channels, transport, memory):
+    recv_extra = {"": [], "prealloc": ["--prealloc", str(mem)], "pin-all": ["--rdma-pin-all"]}[memory]
     send_extra = []
     if transport != "tcp":
         nic = transport.split("-")[1]
@@ -56,7 +59,7 @@ def migrate(mem, channels, transport, prealloc):
         "rate": sent["ram_bytes"] / (sent["total_ms"] / 1000.0),
         "total_ms": sent["total_ms"],
         "register_ms": rdma_r.get("register_ms"),
-        "map_ms": rdma_s.get("map_ms"),
+        "connect_ms": rdma_s.get("connect_ms"),
         "downtime_ms": sent["downtime_ms"],
     }
 
@@ -68,7 +71,8 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     mem = size(args.mem_size)
-    cases = [("rdma-memfd", False), ("rdma-memfd", True), ("rdma-tcp", False), ("tcp", False), ("tcp", True)]
+    cases = [("rdma-memfd", ""), ("rdma-memfd", "pin-all"), ("rdma-memfd", "prealloc"), ("rdma-tcp", ""),
+             ("tcp", ""), ("tcp", "prealloc")]
     results = {case: [] for case in cases}
     copies = []
     for rep in range(args.reps):
@@ -78,29 +82,29 @@ def main():
         for case in cases:
             run = migrate(mem, args.channels, *case)
             results[case].append(run)
-            print(f"rep {rep} {case[0]}{' prealloc' if case[1] else ''}: {run['total_ms']:.0f} ms "
-                  f"(register {run['register_ms']}, map {run['map_ms']}), "
+            print(f"rep {rep} {case[0]} {case[1]}: {run['total_ms']:.0f} ms "
+                  f"(register {run['register_ms']}, connect {run['connect_ms']}), "
                   f"{run['rate'] / 1e9:.2f} GB/s; memcpy warm {copy['warm'] / 1e9:.2f}, "
                   f"fresh {copy['fresh'] / 1e9:.2f} GB/s", file=sys.stderr)
     med = lambda key: statistics.median(c[key] for c in copies)  # noqa: E731
     warm, fresh, fresh_2 = med("warm"), med("fresh"), med("fresh_2")
     print(json.dumps({"memcpy_warm_gbps": round(warm / 1e9, 2), "memcpy_fresh_gbps": round(fresh / 1e9, 2),
                       "memcpy_fresh_2_threads_gbps": round(fresh_2 / 1e9, 2)}))
-    tcp = statistics.median(r["rate"] for r in results[("tcp", False)])
-    tcp_pre = statistics.median(r["rate"] for r in results[("tcp", True)])
-    for (transport, prealloc), runs in results.items():
+    tcp = statistics.median(r["rate"] for r in results[("tcp", "")])
+    tcp_pre = statistics.median(r["rate"] for r in results[("tcp", "prealloc")])
+    for (transport, memory), runs in results.items():
         rate = statistics.median(r["rate"] for r in runs)
         pick = lambda key: (statistics.median(r[key] for r in runs)  # noqa: E731
                             if runs[0][key] is not None else None)
         print(json.dumps({
-            "case": transport + (" prealloc" if prealloc else ""),
+            "case": f"{transport} {memory}".strip(),
             "total_ms": round(pick("total_ms")),
             "ram_gbps": round(rate / 1e9, 2),
             "over_memcpy_warm": round(rate / warm, 2),
             "over_memcpy_fresh": round(rate / fresh, 2),
-            "over_tcp_multifd": round(rate / (tcp_pre if prealloc else tcp), 2),
+            "over_tcp_multifd": round(rate / (tcp_pre if memory == "prealloc" else tcp), 2),
             "register_ms": pick("register_ms") and round(pick("register_ms")),
-            "map_ms": pick("map_ms") and round(pick("map_ms")),
+            "connect_ms": pick("connect_ms") and round(pick("connect_ms")),
             "downtime_ms": round(pick("downtime_ms"), 1),
         }))
 

@@ -40,8 +40,11 @@ fn migrate(recv_args: &[&str], send_args: &[&str]) -> (migration_tests::Proc, mi
 #[test]
 fn live_migration_over_each_simulated_nic_lands_every_page_one_sided_and_verifies() {
     let _lock = lock();
-    for nic in ["memfd", "tcp"] {
-        let (send, recv) = migrate(&["--rdma-nic", nic], &["--rdma-nic", nic, "--channels", "3"]);
+    // Registered on demand (memfd), and pinned up front (tcp).
+    for (nic, pin) in [("memfd", None), ("tcp", Some("--rdma-pin-all"))] {
+        let mut recv_args = vec!["--rdma-nic", nic];
+        recv_args.extend(pin);
+        let (send, recv) = migrate(&recv_args, &["--rdma-nic", nic, "--channels", "3"]);
         let (send, recv) = assert_pair_completed(send, recv);
         assert_eq!(field(rdma(&send), "nic"), nic, "{send:#}");
         assert_eq!(field(rdma(&recv), "nic"), nic, "{recv:#}");

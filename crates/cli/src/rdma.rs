@@ -113,9 +113,9 @@ pub struct RdmaReport {
     pub writes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batches: Option<u64>,
-    /// Source, memfd NIC: mapping and prefaulting the destination's memory.
+    /// Source, memfd NIC: connecting to it and receiving its region files.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub map_ms: Option<f64>,
+    pub connect_ms: Option<f64>,
     /// Source: faults injected by --rdma-faults.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub faults: Option<FaultsReport>,
@@ -151,7 +151,7 @@ impl RdmaReport {
             one_sided_bytes: Some(stats.bytes_written),
             writes: Some(stats.writes),
             batches: Some(stats.batches),
-            map_ms: (stats.nic == Some(NicKind::Memfd)).then_some(stats.map_time.as_secs_f64() * 1e3),
+            connect_ms: (stats.nic == Some(NicKind::Memfd)).then_some(stats.connect_time.as_secs_f64() * 1e3),
             faults: faults.then_some(FaultsReport {
                 delayed_completions: stats.faults.delayed,
                 reordered_polls: stats.faults.reordered,

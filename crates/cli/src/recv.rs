@@ -67,6 +67,11 @@ pub struct RecvArgs {
     pub resume_timeout: Duration,
     #[command(flatten)]
     pub transport: crate::rdma::TransportArgs,
+    /// With --transport rdma-sim: pin all of guest RAM when registering it
+    /// (every page populated up front, as QEMU's rdma-pin-all), instead of
+    /// letting the NIC's writes allocate pages as they reach them.
+    #[arg(long)]
+    pub rdma_pin_all: bool,
     /// Print no progress lines (errors and the result still print).
     #[arg(long)]
     pub quiet: bool,
@@ -79,8 +84,8 @@ impl RecvArgs {
     /// What is wrong with the flags together, for a usage error.
     pub fn problem(&self) -> Option<String> {
         let rdma = self.transport.rdma();
-        if !rdma && self.transport.rdma_nic != crate::rdma::NicChoice::Auto {
-            return Some("--rdma-nic goes with --transport rdma-sim".into());
+        if !rdma && (self.transport.rdma_nic != crate::rdma::NicChoice::Auto || self.rdma_pin_all) {
+            return Some("--rdma-nic and --rdma-pin-all go with --transport rdma-sim".into());
         }
         if rdma && self.tls.tls_cert.is_some() {
             return Some("--transport rdma-sim has no TLS (RDMA traffic is not encrypted either)".into());
@@ -219,7 +224,7 @@ fn start_nic(
 ) -> Result<Arc<DestNic>> {
     let kind = crate::rdma::choose_nic(args.transport.rdma_nic, peer, local, postcopy)?;
     let nic = DestNic::start(kind, crate::rdma::nic_ip(local))?;
-    nic.register(&memory.regions())?;
+    nic.register(&memory.regions(), args.rdma_pin_all)?;
     Ok(Arc::new(nic))
 }
 

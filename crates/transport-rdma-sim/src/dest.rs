@@ -166,11 +166,13 @@ impl DestNic {
         &self.link
     }
 
-    /// Registers guest RAM, one region per block in block order: pins it
-    /// (every page populated, on two threads, as `ibv_reg_mr` pins) and
-    /// gives each a remote key. The memfd NIC shares memory by file, so it
+    /// Registers guest RAM, one region per block in block order, giving
+    /// each a remote key. With `pin_all` every page is populated first, on
+    /// two threads, as `ibv_reg_mr` pins memory (QEMU's `rdma-pin-all`);
+    /// without, pages are allocated as writes reach them, as an on-demand
+    /// paging registration does. The memfd NIC shares memory by file, so it
     /// needs regions mapped from a file (a memfd or a file). Once only.
-    pub fn register(&self, blocks: &[Arc<GuestRegion>]) -> Result<Duration, RdmaError> {
+    pub fn register(&self, blocks: &[Arc<GuestRegion>], pin_all: bool) -> Result<Duration, RdmaError> {
         if self.shared.kind == NicKind::Memfd {
             if let Some(at) = blocks.iter().position(|b| b.backing().is_none()) {
                 return Err(RdmaError::Setup(format!(
@@ -187,7 +189,9 @@ impl DestNic {
             }
         }
         let started = Instant::now();
-        crate::populate(blocks.iter().map(|b| &**b))?;
+        if pin_all {
+            crate::populate(blocks.iter().map(|b| &**b))?;
+        }
         let mut used = HashSet::new();
         let mut regions = Vec::with_capacity(blocks.len());
         for (index, region) in blocks.iter().enumerate() {

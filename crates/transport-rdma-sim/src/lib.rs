@@ -8,9 +8,11 @@
 //! crate keeps that model:
 //!
 //! - **Memory registration.** The destination registers every RAM block
-//!   ([`DestNic::register`]): the memory is pinned (every page populated, as
-//!   `ibv_reg_mr` pins it) and gets an unguessable remote key; a region is
-//!   its key and its bounds.
+//!   ([`DestNic::register`]) and gives it an unguessable remote key; a
+//!   region is its key and its bounds. Registration pins every page up
+//!   front (as `ibv_reg_mr` does, QEMU's `rdma-pin-all`) or lets writes
+//!   allocate pages as they reach them (as an on-demand paging
+//!   registration does).
 //! - **A control exchange in band.** On the migration's own TCP connection
 //!   (`--listen`/`--to`), each destination channel announces its queue pair,
 //!   the NIC's link address, a secret token and the region table before its
@@ -34,11 +36,11 @@
 //!
 //! - **memfd** (same host): the destination's guest RAM is a memfd (or a
 //!   file); its NIC passes the descriptors over a unix socket in a private
-//!   directory to a source that presents the token. The source maps them
-//!   and a posted write is a bounds-checked copy into that mapping: the
-//!   bytes land in the destination's memory with no receive-side copy. The
-//!   copy is done by the posting thread, where a real NIC's DMA engine
-//!   would spend no CPU. A mapping cannot be taken back, so revocation is
+//!   directory to a source that presents the token. A posted write is a
+//!   bounds-checked `pwrite` into the region's file, whose pages the
+//!   destination maps: the bytes land in the destination's memory with no
+//!   receive-side copy. The copy is done by the posting thread, where a real
+//!   NIC's DMA engine would spend no CPU. A mapping cannot be taken back, so revocation is
 //!   the source NIC's own discipline: this NIC is for one host under one
 //!   operator (the same trust as vhost-user's shared memory).
 //! - **tcp**: a NIC thread per queue pair on the destination reads write

@@ -2,17 +2,16 @@
 //! registered regions.
 //!
 //! - **memfd**: the destination's region files, received over its unix
-//!   socket, mapped here (and prefaulted, so writes do not fault); a posted
-//!   write is a copy into the mapping, bounds-checked against the
-//!   registration, done by the posting thread (a real NIC's DMA engine
-//!   would do it without the CPU).
+//!   socket; a posted write, bounds-checked against the registration, is a
+//!   `pwrite` into the file, whose pages the destination maps: the bytes
+//!   land in its memory with no copy there. The posting thread does the
+//!   copy a real NIC's DMA engine would do without the CPU.
 //! - **tcp**: a TCP link per queue pair; a posted write goes out as a
 //!   request and its bytes, and a completion thread turns the destination
 //!   NIC's acknowledgements into completions.
 
 use crate::faults::{Faults, Hit};
 use crate::verbs::{CompletionQueue, QueuePair, RdmaError, RemoteAddr, WcStatus, WorkCompletion};
-use migration_sys::GuestRegion;
 use migration_wire::rdma::{
     AckStatus, LinkHello, MemfdGrant, NicKind, RegionTable, WRITE_ACK_LEN, WriteAck, WriteRequest,
 };
@@ -41,7 +40,7 @@ pub struct SourceNic {
     pub(crate) bytes: AtomicU64,
     pub(crate) writes: AtomicU64,
     pub(crate) batches: AtomicU64,
-    map_time: Mutex<Duration>,
+    connect_time: Mutex<Duration>,
     /// Set once precopy is over on any channel: channels opened later (to
     /// resume postcopy) carry every page on the channel itself.
     pub(crate) precopy_over: std::sync::atomic::AtomicBool,
@@ -58,8 +57,9 @@ pub struct SourceStats {
     pub writes: u64,
     /// Page batches sent as one-sided writes.
     pub batches: u64,
-    /// Time mapping and prefaulting the destination's memory took (memfd).
-    pub map_time: Duration,
+    /// Time connecting to the destination's memfd NIC and receiving its
+    /// region files took.
+    pub connect_time: Duration,
     /// Faults that fired.
     pub faults: crate::faults::FaultCounts,
 }
@@ -78,7 +78,7 @@ impl SourceNic {
             bytes: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             batches: AtomicU64::new(0),
-            map_time: Mutex::new(Duration::ZERO),
+            connect_time: Mutex::new(Duration::ZERO),
             precopy_over: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -98,7 +98,7 @@ impl SourceNic {
             bytes_written: self.bytes.load(Ordering::Relaxed),
             writes: self.writes.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
-            map_time: *self.map_time.lock().unwrap_or_else(|e| e.into_inner()),
+            connect_time: *self.connect_time.lock().unwrap_or_else(|e| e.into_inner()),
             faults: self.faults.as_ref().map(|f| f.counts()).unwrap_or_default(),
         }
     }
@@ -144,7 +144,7 @@ impl SourceNic {
                         None => {
                             let started = Instant::now();
                             let remote = Arc::new(MemfdRemote::connect(table, self.io_timeout)?);
-                            *self.map_time.lock().unwrap_or_else(|e| e.into_inner()) = started.elapsed();
+                            *self.connect_time.lock().unwrap_or_else(|e| e.into_inner()) = started.elapsed();
                             *slot = Some(Arc::clone(&remote));
                             remote
                         }
@@ -172,16 +172,18 @@ impl SourceNic {
     }
 }
 
-/// The destination's registered regions, mapped here.
+/// The destination's registered regions: the file each lives in and its
+/// offset there. A write goes through the file into the page cache the
+/// destination maps, as a DMA engine writes physical pages: no mapping on
+/// this side, no page tables to fill.
 #[derive(Debug)]
 struct MemfdRemote {
-    /// Per region: its key and its mapping.
-    regions: Vec<(u32, GuestRegion)>,
+    /// Per region: its key, its file, where it starts in the file and its length.
+    regions: Vec<(u32, std::fs::File, u64, u64)>,
 }
 
 impl MemfdRemote {
-    /// Fetches the regions' files over the destination's socket and maps
-    /// them, prefaulted.
+    /// Fetches the regions' files over the destination's socket.
     fn connect(table: &RegionTable, timeout: Duration) -> Result<Self, RdmaError> {
         let link = &table.link;
         let mut stream = UnixStream::connect(link)
@@ -230,11 +232,34 @@ impl MemfdRemote {
                 )));
             }
             let file = std::fs::File::from(fd);
-            let len = usize::try_from(key.len).map_err(|_| RdmaError::Setup("a region larger than memory".into()))?;
-            regions.push((rkey, GuestRegion::shared_file_at(&file, offset, len)?));
+            let size = file
+                .metadata()
+                .map_err(|e| RdmaError::io("reading the size of a granted region", e))?
+                .len();
+            if offset.checked_add(key.len).is_none_or(|end| end > size) {
+                return Err(RdmaError::Setup(format!(
+                    "the memfd NIC granted {} bytes at offset {offset} of a {size}-byte file",
+                    key.len
+                )));
+            }
+            regions.push((rkey, file, offset, key.len));
         }
-        crate::populate(regions.iter().map(|(_, r)| r))?;
         Ok(Self { regions })
+    }
+
+    /// Writes `bytes` at `offset` of region `rkey`; false (nothing written)
+    /// when there is no such region or the bytes do not fit in it.
+    fn write(&self, rkey: u32, offset: u64, bytes: &[u8]) -> Result<bool, RdmaError> {
+        use std::os::unix::fs::FileExt;
+        let Some((_, file, base, len)) = self.regions.iter().find(|(key, ..)| *key == rkey) else {
+            return Ok(false);
+        };
+        if offset.checked_add(bytes.len() as u64).is_none_or(|end| end > *len) {
+            return Ok(false);
+        }
+        file.write_all_at(bytes, base + offset)
+            .map_err(|e| RdmaError::io("writing into the destination's memory", e))?;
+        Ok(true)
     }
 }
 
@@ -269,10 +294,14 @@ impl QueuePair for MemfdQp {
             complete(&self.cq, WcStatus::QpError);
             return Ok(());
         }
-        let target = self.remote.regions.iter().find(|(rkey, _)| *rkey == remote.rkey);
-        let landed = target.is_some_and(|(_, region)| {
-            usize::try_from(remote.offset).is_ok_and(|offset| region.write(offset, local).is_ok())
-        });
+        let landed = match self.remote.write(remote.rkey, remote.offset, local) {
+            Ok(landed) => landed,
+            Err(_) => {
+                self.error = Some("a write failed".into());
+                complete(&self.cq, WcStatus::QpError);
+                return Ok(());
+            }
+        };
         if landed {
             self.written += local.len() as u64;
             complete(&self.cq, WcStatus::Success);

@@ -24,7 +24,7 @@ fn registered(kind: NicKind) -> (DestNic, Vec<Arc<GuestRegion>>) {
         .map(|pages| Arc::new(GuestRegion::memfd("rdma-test", pages * PAGE_SIZE).expect("memfd")))
         .collect();
     let nic = DestNic::start(kind, LOOPBACK).expect("NIC");
-    nic.register(&blocks).expect("register");
+    nic.register(&blocks, kind == NicKind::Tcp).expect("register");
     (nic, blocks)
 }
 
@@ -213,7 +213,9 @@ fn the_memfd_nic_grants_nothing_without_the_token_and_needs_file_backed_memory()
 
     let private = Arc::new(GuestRegion::anonymous(4 * PAGE_SIZE).expect("anonymous"));
     let nic = DestNic::start(NicKind::Memfd, LOOPBACK).expect("NIC");
-    let err = nic.register(&[private]).expect_err("private memory cannot be shared");
+    let err = nic
+        .register(&[private], false)
+        .expect_err("private memory cannot be shared");
     assert!(err.to_string().contains("--rdma-nic tcp"), "{err}");
 }
 
