@@ -30,6 +30,50 @@ fn transport_error(context: &str, err: RdmaError) -> TransportError {
     }
 }
 
+/// The receiving methods a channel half hands to `$field` as they are
+/// (all but `recv`; `bytes_received` too when named).
+macro_rules! forward_rx {
+    ($field:ident, bytes_received) => {
+        forward_rx!($field);
+        fn bytes_received(&self) -> u64 {
+            self.$field.bytes_received()
+        }
+    };
+    ($field:ident) => {
+        fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
+            self.$field.take_body(replacement)
+        }
+        fn place_directly(&mut self, target: Arc<dyn DirectPlacement>) -> bool {
+            self.$field.place_directly(target)
+        }
+        fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
+            self.$field.set_timeout(timeout)
+        }
+        fn prefer_latency(&mut self) {
+            self.$field.prefer_latency();
+        }
+    };
+}
+
+/// The sending methods a channel half hands to `$field` as they are (all
+/// but `send`; `bytes_sent` too when named).
+macro_rules! forward_tx {
+    ($field:ident, bytes_sent) => {
+        forward_tx!($field);
+        fn bytes_sent(&self) -> u64 {
+            self.$field.bytes_sent()
+        }
+    };
+    ($field:ident) => {
+        fn shutdown(&mut self) {
+            self.$field.shutdown();
+        }
+        fn prefer_latency(&mut self) {
+            self.$field.prefer_latency();
+        }
+    };
+}
+
 /// A queue pair and the remote keys of the blocks, in block order.
 #[derive(Debug)]
 struct Remote {
@@ -134,25 +178,7 @@ impl ChannelRx for SourceRx {
         Ok(message)
     }
 
-    fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
-        self.inner.take_body(replacement)
-    }
-
-    fn place_directly(&mut self, target: Arc<dyn DirectPlacement>) -> bool {
-        self.inner.place_directly(target)
-    }
-
-    fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
-        self.inner.set_timeout(timeout)
-    }
-
-    fn bytes_received(&self) -> u64 {
-        self.inner.bytes_received()
-    }
-
-    fn prefer_latency(&mut self) {
-        self.inner.prefer_latency();
-    }
+    forward_rx!(inner, bytes_received);
 }
 
 const NOT_ANNOUNCED: &str =
@@ -306,13 +332,7 @@ impl ChannelTx for SourceTx {
         self.inner.bytes_sent() + self.written
     }
 
-    fn shutdown(&mut self) {
-        self.inner.shutdown();
-    }
-
-    fn prefer_latency(&mut self) {
-        self.inner.prefer_latency();
-    }
+    forward_tx!(inner);
 }
 
 /// The destination's side of a channel.
@@ -399,17 +419,7 @@ impl ChannelTx for DestTx {
         self.inner.send(message)
     }
 
-    fn bytes_sent(&self) -> u64 {
-        self.inner.bytes_sent()
-    }
-
-    fn shutdown(&mut self) {
-        self.inner.shutdown();
-    }
-
-    fn prefer_latency(&mut self) {
-        self.inner.prefer_latency();
-    }
+    forward_tx!(inner, bytes_sent);
 }
 
 /// The receiving half of a destination channel.
@@ -529,64 +539,28 @@ impl ChannelRx for DestRx {
         }
     }
 
-    fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
-        self.inner.take_body(replacement)
-    }
-
-    fn place_directly(&mut self, target: Arc<dyn DirectPlacement>) -> bool {
-        self.inner.place_directly(target)
-    }
-
-    fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
-        self.inner.set_timeout(timeout)
-    }
-
     fn bytes_received(&self) -> u64 {
         self.inner.bytes_received() + self.placed
     }
 
-    fn prefer_latency(&mut self) {
-        self.inner.prefer_latency();
-    }
+    forward_rx!(inner);
 }
 
-/// Both channel types forward to their halves.
+/// Both channel types hand everything to their halves.
 macro_rules! forward_channel {
     ($channel:ty, $boxed_rx:expr) => {
         impl ChannelTx for $channel {
             fn send(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
                 self.tx.send(message)
             }
-            fn bytes_sent(&self) -> u64 {
-                self.tx.bytes_sent()
-            }
-            fn shutdown(&mut self) {
-                self.tx.shutdown();
-            }
-            fn prefer_latency(&mut self) {
-                self.tx.prefer_latency();
-            }
+            forward_tx!(tx, bytes_sent);
         }
 
         impl ChannelRx for $channel {
             fn recv(&mut self) -> Result<Message<'_>, TransportError> {
                 self.rx.recv()
             }
-            fn take_body(&mut self, replacement: Vec<u8>) -> Vec<u8> {
-                self.rx.take_body(replacement)
-            }
-            fn place_directly(&mut self, target: Arc<dyn DirectPlacement>) -> bool {
-                self.rx.place_directly(target)
-            }
-            fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
-                self.rx.set_timeout(timeout)
-            }
-            fn bytes_received(&self) -> u64 {
-                self.rx.bytes_received()
-            }
-            fn prefer_latency(&mut self) {
-                self.rx.prefer_latency();
-            }
+            forward_rx!(rx, bytes_received);
         }
 
         impl Channel for $channel {

@@ -151,13 +151,9 @@ impl SourceNic {
                     }
                 };
                 Ok(Box::new(MemfdQp {
-                    number: table.qp,
-                    channel,
+                    state: QpState::new(table.qp, channel, self.faults.clone()),
                     remote,
                     cq,
-                    faults: self.faults.clone(),
-                    posted: 0,
-                    error: None,
                     written: 0,
                 }))
             }
@@ -170,6 +166,16 @@ impl SourceNic {
             )?)),
         }
     }
+}
+
+/// Opens a NIC link: the queue pair and the token `table` announced.
+fn send_hello(link: &mut impl Write, table: &RegionTable) -> Result<(), RdmaError> {
+    let hello = LinkHello {
+        token: table.token,
+        qp: table.qp,
+    };
+    link.write_all(&hello.encode())
+        .map_err(|e| RdmaError::io("sending the NIC link's hello", e))
 }
 
 /// The destination's registered regions: the file each lives in and its
@@ -191,15 +197,7 @@ impl MemfdRemote {
         stream
             .set_read_timeout(Some(timeout))
             .map_err(|e| RdmaError::io("setting the NIC link's timeout", e))?;
-        stream
-            .write_all(
-                &LinkHello {
-                    token: table.token,
-                    qp: table.qp,
-                }
-                .encode(),
-            )
-            .map_err(|e| RdmaError::io("sending the NIC link's hello", e))?;
+        send_hello(&mut stream, table)?;
         let want = 4 + table.regions.len() * 16;
         let mut bytes = vec![0u8; MemfdGrant::MAX_LEN];
         let (got, fds) = migration_sys::fdpass::recv_with_fds(&stream, &mut bytes, migration_sys::fdpass::MAX_FDS)
@@ -263,53 +261,80 @@ impl MemfdRemote {
     }
 }
 
-/// A queue pair of the memfd NIC.
+/// What both simulated NICs' queue pairs keep: their number, their
+/// channel, the faults to inject, and whether they are in error.
 #[derive(Debug)]
-struct MemfdQp {
+struct QpState {
     number: u32,
     channel: u16,
-    remote: Arc<MemfdRemote>,
-    cq: CompletionQueue,
     faults: Option<Arc<Faults>>,
+    /// Writes posted so far (for faults that hit the N-th).
     posted: u64,
     /// Why the queue pair is in error, once it is.
     error: Option<String>,
+}
+
+impl QpState {
+    fn new(number: u32, channel: u16, faults: Option<Arc<Faults>>) -> Self {
+        Self {
+            number,
+            channel,
+            faults,
+            posted: 0,
+            error: None,
+        }
+    }
+
+    /// Whether a write may go ahead: on a queue pair in error it is
+    /// flushed, and an injected queue-pair error fails it and puts the
+    /// queue pair in error; either is the status to complete it with.
+    fn admit(&mut self) -> Result<(), WcStatus> {
+        if self.error.is_some() {
+            return Err(WcStatus::Flushed);
+        }
+        self.posted += 1;
+        if let Some(Hit::QpError) = self.faults.as_ref().and_then(|f| f.on_write(self.channel, self.posted)) {
+            self.error = Some("injected fault".into());
+            return Err(WcStatus::QpError);
+        }
+        Ok(())
+    }
+}
+
+/// A queue pair of the memfd NIC.
+#[derive(Debug)]
+struct MemfdQp {
+    state: QpState,
+    remote: Arc<MemfdRemote>,
+    cq: CompletionQueue,
     written: u64,
 }
 
 impl QueuePair for MemfdQp {
     fn number(&self) -> u32 {
-        self.number
+        self.state.number
     }
 
     fn post_write(&mut self, wr_id: u64, local: &[u8], remote: RemoteAddr) -> Result<(), RdmaError> {
-        let complete = |cq: &CompletionQueue, status| cq.push(WorkCompletion { wr_id, status });
-        if self.error.is_some() {
-            complete(&self.cq, WcStatus::Flushed);
-            return Ok(());
-        }
-        self.posted += 1;
-        if let Some(Hit::QpError) = self.faults.as_ref().and_then(|f| f.on_write(self.channel, self.posted)) {
-            self.error = Some("injected fault".into());
-            complete(&self.cq, WcStatus::QpError);
-            return Ok(());
-        }
-        let landed = match self.remote.write(remote.rkey, remote.offset, local) {
-            Ok(landed) => landed,
-            Err(_) => {
-                self.error = Some("a write failed".into());
-                complete(&self.cq, WcStatus::QpError);
-                return Ok(());
-            }
+        let status = match self.state.admit() {
+            Err(status) => status,
+            Ok(()) => match self.remote.write(remote.rkey, remote.offset, local) {
+                Ok(true) => {
+                    self.written += local.len() as u64;
+                    WcStatus::Success
+                }
+                // No such key, or outside the region: refused, nothing written.
+                Ok(false) => {
+                    self.state.error = Some("a write was refused".into());
+                    WcStatus::RemoteAccess
+                }
+                Err(_) => {
+                    self.state.error = Some("a write failed".into());
+                    WcStatus::QpError
+                }
+            },
         };
-        if landed {
-            self.written += local.len() as u64;
-            complete(&self.cq, WcStatus::Success);
-        } else {
-            // No such key, or outside the region: refused, nothing written.
-            self.error = Some("a write was refused".into());
-            complete(&self.cq, WcStatus::RemoteAccess);
-        }
+        self.cq.push(WorkCompletion { wr_id, status });
         Ok(())
     }
 
@@ -318,7 +343,7 @@ impl QueuePair for MemfdQp {
     }
 
     fn drop_link(&mut self) {
-        self.error.get_or_insert_with(|| "the link dropped".into());
+        self.state.error.get_or_insert_with(|| "the link dropped".into());
     }
 
     fn bytes_written(&self) -> u64 {
@@ -338,14 +363,10 @@ struct InFlight {
 /// A queue pair of the TCP NIC.
 #[derive(Debug)]
 struct TcpQp {
-    number: u32,
-    channel: u16,
+    state: QpState,
     stream: TcpStream,
     cq: Arc<CompletionQueue>,
     in_flight: Arc<Mutex<InFlight>>,
-    faults: Option<Arc<Faults>>,
-    posted: u64,
-    error: Option<String>,
     written: Arc<AtomicU64>,
 }
 
@@ -368,15 +389,7 @@ impl TcpQp {
             s.set_write_timeout(Some(timeout))
         };
         setup(&stream).map_err(|e| RdmaError::io("configuring the NIC link", e))?;
-        stream
-            .write_all(
-                &LinkHello {
-                    token: table.token,
-                    qp: table.qp,
-                }
-                .encode(),
-            )
-            .map_err(|e| RdmaError::io("sending the NIC link's hello", e))?;
+        send_hello(&mut stream, table)?;
         let reader = stream
             .try_clone()
             .map_err(|e| RdmaError::io("cloning the NIC link", e))?;
@@ -389,20 +402,18 @@ impl TcpQp {
             .spawn(move || complete_acks(reader, &acks, &pending, &bytes))
             .map_err(|e| RdmaError::io("starting the completion thread", e))?;
         Ok(Self {
-            number: table.qp,
-            channel,
+            state: QpState::new(table.qp, channel, faults),
             stream,
             cq,
             in_flight,
-            faults,
-            posted: 0,
-            error: None,
             written,
         })
     }
 
+    /// Puts the queue pair in error and closes its link (a reliable
+    /// connection in error is torn down).
     fn fail(&mut self, reason: &str) {
-        self.error.get_or_insert_with(|| reason.into());
+        self.state.error.get_or_insert_with(|| reason.into());
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }
@@ -446,19 +457,16 @@ fn complete_acks(mut reader: TcpStream, cq: &CompletionQueue, in_flight: &Mutex<
 
 impl QueuePair for TcpQp {
     fn number(&self) -> u32 {
-        self.number
+        self.state.number
     }
 
     fn post_write(&mut self, wr_id: u64, local: &[u8], remote: RemoteAddr) -> Result<(), RdmaError> {
         let complete = |cq: &CompletionQueue, status| cq.push(WorkCompletion { wr_id, status });
-        if self.error.is_some() {
-            complete(&self.cq, WcStatus::Flushed);
-            return Ok(());
-        }
-        self.posted += 1;
-        if let Some(Hit::QpError) = self.faults.as_ref().and_then(|f| f.on_write(self.channel, self.posted)) {
-            self.fail("injected fault");
-            complete(&self.cq, WcStatus::QpError);
+        if let Err(status) = self.state.admit() {
+            if status == WcStatus::QpError {
+                self.fail("injected fault");
+            }
+            complete(&self.cq, status);
             return Ok(());
         }
         let len = u32::try_from(local.len()).map_err(|_| RdmaError::Setup("a write of 4 GiB or more".into()))?;

@@ -276,6 +276,20 @@ fn batch_parts() -> (Vec<u8>, Vec<u8>, Vec<u64>) {
     (entries, payload, hashes)
 }
 
+/// The notice a source sends once `batch`'s writes completed, sent here by
+/// hand (no write behind it).
+fn placed_notice(batch: &PageBatch<'_>) -> Vec<u8> {
+    let mut head = Vec::new();
+    batch.encode_head(&mut head);
+    let mut record = Vec::new();
+    RdmaRecord::Placed {
+        checksum: batch.frame_checksum(),
+        head: &head,
+    }
+    .encode(&mut record);
+    record
+}
+
 #[test]
 fn a_batch_crosses_as_one_sided_writes_and_arrives_placed_with_its_hashes() {
     for kind in [NicKind::Memfd, NicKind::Tcp] {
@@ -304,15 +318,7 @@ fn a_batch_crosses_as_one_sided_writes_and_arrives_placed_with_its_hashes() {
         src.send(&Message::EndOfRam(migration_wire::EndOfRam { epochs: 1 }))
             .expect("send");
         assert!(matches!(dst.recv().expect("recv"), Message::EndOfRam(_)));
-        let mut head = Vec::new();
-        batch.encode_head(&mut head);
-        let mut record = Vec::new();
-        RdmaRecord::Placed {
-            checksum: batch.frame_checksum(),
-            head: &head,
-        }
-        .encode(&mut record);
-        src.send(&Message::Transport(&record)).expect("send");
+        src.send(&Message::Transport(&placed_notice(&batch))).expect("send");
         assert!(dst.recv().is_err(), "{kind:?}: a placed batch after the end of precopy");
     }
 }
@@ -328,15 +334,7 @@ fn a_notice_whose_pages_did_not_land_fails_its_checksum() {
         .with_hashes(&hashes);
     // A notice for pages never written: the destination hashes what is
     // really there and refuses it.
-    let mut head = Vec::new();
-    batch.encode_head(&mut head);
-    let mut record = Vec::new();
-    RdmaRecord::Placed {
-        checksum: batch.frame_checksum(),
-        head: &head,
-    }
-    .encode(&mut record);
-    src.send(&Message::Transport(&record)).expect("send");
+    src.send(&Message::Transport(&placed_notice(&batch))).expect("send");
     assert!(matches!(dst.recv(), Err(TransportError::Malformed(_))));
 }
 
