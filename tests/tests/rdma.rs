@@ -227,3 +227,23 @@ fn flags_that_do_not_go_together_are_usage_errors() {
         assert_eq!(out.code, Some(2), "{args:?}\n{}", out.describe());
     }
 }
+
+#[test]
+fn the_demo_runs_over_the_simulated_transport() {
+    let _lock = lock();
+    let out = run(&[
+        "demo",
+        "--transport",
+        "rdma-sim",
+        "--mem-size",
+        "64M",
+        "--dirty-rate",
+        "8M",
+    ]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(
+        out.stdout.contains("simulated RDMA transport (memfd NIC)") && out.stdout.contains("verified on both sides"),
+        "{}",
+        out.describe()
+    );
+}

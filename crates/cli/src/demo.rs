@@ -21,6 +21,10 @@ pub struct DemoArgs {
     /// Which guest migrates: the synthetic guest or a KVM micro-VM (needs /dev/kvm).
     #[arg(long = "guest", value_enum, default_value = "synthetic")]
     pub kind: crate::guest::GuestKind,
+    /// How pages travel: tcp, or rdma-sim (the simulated RDMA transport; on
+    /// one host it picks the memfd NIC).
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: crate::rdma::Transport,
 }
 
 pub fn run(args: DemoArgs) -> u8 {
@@ -50,6 +54,7 @@ fn demo(args: &DemoArgs) -> Result<u8> {
     let mut recv = Reaped(Some(
         Command::new(&exe)
             .args(["recv", "--listen", "127.0.0.1:0", "--quiet", "--json"])
+            .args(["--transport", transport_name(args.transport)])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -89,6 +94,7 @@ fn demo(args: &DemoArgs) -> Result<u8> {
     });
     let send = Command::new(&exe)
         .args(["send", "--to", &addr, "--json"])
+        .args(["--transport", transport_name(args.transport)])
         .args(["--mem-size", &args.mem_size.to_string()])
         .args(["--dirty-rate", &args.dirty_rate.to_string()])
         .args([
@@ -118,8 +124,12 @@ fn demo(args: &DemoArgs) -> Result<u8> {
             sent["error"].as_str().unwrap_or("unknown error")
         );
     }
+    let over = match sent["rdma"]["nic"].as_str() {
+        Some(nic) => format!("the simulated RDMA transport ({nic} NIC)"),
+        None => "loopback".to_owned(),
+    };
     println!(
-        "demo: moved a {} guest live over loopback in {:.0} ms ({}/s of guest RAM, {}/s on the wire), {} passes",
+        "demo: moved a {} guest live over {over} in {:.0} ms ({}/s of guest RAM, {}/s on the wire), {} passes",
         human_bytes(num(&sent, "ram_bytes").unwrap_or(0.0)),
         num(&sent, "total_ms").unwrap_or(0.0),
         human_bytes(num(&sent, "ram_bytes_per_sec").unwrap_or(0.0)),
@@ -140,6 +150,13 @@ fn demo(args: &DemoArgs) -> Result<u8> {
     let send_code = send.status.code().unwrap_or(1) as u8;
     let recv_code = recv_out.status.code().unwrap_or(1) as u8;
     Ok(send_code.max(recv_code))
+}
+
+fn transport_name(transport: crate::rdma::Transport) -> &'static str {
+    match transport {
+        crate::rdma::Transport::Tcp => "tcp",
+        crate::rdma::Transport::RdmaSim => "rdma-sim",
+    }
 }
 
 fn parse(stdout: &[u8]) -> Result<Value> {
