@@ -15,7 +15,6 @@ Cases, interleaved per repetition so drift hits them alike (medians):
   (`recv --rdma-pin-all`), counted in the time;
 - rdma-memfd prealloc: the destination's RAM is a memfd preallocated before
   it listens (`recv --prealloc`, as a VMM allocates guest RAM at start);
-  registering still walks it;
 - rdma-tcp: the TCP NIC (NIC threads writing into registered memory);
 - tcp: plain TCP multifd, the same channels, fresh destination RAM;
 - tcp prealloc: the same into preallocated RAM.

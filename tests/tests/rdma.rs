@@ -247,3 +247,19 @@ fn the_demo_runs_over_the_simulated_transport() {
         out.describe()
     );
 }
+
+#[test]
+fn private_destination_ram_takes_the_tcp_nic_and_postcopy_into_preallocated_ram_works() {
+    let _lock = lock();
+    // Preallocated RAM (private unless --rdma-nic memfd asks otherwise),
+    // with postcopy; and RAM between guard pages.
+    for (recv_args, send_args) in [
+        (&["--prealloc", "64M"][..], &["--postcopy", "--postcopy-after", "0"][..]),
+        (&["--guard-pages"][..], &[][..]),
+    ] {
+        let (send, recv) = migrate(recv_args, send_args);
+        let (_, recv) = assert_pair_completed(send, recv);
+        assert_eq!(field(rdma(&recv), "nic"), "tcp", "{recv_args:?}: {recv:#}");
+        assert_eq!(field(&recv, "guest_check"), "passed", "{recv_args:?}: {recv:#}");
+    }
+}

@@ -21,9 +21,11 @@ pub enum Transport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum NicChoice {
     /// The destination offers memfd to a source on its own host when the
-    /// migration has no postcopy, tcp otherwise; the source takes either.
+    /// migration has no postcopy and guest RAM is a memfd or a file, tcp
+    /// otherwise; the source takes either.
     Auto,
-    /// Same host: guest RAM shared as a memfd over a unix socket.
+    /// Same host: guest RAM shared as a memfd over a unix socket (a
+    /// `--prealloc` is then made a memfd).
     Memfd,
     /// A NIC thread on each side of a TCP link of its own.
     Tcp,
@@ -56,7 +58,8 @@ pub struct TransportArgs {
     /// writes land with no copy on the destination; no postcopy), tcp (a
     /// NIC thread on each side of its own TCP link writes straight into
     /// registered memory), or auto (the destination offers memfd to a
-    /// source on its host when there is no postcopy, tcp otherwise).
+    /// source on its host when there is no postcopy and its guest RAM is a
+    /// memfd or a file, tcp otherwise).
     #[arg(long, value_enum, default_value = "auto")]
     pub rdma_nic: NicChoice,
 }
@@ -69,12 +72,14 @@ impl TransportArgs {
 }
 
 /// The destination's choice of NIC for a source at `peer` reached on
-/// `local`, with or without postcopy.
+/// `local`, with or without postcopy, for guest RAM that is or is not
+/// `shareable` by file descriptor (a memfd or a file).
 pub fn choose_nic(
     choice: NicChoice,
     peer: Option<SocketAddr>,
     local: Option<SocketAddr>,
     postcopy: bool,
+    shareable: bool,
 ) -> Result<NicKind> {
     let same_host = match (peer, local) {
         (Some(peer), Some(local)) => peer.ip().is_loopback() || peer.ip() == local.ip(),
@@ -91,7 +96,7 @@ pub fn choose_nic(
         ),
         NicChoice::Memfd => Ok(NicKind::Memfd),
         NicChoice::Tcp => Ok(NicKind::Tcp),
-        NicChoice::Auto if same_host && !postcopy => Ok(NicKind::Memfd),
+        NicChoice::Auto if same_host && !postcopy && shareable => Ok(NicKind::Memfd),
         NicChoice::Auto => Ok(NicKind::Tcp),
     }
 }
@@ -180,16 +185,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_picks_memfd_on_one_host_without_postcopy_and_memfd_refuses_the_rest() {
+    fn auto_picks_memfd_on_one_host_without_postcopy_for_shareable_ram_and_memfd_refuses_the_rest() {
         let here: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
         let lan: SocketAddr = "10.0.0.2:4000".parse().expect("addr");
         let other: SocketAddr = "10.0.0.9:5000".parse().expect("addr");
-        let pick = |choice, peer, postcopy| choose_nic(choice, Some(peer), Some(lan), postcopy);
+        let pick = |choice, peer, postcopy| choose_nic(choice, Some(peer), Some(lan), postcopy, true);
         assert_eq!(pick(NicChoice::Auto, here, false).expect("auto"), NicKind::Memfd);
         assert_eq!(
-            choose_nic(NicChoice::Auto, Some(lan), Some(lan), false).expect("auto"),
+            choose_nic(NicChoice::Auto, Some(lan), Some(lan), false, true).expect("auto"),
             NicKind::Memfd
         );
+        let private = choose_nic(NicChoice::Auto, Some(here), Some(lan), false, false).expect("auto");
+        assert_eq!(private, NicKind::Tcp, "private guest RAM cannot be shared");
         assert_eq!(pick(NicChoice::Auto, other, false).expect("auto"), NicKind::Tcp);
         assert_eq!(pick(NicChoice::Auto, here, true).expect("auto"), NicKind::Tcp);
         assert!(pick(NicChoice::Memfd, here, true).is_err());

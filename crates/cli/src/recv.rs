@@ -110,8 +110,14 @@ fn recv(args: &RecvArgs, report: &mut Report) -> Result<u8> {
     };
     let prealloc = args
         .prealloc
-        // The memfd NIC shares guest RAM by file descriptor.
-        .map(|size| memory::Preallocated::new(size, args.transport.rdma()))
+        // The memfd NIC shares guest RAM by file descriptor; otherwise
+        // private memory, which postcopy can place pages into.
+        .map(|size| {
+            memory::Preallocated::new(
+                size,
+                args.transport.rdma() && args.transport.rdma_nic == crate::rdma::NicChoice::Memfd,
+            )
+        })
         .transpose()
         .context("preallocating guest RAM (--prealloc)")?;
     let options = DestOptions {
@@ -222,7 +228,8 @@ fn start_nic(
     (peer, local): (Option<SocketAddr>, Option<SocketAddr>),
     postcopy: bool,
 ) -> Result<Arc<DestNic>> {
-    let kind = crate::rdma::choose_nic(args.transport.rdma_nic, peer, local, postcopy)?;
+    let shareable = memory.regions().iter().all(|r| r.backing().is_some());
+    let kind = crate::rdma::choose_nic(args.transport.rdma_nic, peer, local, postcopy, shareable)?;
     let nic = DestNic::start(kind, crate::rdma::nic_ip(local))?;
     nic.register(&memory.regions(), args.rdma_pin_all)?;
     Ok(Arc::new(nic))

@@ -75,7 +75,7 @@ pub struct SendArgs {
     /// For testing --transport rdma-sim: faults the simulated NIC injects,
     /// as seed=N,delay=P,reorder=P,qp-error=CHANNEL@N,drop-link=CHANNEL@N
     /// (P: probability per completion or poll; CHANNEL@N: that channel's
-    /// N-th write, or N-th operation for drop-link, once).
+    /// N-th write, or for drop-link its N-th message or page batch, once).
     #[arg(long, value_name = "SPEC")]
     pub rdma_faults: Option<transport_rdma_sim::FaultPlan>,
     #[command(flatten)]

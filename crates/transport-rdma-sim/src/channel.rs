@@ -13,6 +13,7 @@ use migration_core::{Channel, ChannelRx, ChannelTx, DirectPlacement, TransportEr
 use migration_wire::rdma::RdmaRecord;
 use migration_wire::{Codec, Message, PageBatch, PageEncoding, WireError};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use transport_tcp::TcpChannel;
@@ -105,10 +106,20 @@ impl SourceChannel {
     pub fn new(mut inner: TcpChannel, index: u16, nic: Arc<SourceNic>) -> Result<Self, TransportError> {
         let slot: Arc<Mutex<Option<Remote>>> = Arc::new(Mutex::new(None));
         let (announced, setup) = (Arc::clone(&slot), Arc::clone(&nic));
+        let peer_ip = inner.peer().parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+        let mut connected = false;
         inner.set_record_handler(Box::new(move |bytes| match RdmaRecord::decode(bytes)? {
             RdmaRecord::Regions(table) => {
+                // One queue pair per channel: a destination announcing
+                // again is not following the protocol.
+                if std::mem::replace(&mut connected, true) {
+                    return Err(TransportError::invalid_data(
+                        "receiving from the destination",
+                        "a second region table on one channel",
+                    ));
+                }
                 let qp = setup
-                    .queue_pair(index, &table)
+                    .queue_pair(index, &table, peer_ip)
                     .map_err(|e| transport_error("connecting the simulated RDMA NIC", e))?;
                 let rkeys = table.regions.iter().map(|r| r.rkey).collect();
                 *announced.lock().unwrap_or_else(|e| e.into_inner()) = Some(Remote { qp, rkeys });
@@ -122,11 +133,13 @@ impl SourceChannel {
         let peer = inner.peer();
         let closer: SharedCloser = Arc::from(inner.closer()?);
         let (tx, rx) = Box::new(inner).split()?;
+        let urgent = Arc::new(AtomicBool::new(false));
         Ok(Self {
             rx: SourceRx {
                 inner: rx,
                 nic: Arc::clone(&nic),
                 slot: Arc::clone(&slot),
+                urgent: Arc::clone(&urgent),
             },
             tx: SourceTx {
                 inner: tx,
@@ -140,6 +153,7 @@ impl SourceChannel {
                 record: Vec::new(),
                 written: 0,
                 closer: Arc::clone(&closer),
+                urgent,
             },
             peer,
             closer,
@@ -153,6 +167,9 @@ pub struct SourceRx {
     inner: Box<dyn ChannelRx>,
     nic: Arc<SourceNic>,
     slot: Arc<Mutex<Option<Remote>>>,
+    /// This is postcopy's urgent-page channel (its hello said so), which
+    /// carries no one-sided writes and gets no queue pair.
+    urgent: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for SourceRx {
@@ -167,7 +184,8 @@ impl ChannelRx for SourceRx {
         // A destination accepts a channel only after announcing its memory
         // on it, while precopy runs: one that did not is not on rdma-sim.
         if matches!(message, Message::BlocksAccepted | Message::ChannelAccepted)
-            && !self.nic.precopy_over.load(std::sync::atomic::Ordering::Acquire)
+            && !self.nic.precopy_over.load(Ordering::Acquire)
+            && !self.urgent.load(Ordering::Acquire)
             && self.slot.lock().unwrap_or_else(|e| e.into_inner()).is_none()
         {
             return Err(TransportError::io(
@@ -200,6 +218,8 @@ pub struct SourceTx {
     /// Bytes written one-sided on this channel.
     written: u64,
     closer: SharedCloser,
+    /// See [`SourceRx::urgent`].
+    urgent: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for SourceTx {
@@ -221,7 +241,8 @@ impl SourceTx {
             || batch.is_placed()
             || batch.page_hashes().is_none()
             || batch.payload().is_empty()
-            || self.nic.precopy_over.load(std::sync::atomic::Ordering::Acquire)
+            || self.nic.precopy_over.load(Ordering::Acquire)
+            || self.urgent.load(Ordering::Acquire)
         {
             return Ok(false);
         }
@@ -280,10 +301,9 @@ impl SourceTx {
         self.next_wr = writes
             .complete(self.nic.io_timeout())
             .map_err(|e| transport_error(context, e))?;
-        use std::sync::atomic::Ordering::Relaxed;
-        self.nic.bytes.fetch_add(payload.len() as u64, Relaxed);
-        self.nic.writes.fetch_add(runs.len() as u64, Relaxed);
-        self.nic.batches.fetch_add(1, Relaxed);
+        self.nic.bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        self.nic.writes.fetch_add(runs.len() as u64, Ordering::Relaxed);
+        self.nic.batches.fetch_add(1, Ordering::Relaxed);
         self.written += payload.len() as u64;
         self.head.clear();
         batch.encode_head(&mut self.head);
@@ -321,7 +341,10 @@ impl ChannelTx for SourceTx {
             // From here the guest may run on the destination: pages are
             // placed whole by its receiver, never written into its memory.
             Message::PostcopyStart(_) | Message::Resume(_) => {
-                self.nic.precopy_over.store(true, std::sync::atomic::Ordering::Release);
+                self.nic.precopy_over.store(true, Ordering::Release);
+            }
+            Message::ChannelHello(hello) if hello.index >= hello.channels => {
+                self.urgent.store(true, Ordering::Release);
             }
             _ => {}
         }
@@ -365,17 +388,20 @@ impl DestChannel {
         let closer: SharedCloser = Arc::from(inner.closer()?);
         let (tx, rx) = Box::new(inner).split()?;
         let qp = Arc::new(OnceLock::new());
+        let urgent = Arc::new(AtomicBool::new(false));
         Ok(Self {
             tx: DestTx {
                 inner: tx,
                 nic: Arc::clone(&nic),
                 qp: Arc::clone(&qp),
                 record: Vec::new(),
+                urgent: Arc::clone(&urgent),
             },
             rx: DestRx {
                 inner: rx,
                 nic,
                 qp,
+                urgent,
                 hashes: Vec::new(),
                 scratch: Vec::new(),
                 placed: 0,
@@ -393,6 +419,8 @@ pub struct DestTx {
     /// This channel's queue pair, once announced.
     qp: Arc<OnceLock<u32>>,
     record: Vec<u8>,
+    /// See [`DestRx::urgent`].
+    urgent: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for DestTx {
@@ -406,9 +434,11 @@ impl std::fmt::Debug for DestTx {
 impl ChannelTx for DestTx {
     fn send(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
         // Announced before the first message once memory is registered,
-        // never to a peer being refused.
+        // never to a peer being refused, never on postcopy's urgent-page
+        // channel (it carries pages only once the guest runs here).
         if self.qp.get().is_none()
             && !matches!(message, Message::Error(_))
+            && !self.urgent.load(Ordering::Acquire)
             && let Some(table) = self.nic.get().and_then(|nic| nic.announce())
         {
             let _ = self.qp.set(table.qp);
@@ -427,6 +457,8 @@ pub struct DestRx {
     inner: Box<dyn ChannelRx>,
     nic: Arc<DestNicSlot>,
     qp: Arc<OnceLock<u32>>,
+    /// The channel's hello named it postcopy's urgent-page channel.
+    urgent: Arc<AtomicBool>,
     hashes: Vec<u64>,
     scratch: Vec<u8>,
     /// Bytes the source wrote one-sided, as its notices said.
@@ -529,6 +561,12 @@ impl ChannelRx for DestRx {
             },
             // This channel's precopy is over: no more writes through its
             // queue pair, and no new queue pairs.
+            Message::ChannelHello(hello) => {
+                if hello.index >= hello.channels {
+                    self.urgent.store(true, Ordering::Release);
+                }
+                Ok(message)
+            }
             Message::EndOfRam(_) | Message::PostcopyStart(_) => {
                 if let (Some(nic), Some(&qp)) = (self.nic.get(), self.qp.get()) {
                     nic.revoke(qp);

@@ -2,15 +2,17 @@
 //! and the link the source's NIC reaches it by.
 //!
 //! - **memfd**: a unix socket in a private directory. A source that
-//!   presents the token gets every region's file descriptor and offset, and
-//!   maps the destination's memory itself: its writes land with no copy on
-//!   this side. Revoking access cannot take a mapping back; the source's
-//!   NIC stops writing at the end of precopy, and the memfd NIC is meant for
-//!   one host under one operator.
+//!   presents the token for a queue pair still in precopy gets every
+//!   region's file descriptor and offset, and writes through them: its
+//!   writes land with no copy on this side. Revoking access cannot take a
+//!   descriptor back; the source's NIC checks its writes against the
+//!   registration and stops writing at the end of precopy, and the memfd
+//!   NIC is meant for one host under one operator.
 //! - **tcp**: a TCP listener. Each queue pair's link gets a NIC thread that
 //!   reads write requests, checks key, bounds and access, reads the bytes
 //!   straight into the region and acknowledges; a refused write puts the
-//!   queue pair in error and closes its link.
+//!   queue pair in error and closes its link, and revoking the queue pair
+//!   shuts its links down.
 
 use crate::verbs::RdmaError;
 use migration_sys::GuestRegion;
@@ -25,6 +27,14 @@ use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+/// Which queue pairs may write.
+#[derive(Debug, Default)]
+struct Access {
+    revoked: HashSet<u32>,
+    /// Precopy is over somewhere: no new queue pair is announced or granted.
+    closed: bool,
+}
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -46,10 +56,13 @@ struct Shared {
     regions: OnceLock<Vec<Registered>>,
     /// Queue pairs handed out so far (numbers `0..issued`).
     issued: AtomicU32,
-    /// Queue pairs whose access is revoked.
-    revoked: Mutex<HashSet<u32>>,
-    /// No more queue pairs are announced (precopy is over).
-    closed: AtomicBool,
+    /// Queue pairs whose access is revoked, and whether queue pairs are
+    /// still announced (not once precopy is over): one lock, so no queue
+    /// pair is announced after the first revocation.
+    access: Mutex<Access>,
+    /// The TCP NIC's links, per queue pair: shut down when it is revoked
+    /// and when the NIC goes away, so no NIC thread outlives either.
+    links: Mutex<Vec<(u32, TcpStream)>>,
     /// The NIC is going away: its threads stop.
     stopping: AtomicBool,
     /// Bytes the TCP NIC wrote into regions.
@@ -61,6 +74,22 @@ struct Shared {
 }
 
 impl Shared {
+    fn access(&self) -> std::sync::MutexGuard<'_, Access> {
+        self.access.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Shuts the links of queue pair `qp` (all of them with `None`) down.
+    fn shut_links(&self, qp: Option<u32>) {
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, link) in links.iter().filter(|(n, _)| qp.is_none_or(|qp| *n == qp)) {
+            let _ = link.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn may_write(&self, qp: u32) -> bool {
+        !self.access().revoked.contains(&qp)
+    }
+
     /// Where a write of `len` bytes at `offset` of region `rkey` from queue
     /// pair `qp` lands, or why it may not.
     fn check(&self, qp: u32, rkey: u32, offset: u64, len: u64) -> Result<(&Arc<GuestRegion>, usize), String> {
@@ -69,7 +98,7 @@ impl Shared {
             .iter()
             .find(|r| r.key.rkey == rkey)
             .ok_or_else(|| format!("no region has key {rkey:#x}"))?;
-        if self.revoked.lock().unwrap_or_else(|e| e.into_inner()).contains(&qp) {
+        if !self.may_write(qp) {
             return Err(format!("queue pair {qp}'s access is revoked"));
         }
         match offset.checked_add(len) {
@@ -120,8 +149,8 @@ impl DestNic {
             token: crate::random_u64()?,
             regions: OnceLock::new(),
             issued: AtomicU32::new(0),
-            revoked: Mutex::new(HashSet::new()),
-            closed: AtomicBool::new(false),
+            access: Mutex::new(Access::default()),
+            links: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
             bytes_written: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -224,7 +253,8 @@ impl DestNic {
     /// precopy runs; `None` otherwise (pages then travel on the channel).
     pub fn announce(&self) -> Option<RegionTable> {
         let regions = self.shared.regions.get()?;
-        if self.shared.closed.load(Ordering::Acquire) {
+        let access = self.shared.access();
+        if access.closed {
             return None;
         }
         Some(RegionTable {
@@ -236,22 +266,22 @@ impl DestNic {
         })
     }
 
-    /// Revokes queue pair `qp`'s access (its channel's precopy is over),
-    /// and announces no further queue pairs: from here the guest may run on
-    /// this side, and pages are placed whole by the receiver.
+    /// Revokes queue pair `qp`'s access (its channel's precopy is over):
+    /// its TCP links are shut down, the memfd NIC grants it nothing more,
+    /// and no further queue pair is announced: from here the guest may run
+    /// on this side, and pages are placed whole by the receiver.
     pub fn revoke(&self, qp: u32) {
-        self.shared.closed.store(true, Ordering::Release);
-        self.shared.revoked.lock().unwrap_or_else(|e| e.into_inner()).insert(qp);
+        {
+            let mut access = self.shared.access();
+            access.closed = true;
+            access.revoked.insert(qp);
+        }
+        self.shared.shut_links(Some(qp));
     }
 
     /// Whether queue pair `qp` may write.
     pub fn may_write(&self, qp: u32) -> bool {
-        !self
-            .shared
-            .revoked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&qp)
+        self.shared.may_write(qp)
     }
 
     /// The region of block `block`, when registered.
@@ -288,6 +318,7 @@ impl DestNic {
 impl Drop for DestNic {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::Release);
+        self.shared.shut_links(None);
         // Wake the listening thread so it sees the flag.
         match self.shared.kind {
             NicKind::Memfd => drop(UnixStream::connect(&self.link)),
@@ -349,10 +380,16 @@ fn serve_memfd(shared: &Shared, listener: &UnixListener) {
         }
         let Ok(mut stream) = stream else { continue };
         let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
-        // A link that fails its hello is closed with nothing granted.
-        if hello(shared, &mut stream).is_err() {
+        // A link that fails its hello, or whose queue pair's precopy is
+        // over, is closed with nothing granted.
+        let Ok(hello) = hello(shared, &mut stream) else {
+            continue;
+        };
+        let access = shared.access();
+        if access.closed || access.revoked.contains(&hello.qp) {
             continue;
         }
+        drop(access);
         let Some(regions) = shared.regions.get() else { continue };
         let mut grant = MemfdGrant { regions: Vec::new() };
         let mut fds = Vec::new();
@@ -382,22 +419,46 @@ fn serve_tcp(shared: &Arc<Shared>, listener: &TcpListener) {
 }
 
 /// One queue pair's link on the TCP NIC: writes applied straight into the
-/// registered regions, each acknowledged, until the link closes or a write
-/// is refused.
+/// registered regions, each acknowledged, until the link closes, a write is
+/// refused, or the queue pair is revoked; the link is shut down then.
 fn serve_queue_pair(shared: &Shared, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
     let Ok(hello) = hello(shared, &mut stream) else { return };
-    // From here the link lives as long as the source keeps it open.
+    // From here the link lives until the source closes it or its queue
+    // pair is revoked (which shuts it down).
     let _ = stream.set_read_timeout(None);
+    let Ok(link) = stream.try_clone() else { return };
+    let link_fd = {
+        let mut links = shared.links.lock().unwrap_or_else(|e| e.into_inner());
+        links.push((hello.qp, link));
+        links.last().map(|(_, l)| std::os::fd::AsRawFd::as_raw_fd(l))
+    };
+    // Revoked before the link was listed: nothing shut it down.
+    if shared.may_write(hello.qp) {
+        apply_writes(shared, hello.qp, &mut stream);
+    }
+    // A refused write puts the queue pair in error: its link closes (the
+    // bytes that followed the request are never read).
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    shared
+        .links
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(_, l)| Some(std::os::fd::AsRawFd::as_raw_fd(l)) != link_fd);
+}
+
+/// Applies queue pair `qp`'s writes from `stream` until it ends, fails, or
+/// a write is refused.
+fn apply_writes(shared: &Shared, qp: u32, stream: &mut TcpStream) {
     let mut raw = [0u8; WRITE_REQUEST_LEN];
     while !shared.stopping.load(Ordering::Acquire) && stream.read_exact(&mut raw).is_ok() {
         let Ok(request) = WriteRequest::decode(&raw) else {
             return;
         };
-        let status = match shared.check(hello.qp, request.rkey, request.offset, request.len.into()) {
+        let status = match shared.check(qp, request.rkey, request.offset, request.len.into()) {
             Ok((region, offset)) => {
-                if receive_into(&stream, region, offset, request.len as usize).is_err() {
+                if receive_into(stream, region, offset, request.len as usize).is_err() {
                     return;
                 }
                 shared.bytes_written.fetch_add(request.len.into(), Ordering::Relaxed);
@@ -413,9 +474,6 @@ fn serve_queue_pair(shared: &Shared, mut stream: TcpStream) {
             status,
         };
         if stream.write_all(&ack.encode()).is_err() || status != AckStatus::Done {
-            // A refused write puts the queue pair in error: its link closes
-            // (the bytes that followed the request are never read).
-            let _ = stream.shutdown(std::net::Shutdown::Both);
             return;
         }
     }

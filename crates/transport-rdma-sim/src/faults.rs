@@ -21,7 +21,8 @@ pub struct FaultPlan {
     /// Channel C's N-th write (counted from 1) fails and puts its queue pair
     /// in error (`qp-error=C@N`), once per process.
     pub qp_error: Option<(u16, u64)>,
-    /// Channel C's link drops at its N-th operation, a write or a message
+    /// Channel C's link drops at its N-th operation, a message or a page
+    /// batch sent on it
     /// (`drop-link=C@N`), once per process: its NIC link and its control
     /// connection close, as when a cable is pulled.
     pub drop_link: Option<(u16, u64)>,

@@ -28,9 +28,10 @@
 //!   destination hashes the pages where they landed (no copy) and checks it.
 //! - **The end of one-sided access.** At a channel's end of precopy
 //!   (`EndOfRam`, or the switch to postcopy) its queue pair's access is
-//!   revoked and no new queue pair is announced: once the guest may run on
-//!   the destination, pages are placed whole by the receiver (postcopy's
-//!   atomic placement), never written under it.
+//!   revoked (the TCP NIC shuts its links down) and no new queue pair is
+//!   announced; postcopy's urgent-page channel never gets one. Once the
+//!   guest may run on the destination, pages are placed whole by the
+//!   receiver (postcopy's atomic placement), never written under it.
 //!
 //! # The two simulated NICs
 //!
@@ -40,9 +41,11 @@
 //!   bounds-checked `pwrite` into the region's file, whose pages the
 //!   destination maps: the bytes land in the destination's memory with no
 //!   receive-side copy. The copy is done by the posting thread, where a real
-//!   NIC's DMA engine would spend no CPU. A mapping cannot be taken back, so revocation is
-//!   the source NIC's own discipline: this NIC is for one host under one
-//!   operator (the same trust as vhost-user's shared memory).
+//!   NIC's DMA engine would spend no CPU. A descriptor cannot be taken
+//!   back: the NIC grants none once precopy ended, the source's NIC checks
+//!   its writes against the registration and stops at the end of precopy,
+//!   and this NIC is for one host under one operator (the same trust as
+//!   vhost-user's shared memory).
 //! - **tcp**: a NIC thread per queue pair on the destination reads write
 //!   requests from its own TCP link, checks key, bounds and access, reads
 //!   the bytes straight into the registered region (one copy, by the

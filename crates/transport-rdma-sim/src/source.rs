@@ -130,9 +130,24 @@ impl SourceNic {
         Ok(())
     }
 
-    /// Connects channel `channel`'s queue pair to what `table` announces.
-    pub fn queue_pair(&self, channel: u16, table: &RegionTable) -> Result<Box<dyn QueuePair>, RdmaError> {
+    /// Connects channel `channel`'s queue pair to what `table` announces,
+    /// on the destination at `peer` (its control connection's address): a
+    /// TCP NIC must listen there.
+    pub fn queue_pair(
+        &self,
+        channel: u16,
+        table: &RegionTable,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Box<dyn QueuePair>, RdmaError> {
         self.check(table)?;
+        if table.nic == NicKind::Tcp
+            && let (Ok(link), Some(peer)) = (table.link.parse::<SocketAddr>(), peer)
+            && link.ip() != peer
+        {
+            return Err(RdmaError::Setup(format!(
+                "the destination at {peer} names a TCP NIC on another host, {link}"
+            )));
+        }
         *self.offered.lock().unwrap_or_else(|e| e.into_inner()) = Some(table.nic);
         let cq = CompletionQueue::new(self.faults.clone());
         match table.nic {

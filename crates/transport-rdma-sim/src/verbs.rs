@@ -206,7 +206,10 @@ pub trait QueuePair: Send + std::fmt::Debug {
 /// Writes posted on a queue pair whose buffers (`'buf`) stay borrowed until
 /// every completion came back: [`Writes::complete`] waits for them, and so
 /// does dropping the value (bounded; a queue pair whose completions do not
-/// come is dropped into error first, so its NIC lets go of the buffers).
+/// come has its link dropped, and its flushed completions are awaited).
+/// Forgetting the value (`mem::forget`) would end the borrow early: fine
+/// for the simulated NICs, which consume a buffer when it is posted, not
+/// for a DMA backend.
 #[derive(Debug)]
 pub struct Writes<'q, 'buf> {
     qp: &'q mut dyn QueuePair,
@@ -256,9 +259,7 @@ impl<'q, 'buf> Writes<'q, 'buf> {
             if self.qp.completions().poll(&mut done, timeout) == 0 {
                 if quiet_since.elapsed() >= timeout {
                     let pending = self.pending.len();
-                    // A NIC that will not answer lets go of the buffers.
-                    self.qp.drop_link();
-                    self.pending.clear();
+                    self.flush();
                     return Err(RdmaError::TimedOut { pending, timeout });
                 }
                 continue;
@@ -286,6 +287,25 @@ impl<'q, 'buf> Writes<'q, 'buf> {
             }
         }
         self.failure.take().map_or(Ok(()), Err)
+    }
+}
+
+impl Writes<'_, '_> {
+    /// Drops the queue pair's link, which makes its NIC complete every
+    /// write still in flight (flushed), and waits for those completions:
+    /// only then is no buffer the NIC's any more. A NIC that does not
+    /// flush within [`DROP_WAIT`] is broken; its writes are given up then
+    /// (the simulated NICs consumed every buffer when it was posted).
+    fn flush(&mut self) {
+        self.qp.drop_link();
+        let deadline = Instant::now() + DROP_WAIT;
+        let mut done = Vec::new();
+        while !self.pending.is_empty() && Instant::now() < deadline {
+            done.clear();
+            self.qp.completions().poll(&mut done, Duration::from_millis(50));
+            self.pending.retain(|id| !done.iter().any(|wc| wc.wr_id == *id));
+        }
+        self.pending.clear();
     }
 }
 
@@ -367,31 +387,47 @@ mod tests {
     }
 
     #[test]
-    fn a_completion_that_never_comes_times_out() {
+    fn a_completion_that_never_comes_times_out_and_the_flushed_writes_are_awaited() {
+        /// A NIC that completes nothing until its link drops, then flushes
+        /// every write in flight.
         #[derive(Debug)]
-        struct Silent(CompletionQueue, bool);
+        struct Silent(CompletionQueue, Vec<u64>, bool);
         impl QueuePair for Silent {
             fn number(&self) -> u32 {
                 1
             }
-            fn post_write(&mut self, _: u64, _: &[u8], _: RemoteAddr) -> Result<(), RdmaError> {
+            fn post_write(&mut self, wr_id: u64, _: &[u8], _: RemoteAddr) -> Result<(), RdmaError> {
+                self.1.push(wr_id);
                 Ok(())
             }
             fn completions(&self) -> &CompletionQueue {
                 &self.0
             }
             fn drop_link(&mut self) {
-                self.1 = true;
+                self.2 = true;
+                for wr_id in self.1.drain(..) {
+                    self.0.push(WorkCompletion {
+                        wr_id,
+                        status: WcStatus::Flushed,
+                    });
+                }
             }
             fn bytes_written(&self) -> u64 {
                 0
             }
         }
-        let mut qp = Silent(CompletionQueue::new(None), false);
+        let mut qp = Silent(CompletionQueue::new(None), Vec::new(), false);
         let mut writes = Writes::new(&mut qp, 0);
         writes.post(b"x", RemoteAddr { rkey: 1, offset: 0 }).expect("post");
+        writes.post(b"y", RemoteAddr { rkey: 1, offset: 1 }).expect("post");
         let err = writes.complete(Duration::from_millis(20)).expect_err("times out");
-        assert!(matches!(err, RdmaError::TimedOut { pending: 1, .. }), "{err}");
-        assert!(qp.1, "the link was dropped so the NIC lets go of the buffer");
+        assert!(matches!(err, RdmaError::TimedOut { pending: 2, .. }), "{err}");
+        assert!(qp.2, "the link was dropped so the NIC lets go of the buffers");
+        let mut left = Vec::new();
+        assert_eq!(
+            qp.0.poll(&mut left, Duration::ZERO),
+            0,
+            "every flushed completion was taken"
+        );
     }
 }

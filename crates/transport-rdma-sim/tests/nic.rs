@@ -45,7 +45,7 @@ fn writes_land_in_the_registered_regions_over_both_nics() {
         let table = nic.announce().expect("registered memory is announced");
         assert_eq!(table.nic, kind);
         let source = SourceNic::new(Some(kind), lens(&blocks), TIMEOUT, None);
-        let mut qp = source.queue_pair(0, &table).expect("queue pair");
+        let mut qp = source.queue_pair(0, &table, Some(LOOPBACK)).expect("queue pair");
         let (a, b) = (vec![0xa5u8; 3 * PAGE_SIZE], vec![0x5au8; PAGE_SIZE]);
         let mut writes = Writes::new(qp.as_mut(), 0);
         let first = RemoteAddr {
@@ -95,7 +95,7 @@ fn a_write_outside_a_registered_region_is_refused_and_the_queue_pair_fails() {
             },
         ];
         for remote in refusals {
-            let mut qp = source.queue_pair(0, &table).expect("queue pair");
+            let mut qp = source.queue_pair(0, &table, Some(LOOPBACK)).expect("queue pair");
             let mut writes = Writes::new(qp.as_mut(), 0);
             writes.post(&page, remote).expect("posted");
             let err = writes.complete(TIMEOUT).expect_err("refused");
@@ -126,7 +126,7 @@ fn a_revoked_queue_pair_may_not_write() {
     let (nic, blocks) = registered(NicKind::Tcp);
     let table = nic.announce().expect("announced");
     let source = SourceNic::new(None, lens(&blocks), TIMEOUT, None);
-    let mut qp = source.queue_pair(0, &table).expect("queue pair");
+    let mut qp = source.queue_pair(0, &table, Some(LOOPBACK)).expect("queue pair");
     nic.revoke(table.qp);
     assert!(
         nic.announce().is_none(),
@@ -142,7 +142,12 @@ fn a_revoked_queue_pair_may_not_write() {
             },
         )
         .expect("posted");
-    assert!(matches!(writes.complete(TIMEOUT), Err(RdmaError::RemoteAccess(_))));
+    // Refused, or its link already shut down by the revocation.
+    let err = writes.complete(TIMEOUT).expect_err("revoked");
+    assert!(
+        matches!(err, RdmaError::RemoteAccess(_) | RdmaError::LinkDown(_)),
+        "{err}"
+    );
     assert_eq!(read(&blocks[0], 0, PAGE_SIZE), vec![0; PAGE_SIZE]);
 }
 
@@ -208,7 +213,7 @@ fn the_memfd_nic_grants_nothing_without_the_token_and_needs_file_backed_memory()
     let mut table = nic.announce().expect("announced");
     table.token ^= 1;
     let source = SourceNic::new(None, lens(&blocks), TIMEOUT, None);
-    let err = source.queue_pair(0, &table).expect_err("refused");
+    let err = source.queue_pair(0, &table, Some(LOOPBACK)).expect_err("refused");
     assert!(err.to_string().contains("without a grant"), "{err}");
 
     let private = Arc::new(GuestRegion::anonymous(4 * PAGE_SIZE).expect("anonymous"));
@@ -224,9 +229,11 @@ fn a_source_checks_the_announcement_against_guest_ram_and_the_nic_asked_for() {
     let (nic, blocks) = registered(NicKind::Tcp);
     let table = nic.announce().expect("announced");
     let wrong_size = SourceNic::new(None, vec![blocks[0].len() as u64], TIMEOUT, None);
-    assert!(wrong_size.queue_pair(0, &table).is_err());
+    assert!(wrong_size.queue_pair(0, &table, Some(LOOPBACK)).is_err());
     let wants_memfd = SourceNic::new(Some(NicKind::Memfd), lens(&blocks), TIMEOUT, None);
-    let err = wants_memfd.queue_pair(0, &table).expect_err("other NIC");
+    let err = wants_memfd
+        .queue_pair(0, &table, Some(LOOPBACK))
+        .expect_err("other NIC");
     assert!(err.to_string().contains("--rdma-nic"), "{err}");
 }
 
@@ -355,10 +362,10 @@ fn a_plain_destination_is_refused_and_injected_faults_fail_the_channel() {
         chain(&err)
     );
 
-    for (kind, plan) in [
-        (NicKind::Memfd, "qp-error=0@2"),
-        (NicKind::Tcp, "qp-error=0@1"),
-        (NicKind::Tcp, "drop-link=0@3"),
+    for (kind, plan, says) in [
+        (NicKind::Memfd, "qp-error=0@2", "QpError"),
+        (NicKind::Tcp, "qp-error=0@1", "QpError"),
+        (NicKind::Tcp, "drop-link=0@3", "injected fault: the link dropped"),
     ] {
         let (mut src, mut dst, _blocks) = channel_pair(kind, Some(plan.parse().expect("plan")));
         dst.send(&Message::BlocksAccepted).expect("send");
@@ -372,10 +379,52 @@ fn a_plain_destination_is_refused_and_injected_faults_fail_the_channel() {
             assert!(matches!(dst.recv().expect("recv"), Message::Pages(_)));
         }
         let err = failed.unwrap_or_else(|| panic!("{kind:?} {plan}: the fault never fired"));
-        assert!(!err.to_string().is_empty());
+        assert!(chain(&err).contains(says), "{kind:?} {plan}: {}", chain(&err));
         if plan.starts_with("drop-link") {
             // The link is gone both ways: the destination sees it end.
             assert!(dst.recv().is_err(), "{kind:?} {plan}");
+        }
+    }
+}
+
+#[test]
+fn the_memfd_nic_grants_nothing_to_a_queue_pair_whose_precopy_ended() {
+    let (nic, blocks) = registered(NicKind::Memfd);
+    let table = nic.announce().expect("announced");
+    nic.revoke(table.qp);
+    let source = SourceNic::new(None, lens(&blocks), TIMEOUT, None);
+    let err = source.queue_pair(0, &table, Some(LOOPBACK)).expect_err("no grant");
+    assert!(err.to_string().contains("without a grant"), "{err}");
+}
+
+#[test]
+fn postcopy_urgent_channel_gets_no_queue_pair_and_carries_its_pages_as_messages() {
+    for kind in [NicKind::Memfd, NicKind::Tcp] {
+        let (mut src, mut dst, _blocks) = channel_pair(kind, None);
+        // The urgent-page channel's hello: index == channels.
+        let hello = migration_wire::ChannelHello {
+            session: migration_wire::SessionId(1),
+            index: 2,
+            channels: 2,
+        };
+        src.send(&Message::ChannelHello(hello)).expect("send");
+        assert!(matches!(dst.recv().expect("recv"), Message::ChannelHello(_)));
+        dst.send(&Message::ChannelAccepted).expect("send");
+        assert!(
+            matches!(
+                src.recv().expect("accepted without a queue pair"),
+                Message::ChannelAccepted
+            ),
+            "{kind:?}"
+        );
+        let (entries, payload, hashes) = batch_parts();
+        let batch = PageBatch::new(0, 0, PAGE_SIZE as u32, &entries, &payload)
+            .expect("batch")
+            .with_hashes(&hashes);
+        src.send(&Message::Pages(batch)).expect("send");
+        match dst.recv().expect("recv") {
+            Message::Pages(got) => assert!(!got.is_placed(), "{kind:?}: sent as a message"),
+            other => panic!("{kind:?}: {other:?}"),
         }
     }
 }
