@@ -11,10 +11,6 @@ use migration_tests::{
     spawn_send,
 };
 
-fn kvm() -> bool {
-    reference_guest::kvm::kvm_for_tests().expect("MIGRATE_REQUIRE_KVM=1, but KVM is not usable")
-}
-
 /// 64 MiB over 2 vCPUs: a status page each and (16384 - 1) / 2 - 1 data pages.
 const DATA_PAGES: u64 = 2 * (16383 / 2 - 1);
 
@@ -36,7 +32,7 @@ fn kvm_guest<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 
 #[test]
 fn a_running_kvm_guest_migrates_live_and_passes_its_own_check() {
-    if !kvm() {
+    if !reference_guest::kvm::kvm_for_tests() {
         return;
     }
     let _lock = lock();
@@ -60,7 +56,7 @@ fn a_running_kvm_guest_migrates_live_and_passes_its_own_check() {
 
 #[test]
 fn a_kvm_guest_runs_on_the_destination_in_postcopy_while_its_pages_arrive() {
-    if !kvm() {
+    if !reference_guest::kvm::kvm_for_tests() {
         return;
     }
     let _lock = lock();
@@ -77,7 +73,7 @@ fn a_kvm_guest_runs_on_the_destination_in_postcopy_while_its_pages_arrive() {
 
 #[test]
 fn a_kvm_guest_keeps_running_on_the_source_when_the_migration_fails_after_the_pause() {
-    if !kvm() {
+    if !reference_guest::kvm::kvm_for_tests() {
         return;
     }
     let _lock = lock();

@@ -133,14 +133,7 @@ impl Preallocated {
             GuestRegion::anonymous(len)
         }
         .context("mapping preallocated memory")?;
-        let half = (len / 2).next_multiple_of(PAGE_SIZE).min(len);
-        std::thread::scope(|scope| -> Result<()> {
-            let second = scope.spawn(|| whole.populate_write(half, len - half));
-            whole.populate_write(0, half)?;
-            second.join().expect("populating thread")?;
-            Ok(())
-        })
-        .context("populating preallocated memory")?;
+        migration_sys::region::populate_all([&whole]).context("populating preallocated memory")?;
         Ok(Self { whole: Arc::new(whole) })
     }
 

@@ -150,18 +150,18 @@ pub struct FaultsReport {
 }
 
 impl RdmaReport {
-    pub fn source(stats: &SourceStats, faults: bool) -> Self {
+    pub fn source(stats: &SourceStats) -> Self {
         Self {
             nic: stats.nic.map(NicKind::name),
             one_sided_bytes: Some(stats.bytes_written),
             writes: Some(stats.writes),
             batches: Some(stats.batches),
             connect_ms: (stats.nic == Some(NicKind::Memfd)).then_some(stats.connect_time.as_secs_f64() * 1e3),
-            faults: faults.then_some(FaultsReport {
-                delayed_completions: stats.faults.delayed,
-                reordered_polls: stats.faults.reordered,
-                qp_errors: stats.faults.qp_errors,
-                link_drops: stats.faults.link_drops,
+            faults: stats.faults.map(|faults| FaultsReport {
+                delayed_completions: faults.delayed,
+                reordered_polls: faults.reordered,
+                qp_errors: faults.qp_errors,
+                link_drops: faults.link_drops,
             }),
             ..Self::default()
         }

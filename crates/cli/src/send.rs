@@ -260,7 +260,6 @@ impl ThrottleArgs {
 }
 
 /// Where the source sends its guest.
-#[derive(Clone, Copy)]
 pub enum Target<'a> {
     /// A `migrate-cli recv` over TCP.
     Tcp(&'a SendArgs),
@@ -421,7 +420,7 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
         },
     );
     progress.finish();
-    report.rdma = rdma.map(|nic| crate::rdma::RdmaReport::source(&nic.stats(), nic_faults(target)));
+    report.rdma = rdma.map(|nic| crate::rdma::RdmaReport::source(&nic.stats()));
     report.throttle_percent = options.precopy.auto_converge.map(|_| highest_throttle);
     let paused_unix_us = paused_at.and_then(crate::report::unix_us);
     let mark_pause = |report: &mut Report| report.paused_unix_us = paused_unix_us;
@@ -476,11 +475,6 @@ fn send(args: &SourceArgs, target: Target<'_>, report: &mut Report) -> Result<u8
             })
         }
     }
-}
-
-/// Whether faults were injected into the simulated NIC.
-fn nic_faults(target: Target<'_>) -> bool {
-    matches!(target, Target::Tcp(send) if send.rdma_faults.is_some())
 }
 
 /// Records how the guest runs after it resumed on the source: that it

@@ -14,11 +14,10 @@
 //! `KVM_CLEAR_DIRTY_LOG` clears the bits read and write-protects those pages
 //! again. Without it, `KVM_GET_DIRTY_LOG` does both at once.
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::uffd::{IOC_READ, IOC_WRITE, ioc};
+use crate::uffd::{IOC_READ, IOC_WRITE, ioc, ioctl};
 use crate::{GuestRegion, PAGE_SIZE, SysError};
 
 const KVMIO: u32 = 0xAE;
@@ -92,7 +91,7 @@ pub struct KvmSlot {
 impl KvmSlot {
     /// Number of 4 KiB pages.
     pub fn pages(&self) -> u64 {
-        (self.region.len() / PAGE_SIZE) as u64
+        self.region.pages() as u64
     }
 }
 
@@ -144,11 +143,18 @@ impl KvmVm {
     /// Whether the kernel offers `cap` (`KVM_CHECK_EXTENSION` on the VM): its value, 0 if not.
     pub fn check_extension(&self, cap: u32) -> i32 {
         // SAFETY: KVM_CHECK_EXTENSION takes its argument by value and writes no memory.
-        unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_CHECK_EXTENSION, libc::c_ulong::from(cap)) }.max(0)
+        unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                KVM_CHECK_EXTENSION as libc::Ioctl,
+                libc::c_ulong::from(cap),
+            )
+        }
+        .max(0)
     }
 
     fn register(&self, slot: &KvmSlot) -> Result<(), SysError> {
-        let arg = UserspaceMemoryRegion {
+        let mut arg = UserspaceMemoryRegion {
             slot: slot.id,
             flags: if slot.logging { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: slot.guest_addr,
@@ -159,11 +165,14 @@ impl KvmVm {
         // memory it names is the region's own mapping, which the slot list keeps alive (the
         // `Arc`) for as long as this VM descriptor; guest accesses to it are the guest's,
         // which every user of a `GuestRegion` already tolerates (volatile access only).
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_SET_USER_MEMORY_REGION, &arg) };
-        if rc < 0 {
-            return Err(SysError::last_os("KVM_SET_USER_MEMORY_REGION"));
+        unsafe {
+            ioctl(
+                &self.fd,
+                KVM_SET_USER_MEMORY_REGION,
+                &mut arg,
+                "KVM_SET_USER_MEMORY_REGION",
+            )
         }
-        Ok(())
     }
 
     /// Maps `region` into guest-physical memory at `guest_addr` as slot `id`,
@@ -220,24 +229,23 @@ impl KvmVm {
         if self.check_extension(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) & 1 == 0 {
             return Ok(false);
         }
-        let arg = EnableCap {
+        let mut arg = EnableCap {
             cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
             flags: 0,
             args: [KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, 0, 0, 0],
             pad: [0; 64],
         };
         // SAFETY: the argument is a valid `kvm_enable_cap` that KVM only reads.
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_ENABLE_CAP, &arg) };
-        if rc < 0 {
-            return Err(SysError::last_os("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"));
-        }
+        unsafe {
+            ioctl(
+                &self.fd,
+                KVM_ENABLE_CAP,
+                &mut arg,
+                "KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)",
+            )?
+        };
         *on = true;
         Ok(true)
-    }
-
-    /// Whether the manual-protect protocol is on.
-    pub fn manual_protect(&self) -> bool {
-        *self.manual_protect.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The words of slot `id`'s dirty bitmap (`KVM_GET_DIRTY_LOG`) into
@@ -245,7 +253,7 @@ impl KvmVm {
     /// of the slot. With manual protect on, the log is left as it is.
     pub fn dirty_log(&self, id: u32, bitmap: &mut Vec<u64>) -> Result<(), SysError> {
         let pages = self.logging_slot_pages(id)?;
-        bitmap.clear();
+        // KVM overwrites every word: only new ones need initialising.
         bitmap.resize(pages.div_ceil(64) as usize, 0);
         let mut arg = DirtyLogArg {
             slot: id,
@@ -255,11 +263,7 @@ impl KvmVm {
         // SAFETY: KVM writes one bit per page of the slot, rounded up to whole 64-bit words
         // (the kernel's `kvm_dirty_bitmap_bytes`), into the buffer; `bitmap` holds exactly that
         // many words for the slot's length, which this type registered itself.
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_GET_DIRTY_LOG, &mut arg) };
-        if rc < 0 {
-            return Err(SysError::last_os("KVM_GET_DIRTY_LOG"));
-        }
-        Ok(())
+        unsafe { ioctl(&self.fd, KVM_GET_DIRTY_LOG, &mut arg, "KVM_GET_DIRTY_LOG") }
     }
 
     /// Clears the bits of `bitmap` (as [`KvmVm::dirty_log`] read it) in
@@ -283,11 +287,7 @@ impl KvmVm {
         };
         // SAFETY: KVM reads `num_pages` bits from the buffer, which holds that many rounded up
         // to whole words (checked above); it writes nothing into it.
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &mut arg) };
-        if rc < 0 {
-            return Err(SysError::last_os("KVM_CLEAR_DIRTY_LOG"));
-        }
-        Ok(())
+        unsafe { ioctl(&self.fd, KVM_CLEAR_DIRTY_LOG, &mut arg, "KVM_CLEAR_DIRTY_LOG") }
     }
 
     fn logging_slot_pages(&self, id: u32) -> Result<u64, SysError> {
@@ -297,10 +297,4 @@ impl KvmVm {
             .map(KvmSlot::pages)
             .ok_or(SysError::Unsupported("the dirty log of a KVM slot that does not log"))
     }
-}
-
-/// Whether `/dev/kvm` can be opened for reading and writing (the first test
-/// of whether KVM guests can run here).
-pub fn kvm_available() -> bool {
-    File::options().read(true).write(true).open("/dev/kvm").is_ok()
 }

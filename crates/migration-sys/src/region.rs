@@ -605,6 +605,39 @@ fn check_len(len: usize) -> Result<(), SysError> {
     Ok(())
 }
 
+/// How much of a region one thread populates at a time in [`populate_all`].
+const POPULATE_CHUNK: usize = 64 << 20;
+
+/// Populates every page of `regions` as a write would ([`GuestRegion::populate_write`]), on
+/// two threads taking 64 MiB at a time: how memory is preallocated or pinned ahead of use.
+pub fn populate_all<'a>(regions: impl IntoIterator<Item = &'a GuestRegion>) -> Result<(), SysError> {
+    let mut chunks = Vec::new();
+    for region in regions {
+        let mut at = 0;
+        while at < region.len() {
+            let len = POPULATE_CHUNK.min(region.len() - at);
+            chunks.push((region, at, len));
+            at += len;
+        }
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || -> Result<(), SysError> {
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(&(region, at, len)) = chunks.get(i) else {
+                return Ok(());
+            };
+            region.populate_write(at, len)?;
+        }
+    };
+    std::thread::scope(|scope| {
+        let other = scope.spawn(work);
+        let mine = work();
+        other.join().expect("populating thread")?;
+        mine
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -682,6 +715,20 @@ mod tests {
         region.read(PAGE_SIZE, &mut buf).unwrap();
         assert_eq!(buf, [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 0]);
         assert!(region.is_zero(2 * PAGE_SIZE, 62 * PAGE_SIZE).unwrap());
+    }
+
+    #[test]
+    fn populate_all_makes_every_page_of_every_region_resident() {
+        let regions = [
+            GuestRegion::memfd("populate", 16 * PAGE_SIZE).unwrap(),
+            GuestRegion::anonymous(8 * PAGE_SIZE).unwrap(),
+        ];
+        populate_all(&regions).unwrap();
+        for region in &regions {
+            let mut resident = Vec::new();
+            region.resident(0, region.len(), &mut resident).unwrap();
+            assert!(resident.iter().all(|&r| r), "{resident:?}");
+        }
     }
 
     #[test]

@@ -565,7 +565,7 @@ fn open() -> Result<OwnedFd, SysError> {
 ///
 /// `T` must be the argument struct of `request` (the kernel then reads and writes only inside
 /// `arg`), and what `request` does to `fd` and to the process must not break memory safety.
-unsafe fn ioctl<T>(fd: &OwnedFd, request: u64, arg: &mut T, op: &'static str) -> Result<(), SysError> {
+pub(crate) unsafe fn ioctl<T>(fd: &OwnedFd, request: u64, arg: &mut T, op: &'static str) -> Result<(), SysError> {
     // SAFETY: `fd` is open for the call; `arg` is a live, exclusively borrowed `T`, which the
     // caller guarantees is the argument of `request` (sizes checked by the const asserts
     // above), so the kernel stays inside it. The caller argues the request's other effects.

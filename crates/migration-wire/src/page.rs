@@ -295,6 +295,27 @@ impl<'a> PageBatch<'a> {
         })
     }
 
+    /// The plain pages in runs of consecutive indices, in entry order:
+    /// `(first page, pages)`. Their bytes follow one another in the payload
+    /// in the same order, so a run is one stretch of the payload and one
+    /// stretch of the block.
+    pub fn plain_runs(&self) -> impl Iterator<Item = (u64, u64)> + 'a {
+        let mut plain = self
+            .entries()
+            .flatten()
+            .filter(|e| e.encoding == PageEncoding::Plain)
+            .map(|e| e.page)
+            .peekable();
+        std::iter::from_fn(move || {
+            let first = plain.next()?;
+            let mut pages = 1;
+            while plain.next_if(|&page| page == first + pages).is_some() {
+                pages += 1;
+            }
+            Some((first, pages))
+        })
+    }
+
     /// The same batch with the xxh3-64 of each plain page attached, in
     /// order (a batch sent as is only; the count must match).
     pub fn with_hashes(mut self, hashes: &'a [u64]) -> Self {

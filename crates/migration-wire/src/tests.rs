@@ -206,6 +206,28 @@ fn encoded_message() -> impl Strategy<Value = Vec<u8>> {
 
 proptest! {
     #[test]
+    fn plain_runs_are_the_plain_pages_in_maximal_runs(
+        pages in proptest::collection::vec((1u64..3, any::<bool>()), 0..40),
+    ) {
+        let (mut entries, mut plain, mut page) = (Vec::new(), Vec::new(), 0);
+        for (step, zero) in pages {
+            page += step;
+            let encoding = if zero { PageEncoding::Zero } else { PageEncoding::Plain };
+            PageEntry { page, encoding }.push_to(&mut entries);
+            if !zero {
+                plain.push(page);
+            }
+        }
+        let batch = PageBatch::placed(0, 0, 4096, &entries).expect("batch");
+        let runs: Vec<_> = batch.plain_runs().collect();
+        let expanded: Vec<u64> = runs.iter().flat_map(|&(first, n)| first..first + n).collect();
+        prop_assert_eq!(expanded, plain);
+        for pair in runs.windows(2) {
+            prop_assert!(pair[0].0 + pair[0].1 < pair[1].0, "runs {:?} could merge", pair);
+        }
+    }
+
+    #[test]
     fn page_hashes_of_bytes_in_pieces_equal_those_of_whole_pages(
         pages in 1usize..6,
         cuts in proptest::collection::vec(0usize..20_000, 0..8),

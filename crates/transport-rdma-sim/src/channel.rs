@@ -9,9 +9,9 @@ use crate::faults::Hit;
 use crate::source::SourceNic;
 use crate::verbs::{QueuePair, RdmaError, RemoteAddr, Writes};
 use migration_core::transport::{ChannelHalves, Closer};
-use migration_core::{Channel, ChannelRx, ChannelTx, DirectPlacement, TransportError};
+use migration_core::{Channel, ChannelRx, ChannelTx, DirectPlacement, GuestRun, TransportError};
 use migration_wire::rdma::RdmaRecord;
-use migration_wire::{Codec, Message, PageBatch, PageEncoding, WireError};
+use migration_wire::{Codec, Message, PageBatch, WireError};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -272,37 +272,26 @@ impl SourceTx {
         })?;
         let page_size = batch.page_size as usize;
         let payload = batch.payload();
-        // Runs of consecutive plain pages: (first page, payload offset, bytes).
-        let mut runs: Vec<(u64, usize, usize)> = Vec::new();
-        let mut at = 0;
-        for entry in batch.entries().flatten() {
-            if entry.encoding != PageEncoding::Plain {
-                continue;
-            }
-            match runs.last_mut() {
-                Some((first, start, len))
-                    if *first + (*len / page_size) as u64 == entry.page && *start + *len == at =>
-                {
-                    *len += page_size;
-                }
-                _ => runs.push((entry.page, at, page_size)),
-            }
-            at += page_size;
-        }
+        // A write per run of consecutive plain pages, each a stretch of the
+        // payload.
         let mut writes = Writes::new(remote.qp.as_mut(), self.next_wr);
-        for &(first, start, len) in &runs {
+        let (mut at, mut posted) = (0, 0u64);
+        for (first, pages) in batch.plain_runs() {
+            let len = pages as usize * page_size;
             let offset = first
                 .checked_mul(page_size as u64)
                 .ok_or_else(|| TransportError::invalid_data(context, "page index overflows"))?;
             writes
-                .post(&payload[start..start + len], RemoteAddr { rkey, offset })
+                .post(&payload[at..at + len], RemoteAddr { rkey, offset })
                 .map_err(|e| transport_error(context, e))?;
+            at += len;
+            posted += 1;
         }
         self.next_wr = writes
             .complete(self.nic.io_timeout())
             .map_err(|e| transport_error(context, e))?;
         self.nic.bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
-        self.nic.writes.fetch_add(runs.len() as u64, Ordering::Relaxed);
+        self.nic.writes.fetch_add(posted, Ordering::Relaxed);
         self.nic.batches.fetch_add(1, Ordering::Relaxed);
         self.written += payload.len() as u64;
         self.head.clear();
@@ -505,19 +494,19 @@ impl DestRx {
             .ok_or_else(|| TransportError::invalid_data(context, format!("no block {}", batch.block)))?;
         let page_size = batch.page_size as usize;
         hashes.clear();
-        scratch.resize(page_size, 0);
-        for entry in batch.entries().flatten() {
-            if entry.encoding != PageEncoding::Plain {
-                continue;
-            }
-            let offset = usize::try_from(entry.page)
+        // Each run of pages hashed where it landed.
+        for (first, pages) in batch.plain_runs() {
+            let run = usize::try_from(first)
                 .ok()
                 .and_then(|p| p.checked_mul(page_size))
+                .map(|offset| GuestRun {
+                    region,
+                    offset,
+                    len: pages as usize * page_size,
+                })
                 .ok_or_else(|| TransportError::invalid_data(context, "page index overflows"))?;
-            region
-                .read(offset, scratch)
+            run.hash_pages(0, run.len, page_size, scratch, hashes)
                 .map_err(|e| TransportError::invalid_data(context, e.to_string()))?;
-            hashes.push(migration_wire::page::page_hash(scratch));
         }
         let actual = migration_wire::page::pages_checksum(head, hashes);
         if actual != checksum {
@@ -586,7 +575,7 @@ impl ChannelRx for DestRx {
 
 /// Both channel types hand everything to their halves.
 macro_rules! forward_channel {
-    ($channel:ty, $boxed_rx:expr) => {
+    ($channel:ty) => {
         impl ChannelTx for $channel {
             fn send(&mut self, message: &Message<'_>) -> Result<(), TransportError> {
                 self.tx.send(message)
@@ -603,7 +592,7 @@ macro_rules! forward_channel {
 
         impl Channel for $channel {
             fn split(self: Box<Self>) -> Result<ChannelHalves, TransportError> {
-                Ok((Box::new(self.tx), $boxed_rx(self.rx)))
+                Ok((Box::new(self.tx), Box::new(self.rx)))
             }
             fn peer(&self) -> String {
                 self.peer.clone()
@@ -616,5 +605,5 @@ macro_rules! forward_channel {
     };
 }
 
-forward_channel!(SourceChannel, |rx| Box::new(rx) as Box<dyn ChannelRx>);
-forward_channel!(DestChannel, |rx| Box::new(rx) as Box<dyn ChannelRx>);
+forward_channel!(SourceChannel);
+forward_channel!(DestChannel);

@@ -219,7 +219,7 @@ impl DestNic {
         }
         let started = Instant::now();
         if pin_all {
-            crate::populate(blocks.iter().map(|b| &**b))?;
+            migration_sys::region::populate_all(blocks.iter().map(|b| &**b))?;
         }
         let mut used = HashSet::new();
         let mut regions = Vec::with_capacity(blocks.len());

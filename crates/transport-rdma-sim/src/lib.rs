@@ -81,7 +81,6 @@ pub use migration_wire::rdma::NicKind;
 pub use source::{SourceNic, SourceStats};
 pub use verbs::{CompletionQueue, QueuePair, RdmaError, RemoteAddr, WcStatus, WorkCompletion, Writes};
 
-use migration_sys::GuestRegion;
 use std::io::Read;
 
 /// Eight random bytes from the kernel, for tokens and keys.
@@ -91,37 +90,4 @@ fn random_u64() -> Result<u64, RdmaError> {
         .and_then(|mut f| f.read_exact(&mut bytes))
         .map_err(|e| RdmaError::io("reading /dev/urandom", e))?;
     Ok(u64::from_le_bytes(bytes))
-}
-
-/// How much of a region one thread populates at a time.
-const POPULATE_CHUNK: usize = 64 << 20;
-
-/// Populates every page of `regions` (as pinning does), on two threads.
-fn populate<'a>(regions: impl IntoIterator<Item = &'a GuestRegion>) -> Result<(), RdmaError> {
-    let mut chunks = Vec::new();
-    for region in regions {
-        let mut at = 0;
-        while at < region.len() {
-            let len = POPULATE_CHUNK.min(region.len() - at);
-            chunks.push((region, at, len));
-            at += len;
-        }
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let work = || -> Result<(), migration_sys::SysError> {
-        loop {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(&(region, at, len)) = chunks.get(i) else {
-                return Ok(());
-            };
-            region.populate_write(at, len)?;
-        }
-    };
-    std::thread::scope(|scope| {
-        let other = scope.spawn(work);
-        let mine = work();
-        other.join().expect("populating thread")?;
-        mine
-    })?;
-    Ok(())
 }

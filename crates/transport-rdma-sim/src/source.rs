@@ -61,7 +61,7 @@ pub struct SourceStats {
     /// region files took.
     pub connect_time: Duration,
     /// Faults that fired.
-    pub faults: crate::faults::FaultCounts,
+    pub faults: Option<crate::faults::FaultCounts>,
 }
 
 impl SourceNic {
@@ -99,7 +99,7 @@ impl SourceNic {
             writes: self.writes.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
             connect_time: *self.connect_time.lock().unwrap_or_else(|e| e.into_inner()),
-            faults: self.faults.as_ref().map(|f| f.counts()).unwrap_or_default(),
+            faults: self.faults.as_ref().map(|f| f.counts()),
         }
     }
 

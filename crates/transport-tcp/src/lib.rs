@@ -439,35 +439,55 @@ impl TcpRx {
 }
 
 impl TcpRx {
-    /// For the frame whose header is in the buffer: when it is a record of
-    /// the transport's own and a handler takes them, reads and checks the
-    /// body, hands it to the handler and returns true. Returns false,
-    /// having read nothing more, for any other frame.
-    fn take_record(&mut self) -> Result<bool, TransportError> {
-        let mut raw = [0u8; FRAME_HEADER_LEN];
-        raw.copy_from_slice(&self.body[..FRAME_HEADER_LEN]);
+    /// For the frame of `header`, read so far: when it is a record of the
+    /// transport's own and a handler takes them, reads and checks the body,
+    /// hands it to the handler and returns true. Returns false, having read
+    /// nothing more, for any other frame.
+    fn take_record(&mut self, header: &FrameHeader) -> Result<bool, TransportError> {
         let Some(handler) = &mut self.records else {
-            return Ok(false);
-        };
-        let Ok(header) = FrameHeader::decode(&raw, MAX_FRAME_BODY) else {
             return Ok(false);
         };
         if header.kind != MessageKind::Transport {
             return Ok(false);
         }
         let len = header.len as usize;
-        if self.body.len() < FRAME_HEADER_LEN + len {
-            self.body.resize(FRAME_HEADER_LEN + len, 0);
+        if self.body.len() < len {
+            self.body.resize(len, 0);
         }
-        self.wire.read_exact(
-            header.kind.name(),
-            false,
-            &mut self.body[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len],
-        )?;
-        let body = &self.body[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len];
+        self.wire.read_exact(header.kind.name(), false, &mut self.body[..len])?;
+        let body = &self.body[..len];
         header.verify(body)?;
         handler(body)?;
         Ok(true)
+    }
+
+    /// Reads and decodes the next frame header.
+    fn read_header(&mut self) -> Result<FrameHeader, TransportError> {
+        if self.body.len() < FRAME_HEADER_LEN {
+            self.body.resize(FRAME_HEADER_LEN, 0);
+        }
+        self.read_exact("a frame header", true, 0, FRAME_HEADER_LEN)?;
+        let mut raw = [0u8; FRAME_HEADER_LEN];
+        raw.copy_from_slice(&self.body[..FRAME_HEADER_LEN]);
+        match FrameHeader::decode(&raw, MAX_FRAME_BODY) {
+            Ok(header) => Ok(header),
+            // A TLS record (handshake or alert) where a first frame belongs.
+            Err(_)
+                if self.wire.tls.is_none()
+                    && self.wire.received() == FRAME_HEADER_LEN as u64
+                    && raw[1] == 0x03
+                    && matches!(raw[0], 0x15 | 0x16) =>
+            {
+                Err(TransportError::io(
+                    "reading the first frame",
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the peer speaks TLS, this side does not (--tls-cert, --tls-key, --tls-ca)",
+                    ),
+                ))
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// Hands every record of the transport's own
@@ -491,35 +511,11 @@ impl ChannelRx for TcpRx {
     }
 
     fn recv(&mut self) -> Result<Message<'_>, TransportError> {
-        loop {
-            if self.body.len() < FRAME_HEADER_LEN {
-                self.body.resize(FRAME_HEADER_LEN, 0);
+        let header = loop {
+            let header = self.read_header()?;
+            if !self.take_record(&header)? {
+                break header;
             }
-            self.read_exact("a frame header", true, 0, FRAME_HEADER_LEN)?;
-            if !self.take_record()? {
-                break;
-            }
-        }
-        let mut raw = [0u8; FRAME_HEADER_LEN];
-        raw.copy_from_slice(&self.body[..FRAME_HEADER_LEN]);
-        let header = match FrameHeader::decode(&raw, MAX_FRAME_BODY) {
-            Ok(header) => header,
-            // A TLS record (handshake or alert) where a first frame belongs.
-            Err(_)
-                if self.wire.tls.is_none()
-                    && self.wire.received() == FRAME_HEADER_LEN as u64
-                    && raw[1] == 0x03
-                    && matches!(raw[0], 0x15 | 0x16) =>
-            {
-                return Err(TransportError::io(
-                    "reading the first frame",
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "the peer speaks TLS, this side does not (--tls-cert, --tls-key, --tls-ca)",
-                    ),
-                ));
-            }
-            Err(err) => return Err(err.into()),
         };
         let len = header.len as usize;
         if self.body.len() < len {

@@ -151,26 +151,19 @@ impl DirectPlacement for RamTargets {
             return false;
         }
         let page_size = block.page_size() as usize;
-        for entry in batch.entries() {
-            let Ok(entry) = entry else {
-                return false;
-            };
-            if entry.page >= block.pages() {
-                return false;
-            }
-            if entry.encoding != PageEncoding::Plain {
-                continue;
-            }
-            let offset = entry.page as usize * page_size;
-            match runs.last_mut() {
-                Some(run) if run.offset + run.len == offset => run.len += page_size,
-                _ => runs.push(GuestRun {
-                    region: block.region(),
-                    offset,
-                    len: page_size,
-                }),
-            }
+        // Indices increase strictly within a batch: the last is the highest.
+        if batch
+            .entries()
+            .last()
+            .is_some_and(|e| !e.is_ok_and(|e| e.page < block.pages()))
+        {
+            return false;
         }
+        runs.extend(batch.plain_runs().map(|(first, pages)| GuestRun {
+            region: block.region(),
+            offset: first as usize * page_size,
+            len: pages as usize * page_size,
+        }));
         true
     }
 }

@@ -94,15 +94,21 @@ pub fn kvm_usable() -> Result<(), KvmError> {
     Ok(())
 }
 
-/// For tests: `Ok(true)` where KVM is usable, `Ok(false)` (after saying why on stderr) where
-/// it is not, unless `MIGRATE_REQUIRE_KVM=1` asks for it, which makes its absence an error.
-pub fn kvm_for_tests() -> Result<bool, KvmError> {
+/// For tests: true where KVM is usable, false (after saying why on stderr) where it is not.
+///
+/// # Panics
+///
+/// Where KVM is not usable and `MIGRATE_REQUIRE_KVM=1` asks for it: its absence then fails the
+/// test.
+pub fn kvm_for_tests() -> bool {
     match kvm_usable() {
-        Ok(()) => Ok(true),
-        Err(err) if std::env::var("MIGRATE_REQUIRE_KVM").as_deref() == Ok("1") => Err(err),
+        Ok(()) => true,
+        Err(err) if std::env::var("MIGRATE_REQUIRE_KVM").as_deref() == Ok("1") => {
+            panic!("MIGRATE_REQUIRE_KVM=1, but KVM is not usable: {err}")
+        }
         Err(err) => {
             eprintln!("skipped: KVM is not usable here ({err}); MIGRATE_REQUIRE_KVM=1 makes this a failure");
-            Ok(false)
+            false
         }
     }
 }
@@ -258,7 +264,6 @@ impl KvmGuest {
         // a millisecond a page here, see `flat_protected_mode`).
         layout.populate(&regions, vcpus)?;
         let mut guest = Self::with_machine(regions, machine, dirty_rate);
-        guest.control.lock().passes.iter_mut().for_each(|p| *p = 1);
         guest.spawn()?;
         guest.pause_vcpus()?;
         Ok(guest)
@@ -284,7 +289,9 @@ impl KvmGuest {
             let mut state = control.lock();
             state.check_asked = vec![false; vcpus];
             state.reports = vec![Report::default(); vcpus];
-            state.passes = vec![0; vcpus];
+            // Booted (or booted by the source): every vCPU is past its
+            // first pass.
+            state.passes = vec![1; vcpus];
         }
         Self {
             regions,
@@ -429,8 +436,6 @@ impl KvmGuest {
         }
         let regions = std::mem::take(&mut self.regions);
         *self = Self::with_machine(regions, machine, state.dirty_rate);
-        // The source booted it: every vCPU is past its first pass.
-        self.control.lock().passes.iter_mut().for_each(|p| *p = 1);
         Ok(())
     }
 }
@@ -801,15 +806,11 @@ mod tests {
         }
     }
 
-    fn usable() -> bool {
-        kvm_for_tests().expect("MIGRATE_REQUIRE_KVM=1 but KVM is not usable")
-    }
-
     /// The guest boots, runs, and its own check passes; a page changed behind its back makes
     /// the guest's verdict fail and name that page.
     #[test]
     fn the_guest_checks_itself_and_notices_a_bad_page() {
-        if !usable() {
+        if !kvm_for_tests() {
             return;
         }
         let regions = ram(&[512, 512]);
@@ -839,7 +840,7 @@ mod tests {
     /// there from where it stopped: its check passes and it keeps writing.
     #[test]
     fn the_guest_continues_from_its_saved_state_in_another_vm() {
-        if !usable() {
+        if !kvm_for_tests() {
             return;
         }
         let source = ram(&[300, 200]);
@@ -879,7 +880,7 @@ mod tests {
     #[test]
     fn the_kvm_dirty_log_sees_what_the_vcpus_write() {
         use migration_core::{DirtyLog, KvmDirtyLog, Ram, RamBlock};
-        if !usable() {
+        if !kvm_for_tests() {
             return;
         }
         let regions = ram(&[256, 256]);
